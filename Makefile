@@ -1,0 +1,27 @@
+# Two commands for a fresh machine with Python 3.11, git and make:
+#   make run    set everything up, then the main job (models + a tiny training run)
+#   make test   set everything up, then the test suite
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test setup clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/sr-tune models
+	$(BIN)/sr-tune train configs/smoke.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 tests
+
+clean:
+	rm -rf $(VENV) runs mlflow.db .pytest_cache

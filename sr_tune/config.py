@@ -1,0 +1,382 @@
+"""Typed, frozen run configuration: YAML + ``key=value`` overrides -> ``TrainConfig``, validated once.
+
+Every section is a ``@dataclass(frozen=True, kw_only=True)``; each field carries its help text and its
+allowed range in ``metadata``. ``load_config`` collects *every* problem (unknown keys with a suggestion,
+wrong types, out-of-range values, contradictions between sections) and raises one ``ConfigError`` that
+names each key, the bad value and what is allowed. Models, losses and samplers never see these objects:
+builders turn sections into plain arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from sr_tune.models import get_builder, list_models
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; ``problems`` lists each one as ``"key: what is wrong"``."""
+
+    def __init__(self, problems: Sequence[str], source: str | None = None) -> None:
+        self.problems = list(problems)
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s){where}:\n{lines}")
+
+
+def _field(default: Any, help: str, **bounds: float) -> Any:
+    """A config field with its help text and optional bounds ``ge``, ``gt``, ``le``, ``lt``."""
+    if isinstance(default, type):  # a section: built on use, after this module has loaded
+        return field(default_factory=default, metadata={"help": help, **bounds})
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **bounds})
+    return field(default=default, metadata={"help": help, **bounds})
+
+
+_BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def _bound_problems(cls: type, values: Mapping[str, Any]) -> list[str]:
+    """Out-of-range numeric ``values`` of section ``cls``, as ``"key: value ... (allowed ...)"``."""
+    problems = []
+    for f in dataclasses.fields(cls):
+        value = values.get(f.name)
+        bounds = {k: v for k, v in f.metadata.items() if k in _BOUND_TEXT}
+        if not bounds or not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        within = {"ge": value.__ge__, "gt": value.__gt__, "le": value.__le__, "lt": value.__lt__}
+        if not all(within[kind](bound) for kind, bound in bounds.items()):
+            allowed = " and ".join(f"{_BOUND_TEXT[k]} {b}" for k, b in bounds.items())
+            problems.append(f"{f.name}: {value!r} is out of range (allowed: {allowed})")
+    return problems
+
+
+def _check(instance: Any, extra: Sequence[str] = ()) -> None:
+    """Raise one ``ConfigError`` for out-of-range fields and the section's own ``extra`` problems."""
+    values = {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance)}
+    problems = _bound_problems(type(instance), values) + list(extra)
+    if problems:
+        raise ConfigError(problems)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    name: str = _field("srcnn_915", "registered model name (`sr-tune models` lists them)")
+    scale: int = _field(3, "upscaling factor: 2, 3 or 4")
+    kwargs: dict[str, Any] = _field({}, "extra constructor arguments of the model (e.g. depth for vdsr)")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.name not in list_models():
+            close = difflib.get_close_matches(self.name, list_models(), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"name: unknown model {self.name!r}{hint}; allowed: {', '.join(list_models())}")
+        if self.scale not in (2, 3, 4):
+            problems.append(f"scale: {self.scale!r} is not supported (allowed: 2, 3, 4)")
+        _check(self, problems + _model_kwargs_problems(self.name, self.kwargs))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    train: str = _field("sample", "training images: 'sample' (built-in photographs) or a source spec")
+    val: str = _field("sample", "validation images, same forms as train")
+    color: Literal["y", "rgb"] = _field("y", "train on BT.601 luma (1 channel) or on RGB (3 channels)")
+    lr_patch_size: int = _field(11, "LR patch side; the HR patch is lr_patch_size * scale", ge=4)
+    batch_size: int = _field(16, "patches per optimizer step (per worker)", ge=1)
+    blur_sigma: float = _field(0.0, "Gaussian blur sigma before bicubic downscaling (0 = none)", ge=0.0)
+    val_crop: int = _field(96, "HR side of the centre crop of each validation image", ge=16)
+
+    def __post_init__(self) -> None:
+        _check(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossConfig:
+    pixel: Literal["mse", "l1", "charbonnier"] = _field("mse", "pixel loss between SR and HR")
+    pixel_weight: float = _field(1.0, "weight of the pixel loss", gt=0.0)
+    charbonnier_eps: float = _field(1e-3, "epsilon of the Charbonnier loss sqrt(d^2 + eps^2)", gt=0.0)
+
+    def __post_init__(self) -> None:
+        _check(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    name: Literal["adam", "adamw", "sgd", "rmsprop"] = _field("adam", "optimizer")
+    lr: float = _field(1e-3, "learning rate", gt=0.0, le=10.0)
+    weight_decay: float = _field(0.0, "L2 penalty (decoupled for adamw)", ge=0.0)
+    momentum: float = _field(0.9, "momentum for sgd and rmsprop", ge=0.0, lt=1.0)
+    betas: tuple[float, float] = _field((0.9, 0.999), "Adam betas")
+    grad_clip_norm: float = _field(0.0, "clip the global gradient norm to this (0 = off)", ge=0.0)
+
+    def __post_init__(self) -> None:
+        bad_betas = [] if all(0.0 <= b < 1.0 for b in self.betas) else [
+            f"betas: {list(self.betas)!r} is out of range (allowed: each in [0, 1))"
+        ]
+        _check(self, bad_betas)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingConfig:
+    steps: int = _field(1000, "optimizer steps", ge=1)
+    eval_interval: int = _field(100, "evaluate every this many steps (and at the end)", ge=1)
+    seed: int = _field(0, "seed for weights and patch sampling", ge=0)
+    device: str = _field("auto", "'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'")
+    output_dir: str = _field("runs", "folder for checkpoints and run files")
+
+    def __post_init__(self) -> None:
+        ok = self.device in ("auto", "cpu", "cuda") or (
+            self.device.startswith("cuda:") and self.device[5:].isdigit()
+        )
+        _check(self, [] if ok else [f"device: {self.device!r} (allowed: auto, cpu, cuda, cuda:N)"])
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingConfig:
+    tracking_uri: str = _field("sqlite:///mlflow.db", "MLflow tracking URI (a SQLite file or a server)")
+    experiment: str = _field("sr_tune", "MLflow experiment name")
+    run_name: str | None = _field(None, "MLflow run name (default: model and scale)")
+
+    def __post_init__(self) -> None:
+        _check(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    model: ModelConfig = _field(ModelConfig, "the network")
+    data: DataConfig = _field(DataConfig, "images, patches and degradation")
+    loss: LossConfig = _field(LossConfig, "loss terms and weights")
+    optimizer: OptimizerConfig = _field(OptimizerConfig, "optimizer and its settings")
+    training: TrainingConfig = _field(TrainingConfig, "steps, evaluation, seed, device")
+    tracking: TrackingConfig = _field(TrackingConfig, "MLflow")
+
+    def __post_init__(self) -> None:
+        _check(self)
+
+    @property
+    def in_channels(self) -> int:
+        return 1 if self.data.color == "y" else 3
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists) that ``TrainConfig.from_dict`` reads back."""
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str | None = None) -> TrainConfig:
+        """Build and validate from a nested mapping; raises one ``ConfigError`` listing every problem."""
+        problems: list[str] = []
+        config = _build(cls, data, "", problems)
+        if problems or config is None:
+            raise ConfigError(problems, source)
+        return config
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _model_kwargs_problems(name: str, kwargs: Mapping[str, Any]) -> list[str]:
+    """Check model ``kwargs`` names and types against the registered builder's signature."""
+    if name not in list_models():
+        return []  # the unknown name is reported on its own
+    builder = get_builder(name)
+    hints = typing.get_type_hints(builder)
+    accepted = sorted(set(inspect.signature(builder).parameters) - {"scale", "in_channels"})
+    problems: list[str] = []
+    for key, value in kwargs.items():
+        if key == "in_channels":
+            problems.append("kwargs.in_channels: set data.color (y -> 1 channel, rgb -> 3) instead")
+        elif key not in accepted:
+            problems.append(f"kwargs.{key}: {name} has no argument {key!r} (allowed: {', '.join(accepted) or 'none'})")
+        else:
+            _coerce(value, hints[key], f"kwargs.{key}", problems)
+    return problems
+
+
+# --- generic building and coercion ---------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+_INVALID = object()
+
+
+def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
+    """Return ``value`` as type ``tp`` or record a problem and return ``_INVALID``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    def bad(expected: str | None = None) -> Any:
+        problems.append(f"{path}: {value!r} is not valid (expected {expected or _type_name(tp)})")
+        return _INVALID
+
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, problems)
+    if origin is Literal:
+        return value if value in args else bad()
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        scratch: list[str] = []
+        for candidate in inner:
+            result = _coerce(value, candidate, path, scratch)
+            if result is not _INVALID:
+                return result
+        return bad()
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return bad()
+        element_types = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
+        if len(element_types) != len(value):
+            return bad(f"{len(element_types)} values")
+        items = [_coerce(v, t, f"{path}[{i}]", problems) for i, (v, t) in enumerate(zip(value, element_types))]
+        return _INVALID if any(i is _INVALID for i in items) else tuple(items)
+    if origin is dict:
+        return dict(value) if isinstance(value, Mapping) else bad("a mapping")
+    if tp is bool:
+        return value if isinstance(value, bool) else bad()
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else bad()
+    if tp is float:
+        if isinstance(value, bool):
+            return bad()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                return bad()
+        return bad()
+    if tp is str:
+        return value if isinstance(value, str) else bad()
+    if tp is Any:
+        return value
+    raise TypeError(f"{path}: config type {tp!r} is not supported")
+
+
+def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
+    """Build dataclass ``cls`` from a mapping, adding every problem (prefixed with ``path``) to ``problems``."""
+    prefix = f"{path}." if path else ""
+    if not isinstance(data, Mapping):
+        problems.append(f"{path or '(top level)'}: expected a mapping of keys, got {data!r}")
+        return None
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.append(f"{prefix}{key}: unknown key ({hint}allowed: {', '.join(names)})")
+    before = len(problems)
+    values = {
+        name: _coerce(data[name], hints[name], f"{prefix}{name}", problems) for name in names if name in data
+    }
+    valid = {name: value for name, value in values.items() if value is not _INVALID}
+    problems.extend(f"{prefix}{p}" for p in _bound_problems(cls, valid))
+    if len(problems) > before:  # a bad value here or inside a nested section
+        return None
+    try:
+        return cls(**values)
+    except ConfigError as error:
+        problems.extend(f"{prefix}{p}" for p in error.problems)
+        return None
+
+
+# --- YAML and overrides ---------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError([f"cannot read config file: {error.strerror}"], str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError([f"not valid YAML: {error}"], str(path)) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"(top level): expected a mapping of sections, got {type(data).__name__}"], str(path))
+    return data
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a nested dict copy.
+
+    Returns the new dict and the problems with malformed overrides.
+    """
+    result = _plain(dict(data))
+    problems = []
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append(f"override {override!r}: expected section.key=value")
+            continue
+        *parents, leaf = key.split(".")
+        node = result
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                problems.append(f"override {override!r}: {part!r} is not a section")
+                break
+            node = child
+        else:
+            try:
+                node[leaf] = yaml.safe_load(raw) if raw else ""
+            except yaml.YAMLError:
+                node[leaf] = raw
+    return result, problems
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Load a ``TrainConfig`` from a YAML file (or the defaults) plus ``key=value`` overrides."""
+    source = str(path) if path is not None else "defaults"
+    data = _read_yaml(Path(path)) if path is not None else {}
+    data, override_problems = apply_overrides(data, overrides)
+    problems: list[str] = list(override_problems)
+    config = _build(TrainConfig, data, "", problems)
+    if problems or config is None:
+        raise ConfigError(problems, source)
+    return config
+
+
+def describe_fields(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, help) for every leaf field: the reference `sr-tune config` prints."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(tp):
+            rows += describe_fields(tp, f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", _type_name(tp), default, f.metadata.get("help", "")))
+    return rows
