@@ -14,7 +14,7 @@ import difflib
 import inspect
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,23 +35,30 @@ class ConfigError(ValueError):
         super().__init__(f"{len(self.problems)} problem(s){where}:\n{lines}")
 
 
-def _field(default: Any, help: str, **bounds: float) -> Any:
-    """A config field with its help text and optional bounds ``ge``, ``gt``, ``le``, ``lt``."""
+def _field(default: Any, help: str, check: Callable[[Any], str | None] | None = None, **bounds: float) -> Any:
+    """A config field with its help text, optional bounds (``ge``, ``gt``, ``le``, ``lt``) and an optional
+    ``check(value) -> problem or None`` for rules a type cannot say."""
+    metadata = {"help": help, "check": check, **bounds}
     if isinstance(default, type):  # a section: built on use, after this module has loaded
-        return field(default_factory=default, metadata={"help": help, **bounds})
+        return field(default_factory=default, metadata=metadata)
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **bounds})
-    return field(default=default, metadata={"help": help, **bounds})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 _BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 
 
-def _bound_problems(cls: type, values: Mapping[str, Any]) -> list[str]:
-    """Out-of-range numeric ``values`` of section ``cls``, as ``"key: value ... (allowed ...)"``."""
+def _field_problems(cls: type, values: Mapping[str, Any]) -> list[str]:
+    """Per-field problems of section ``cls``: out-of-range numbers and failed ``check``s."""
     problems = []
     for f in dataclasses.fields(cls):
-        value = values.get(f.name)
+        if f.name not in values:
+            continue
+        value = values[f.name]
+        check = f.metadata.get("check")
+        if check is not None and (problem := check(value)):
+            problems.append(f"{f.name}: {value!r} {problem}")
         bounds = {k: v for k, v in f.metadata.items() if k in _BOUND_TEXT}
         if not bounds or not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
@@ -63,28 +70,48 @@ def _bound_problems(cls: type, values: Mapping[str, Any]) -> list[str]:
 
 
 def _check(instance: Any, extra: Sequence[str] = ()) -> None:
-    """Raise one ``ConfigError`` for out-of-range fields and the section's own ``extra`` problems."""
+    """Raise one ``ConfigError`` for the section's per-field problems and its cross-field ``extra`` ones."""
     values = {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance)}
-    problems = _bound_problems(type(instance), values) + list(extra)
+    problems = _field_problems(type(instance), values) + list(extra)
     if problems:
         raise ConfigError(problems)
 
 
+def _known_model(name: str) -> str | None:
+    if name in list_models():
+        return None
+    close = difflib.get_close_matches(name, list_models(), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"is not a registered model{hint}; allowed: {', '.join(list_models())}"
+
+
+def _supported_scale(scale: int) -> str | None:
+    return None if scale in (2, 3, 4) else "is not supported (allowed: 2, 3, 4)"
+
+
+def _no_channels(kwargs: dict[str, Any]) -> str | None:
+    return "sets in_channels: set data.color (y -> 1 channel, rgb -> 3) instead" if "in_channels" in kwargs else None
+
+
+def _device_name(device: str) -> str | None:
+    ok = device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())
+    return None if ok else "is not valid (allowed: auto, cpu, cuda, cuda:N)"
+
+
+def _betas(betas: tuple[float, float]) -> str | None:
+    return None if all(0.0 <= b < 1.0 for b in betas) else "is out of range (allowed: each in [0, 1))"
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    name: str = _field("srcnn_915", "registered model name (`sr-tune models` lists them)")
-    scale: int = _field(3, "upscaling factor: 2, 3 or 4")
-    kwargs: dict[str, Any] = _field({}, "extra constructor arguments of the model (e.g. depth for vdsr)")
+    name: str = _field("srcnn_915", "registered model name (`sr-tune models` lists them)", check=_known_model)
+    scale: int = _field(3, "upscaling factor: 2, 3 or 4", check=_supported_scale)
+    kwargs: dict[str, Any] = _field(
+        {}, "extra constructor arguments of the model (e.g. depth for vdsr)", check=_no_channels
+    )
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.name not in list_models():
-            close = difflib.get_close_matches(self.name, list_models(), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append(f"name: unknown model {self.name!r}{hint}; allowed: {', '.join(list_models())}")
-        if self.scale not in (2, 3, 4):
-            problems.append(f"scale: {self.scale!r} is not supported (allowed: 2, 3, 4)")
-        _check(self, problems + _model_kwargs_problems(self.name, self.kwargs))
+        _check(self, _model_kwargs_problems(self.name, self.kwargs))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,14 +144,11 @@ class OptimizerConfig:
     lr: float = _field(1e-3, "learning rate", gt=0.0, le=10.0)
     weight_decay: float = _field(0.0, "L2 penalty (decoupled for adamw)", ge=0.0)
     momentum: float = _field(0.9, "momentum for sgd and rmsprop", ge=0.0, lt=1.0)
-    betas: tuple[float, float] = _field((0.9, 0.999), "Adam betas")
+    betas: tuple[float, float] = _field((0.9, 0.999), "Adam betas", check=_betas)
     grad_clip_norm: float = _field(0.0, "clip the global gradient norm to this (0 = off)", ge=0.0)
 
     def __post_init__(self) -> None:
-        bad_betas = [] if all(0.0 <= b < 1.0 for b in self.betas) else [
-            f"betas: {list(self.betas)!r} is out of range (allowed: each in [0, 1))"
-        ]
-        _check(self, bad_betas)
+        _check(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,14 +156,11 @@ class TrainingConfig:
     steps: int = _field(1000, "optimizer steps", ge=1)
     eval_interval: int = _field(100, "evaluate every this many steps (and at the end)", ge=1)
     seed: int = _field(0, "seed for weights and patch sampling", ge=0)
-    device: str = _field("auto", "'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'")
+    device: str = _field("auto", "'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'", check=_device_name)
     output_dir: str = _field("runs", "folder for checkpoints and run files")
 
     def __post_init__(self) -> None:
-        ok = self.device in ("auto", "cpu", "cuda") or (
-            self.device.startswith("cuda:") and self.device[5:].isdigit()
-        )
-        _check(self, [] if ok else [f"device: {self.device!r} (allowed: auto, cpu, cuda, cuda:N)"])
+        _check(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,18 +213,16 @@ def _plain(value: Any) -> Any:
 
 def _model_kwargs_problems(name: str, kwargs: Mapping[str, Any]) -> list[str]:
     """Check model ``kwargs`` names and types against the registered builder's signature."""
+    problems: list[str] = []
     if name not in list_models():
-        return []  # the unknown name is reported on its own
+        return problems  # the unknown name is reported on its own
     builder = get_builder(name)
     hints = typing.get_type_hints(builder)
     accepted = sorted(set(inspect.signature(builder).parameters) - {"scale", "in_channels"})
-    problems: list[str] = []
     for key, value in kwargs.items():
-        if key == "in_channels":
-            problems.append("kwargs.in_channels: set data.color (y -> 1 channel, rgb -> 3) instead")
-        elif key not in accepted:
+        if key not in accepted and key != "in_channels":
             problems.append(f"kwargs.{key}: {name} has no argument {key!r} (allowed: {', '.join(accepted) or 'none'})")
-        else:
+        elif key in accepted:
             _coerce(value, hints[key], f"kwargs.{key}", problems)
     return problems
 
@@ -299,7 +318,7 @@ def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
         name: _coerce(data[name], hints[name], f"{prefix}{name}", problems) for name in names if name in data
     }
     valid = {name: value for name, value in values.items() if value is not _INVALID}
-    problems.extend(f"{prefix}{p}" for p in _bound_problems(cls, valid))
+    problems.extend(f"{prefix}{p}" for p in _field_problems(cls, valid))
     if len(problems) > before:  # a bad value here or inside a nested section
         return None
     try:

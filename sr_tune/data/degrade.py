@@ -132,13 +132,13 @@ def _symmetric_indices(length: int, pad: int, device: torch.device) -> torch.Ten
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (..., H, W) with a kernel radius of ceil(3 sigma), symmetric borders.
+    """Separable Gaussian blur of (..., H, W), radius int(3 sigma + 0.5) (scipy, truncate=3), symmetric borders.
 
     Used before downsampling in the SRCNN-style degradation; ``sigma <= 0`` returns ``x`` unchanged.
     """
     if sigma <= 0:
         return x
-    radius = max(1, math.ceil(3 * sigma))
+    radius = max(1, int(3 * sigma + 0.5))
     taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
     kernel = (kernel / kernel.sum()).to(dtype=x.dtype, device=x.device)

@@ -1,0 +1,99 @@
+"""Typed configs: every shipped YAML loads; bad input gives one error listing every problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sr_tune.config import ConfigError, TrainConfig, load_config
+
+from .conftest import REPO
+
+SHIPPED = sorted(p for folder in ("configs", "search_spaces", "cluster") for p in (REPO / folder).rglob("*.yaml"))
+
+
+def test_there_are_shipped_configs():
+    assert any(p.parent.name == "configs" for p in SHIPPED)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_yaml_loads(path):
+    config = load_config(path)
+    assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+def test_overrides_are_typed_and_nested():
+    config = load_config(REPO / "configs" / "smoke.yaml", ["optimizer.lr=1e-4", "model.name=vdsr",
+                                                          "model.kwargs.depth=10", "data.color=rgb"])  # fmt: skip
+    assert config.optimizer.lr == 1e-4 and isinstance(config.optimizer.lr, float)
+    assert config.model.kwargs == {"depth": 10}
+    assert config.in_channels == 3
+    assert config.training.steps == 600  # untouched values come from the file
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "model:\n  name: srcnn915\n  scale: 5\n  kwargs: {in_channels: 3}\n"
+        "data:\n  colour: y\n  batch_size: 2.5\n  lr_patch_size: 2\n"
+        "optimizer:\n  lr: -1\n  betas: [0.9]\n  name: lamb\n"
+        "training:\n  device: tpu\n  steps: 0\n"
+        "tracking: nope\n"
+        "extra: 1\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(bad, ["loss.pixel=l3", "oops"])
+    error = caught.value
+    assert str(bad) in str(error)
+    expected = [
+        "override 'oops': expected section.key=value",
+        "model.name: 'srcnn915' is not a registered model (did you mean 'srcnn_915'?)",
+        "model.scale: 5 is not supported (allowed: 2, 3, 4)",
+        "model.kwargs: {'in_channels': 3} sets in_channels: set data.color",
+        "data.colour: unknown key (did you mean 'color'?",
+        "data.batch_size: 2.5 is not valid (expected int)",
+        "data.lr_patch_size: 2 is out of range (allowed: >= 4)",
+        "optimizer.lr: -1.0 is out of range (allowed: > 0.0 and <= 10.0)",
+        "optimizer.betas: [0.9] is not valid (expected 2 values)",
+        "optimizer.name: 'lamb' is not valid (expected one of 'adam', 'adamw', 'sgd', 'rmsprop')",
+        "loss.pixel: 'l3' is not valid",
+        "training.device: 'tpu' is not valid (allowed: auto, cpu, cuda, cuda:N)",
+        "training.steps: 0 is out of range (allowed: >= 1)",
+        "tracking: expected a mapping of keys, got 'nope'",
+        "extra: unknown key",
+    ]
+    for fragment in expected:
+        assert any(fragment in problem for problem in error.problems), (fragment, error.problems)
+    assert len(error.problems) == len(expected)
+
+
+def test_model_kwargs_are_checked_against_the_builder():
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["model.name=vdsr", "model.kwargs.depth=deep", "model.kwargs.width=32"])
+    assert caught.value.problems == [
+        "model.kwargs.depth: 'deep' is not valid (expected int)",
+        "model.kwargs.width: vdsr has no argument 'width' (allowed: depth)",
+    ]
+
+
+def test_invalid_yaml_and_missing_file_name_the_file(tmp_path: Path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml") as caught:
+        load_config(broken)
+    assert "not valid YAML" in caught.value.problems[0]
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml")
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        load_config(listed)
+
+
+def test_configs_are_frozen_and_validated_when_built_in_code():
+    config = load_config()
+    with pytest.raises(AttributeError):
+        config.optimizer.lr = 1.0  # type: ignore[misc]
+    with pytest.raises(ConfigError, match="lr: 0.0 is out of range"):
+        type(config.optimizer)(lr=0.0)
