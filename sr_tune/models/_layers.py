@@ -17,6 +17,6 @@ def pixel_shuffle_stages(scale: int) -> list[int]:
     return [2, 2] if scale == 4 else [scale]
 
 
-def conv(in_channels: int, out_channels: int, kernel_size: int, *, bias: bool = True) -> nn.Conv2d:
+def conv(in_channels: int, out_channels: int, kernel_size: int) -> nn.Conv2d:
     """'Same' convolution (stride 1, zero padding k // 2): spatial size in = size out."""
-    return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+    return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)

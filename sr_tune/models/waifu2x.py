@@ -35,14 +35,15 @@ class Waifu2xVGG7(nn.Module):
         widths = [in_channels, *WIDTHS, in_channels]
         for index, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:]), start=1):
             self.add_module(f"conv{index}", nn.Conv2d(n_in, n_out, 3))
-        self.convs = [getattr(self, f"conv{i}") for i in range(1, len(widths))]
 
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(lr, scale_factor=self.scale, mode="nearest")  # (B, C, h*s, w*s)
         x = F.pad(x, (OFFSET,) * 4, mode="replicate")  # (B, C, h*s + 14, w*s + 14)
-        for conv in self.convs[:-1]:
-            x = F.leaky_relu(conv(x), 0.1)
-        return self.convs[-1](x)  # (B, C, h*s, w*s)
+        for index in range(1, OFFSET + 1):
+            x = getattr(self, f"conv{index}")(x)  # valid 3x3: 2 pixels smaller per layer
+            if index < OFFSET:
+                x = F.leaky_relu(x, 0.1)
+        return x  # (B, C, h*s, w*s)
 
 
 @register_model
