@@ -88,6 +88,15 @@ def cmd_import_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from sr_tune.data.sources import iter_folder, write_shards
+
+    images = iter_folder(Path(args.src), skip_bad=args.skip_bad)
+    manifest = write_shards(images, args.dest, shard_bytes=int(args.shard_mb * 2**20), source=args.src)
+    print(f"wrote {manifest['images']} image(s) in {len(manifest['shards'])} shard(s) to {args.dest}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sr-tune", description="Train and tune super-resolution models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="section.key=value, e.g. optimizer.lr=1e-4")
     train.add_argument("--out", help="checkpoint folder (default: training.output_dir/MODEL_xSCALE)")
     train.set_defaults(run=cmd_train)
+
+    prepare = sub.add_parser("prepare", help="pack a folder of images into Parquet shards (+ manifest.json)")
+    prepare.add_argument("src", help="folder of images (searched recursively)")
+    prepare.add_argument("dest", help="output folder or URI (s3://, gs://, hdfs://)")
+    prepare.add_argument("--shard-mb", type=float, default=256.0, help="target shard size in MB (default 256)")
+    prepare.add_argument("--skip-bad", action="store_true", help="warn about unreadable images instead of stopping")
+    prepare.set_defaults(run=cmd_prepare)
 
     weights = sub.add_parser("import-weights", help="turn published weights into an sr_tune checkpoint")
     weights.add_argument("format", choices=["waifu2x-vgg7"], help="which published model family")

@@ -123,6 +123,7 @@ class DataConfig:
     batch_size: int = _field(16, "patches per optimizer step (per worker)", ge=1)
     blur_sigma: float = _field(0.0, "Gaussian blur sigma before bicubic downscaling (0 = none)", ge=0.0)
     val_crop: int = _field(96, "HR side of the centre crop of each validation image", ge=16)
+    skip_bad: bool = _field(False, "skip unreadable images with a warning naming each (default: stop)")
 
     def __post_init__(self) -> None:
         _check(self)

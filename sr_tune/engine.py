@@ -131,9 +131,9 @@ def train(
     generator = torch.Generator().manual_seed(training.seed)
     hr_patch = data.lr_patch_size * scale
 
-    train_images = load_images(data.train, "train")
+    train_images = load_images(data.train, "train", skip_bad=data.skip_bad)
     val_pairs = []
-    for image in load_images(data.val, "val"):
+    for image in load_images(data.val, "val", skip_bad=data.skip_bad):
         hr = to_model_space(center_crop(image, data.val_crop, scale)[None], data.color).to(device)
         val_pairs.append((degrade(hr, scale, blur_sigma=data.blur_sigma), hr))
 

@@ -1,20 +1,270 @@
-"""Image sources. For now the built-in ``sample`` set: real photographs that scikit-image ships.
+"""Image sources: folders, DIV2K and benchmark layouts, Parquet shards, and the built-in ``sample`` set.
 
-Images come back as uint8 tensors (3, H, W); grey images are repeated to three channels, so colour
-conversion (RGB or Y) happens in one place downstream.
+Every source yields ``SRImage`` records: a name, the HR image as uint8 (3, H, W) and, where the source
+ships them, paired LR images per scale. Grey images are repeated to three channels, so colour conversion
+(RGB or Y) happens in one place downstream. A file that cannot be decoded raises ``BadImageError`` naming it,
+or, with ``skip_bad=True``, logs a warning naming it and a count at the end.
 """
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+import hashlib
+import io
+import json
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
-# Fixed split. ``chelsea`` and ``cat`` are the same photograph, so only one is used.
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+# PIL modes that hold 8-bit samples; 16-bit and float modes (I;16, I, F) are refused.
+_EIGHT_BIT_MODES = {"L": "RGB", "LA": "RGB", "P": "RGB", "PA": "RGB", "RGB": "RGB", "RGBA": "RGB", "CMYK": "RGB",
+                    "YCbCr": "RGB", "1": "RGB"}  # fmt: skip
+
+# Fixed split of the built-in sample set. ``chelsea`` and ``cat`` are the same photograph: only one is used.
 SAMPLE_TRAIN = (
     "stereo_motorcycle", "hubble_deep_field", "immunohistochemistry", "retina", "camera",
     "coins", "moon", "grass", "gravel", "brick", "page", "clock",
 )  # fmt: skip
 SAMPLE_VAL = ("astronaut", "coffee", "chelsea", "rocket")
+
+MANIFEST = "manifest.json"
+PARQUET_SCHEMA = pa.schema([
+    ("name", pa.string()), ("height", pa.int32()), ("width", pa.int32()), ("channels", pa.int8()),
+    ("png", pa.binary()),
+])  # fmt: skip
+
+
+class BadImageError(ValueError):
+    """An image file that is missing, truncated, corrupt, not an image, or not 8-bit."""
+
+
+@dataclass(frozen=True)
+class SRImage:
+    name: str
+    hr: torch.Tensor  # uint8 (3, H, W)
+    lr: dict[int, torch.Tensor] = field(default_factory=dict)  # scale -> uint8 (3, H/s, W/s), when shipped
+
+
+def decode_image(data: bytes, name: str) -> torch.Tensor:
+    """Decode 8-bit image bytes to uint8 RGB (3, H, W); errors name ``name``."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # decodes fully, so a truncated file fails here rather than later
+            if image.mode not in _EIGHT_BIT_MODES:
+                raise BadImageError(f"{name}: {image.mode} images are not supported (8-bit images only)")
+            array = np.asarray(image.convert(_EIGHT_BIT_MODES[image.mode]))
+    except BadImageError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise BadImageError(f"{name}: cannot decode image ({error})") from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """Read one image file to uint8 RGB (3, H, W)."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise BadImageError(f"{path}: cannot read ({error.strerror})") from None
+    return decode_image(data, str(path))
+
+
+def list_image_files(folder: Path) -> list[Path]:
+    """Every image file below ``folder`` (recursively), sorted by relative path: a stable order."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such image folder")
+    return sorted(
+        (p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+        key=lambda p: p.relative_to(folder).as_posix(),
+    )
+
+
+class _BadImageTally:
+    """Raise on the first bad image, or with ``skip_bad`` warn per image and count them at the end."""
+
+    def __init__(self, skip_bad: bool, source: str) -> None:
+        self.skip_bad, self.source, self.skipped = skip_bad, source, 0
+
+    def read(self, load: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        try:
+            return load()
+        except BadImageError as error:
+            if not self.skip_bad:
+                raise
+            log.warning("skipping bad image: %s", error)
+            self.skipped += 1
+            return None
+
+    def finish(self) -> None:
+        if self.skipped:
+            log.warning("%s: skipped %d bad image(s)", self.source, self.skipped)
+
+
+def iter_folder(folder: Path, *, skip_bad: bool = False) -> Iterator[SRImage]:
+    """Every image below ``folder``, one at a time (names: relative paths without the suffix)."""
+    tally = _BadImageTally(skip_bad, str(folder))
+    for path in list_image_files(folder):
+        hr = tally.read(lambda: read_image(path))
+        if hr is not None:
+            yield SRImage(name=path.relative_to(folder).with_suffix("").as_posix(), hr=hr)
+    tally.finish()
+
+
+def _paired_lr(lr_root: Path, name: str, scale: int) -> Path | None:
+    """LR file of HR ``name`` in ``lr_root/X{scale}``: ``{name}x{scale}.png`` (DIV2K) or ``{name}.png``."""
+    folder = lr_root / f"X{scale}"
+    for stem in (f"{name}x{scale}", name):
+        for suffix in sorted(IMAGE_SUFFIXES):
+            if (candidate := folder / f"{stem}{suffix}").is_file():
+                return candidate
+    return None
+
+
+def read_paired(hr_folder: Path, lr_root: Path | None, *, skip_bad: bool = False) -> list[SRImage]:
+    """HR images and, where ``lr_root/X{2,3,4}`` hold them, their LR partners (sizes checked)."""
+    tally = _BadImageTally(skip_bad, str(hr_folder))
+    images = []
+    for path in list_image_files(hr_folder):
+        hr = tally.read(lambda: read_image(path))
+        if hr is None:
+            continue
+        name = path.relative_to(hr_folder).with_suffix("").as_posix()
+        lr: dict[int, torch.Tensor] = {}
+        for scale in (2, 3, 4):
+            lr_path = _paired_lr(lr_root, name, scale) if lr_root is not None else None
+            if lr_path is None:
+                continue
+            lr_image = tally.read(lambda: read_image(lr_path))
+            if lr_image is None:
+                continue
+            expected = (hr.shape[1] // scale, hr.shape[2] // scale)
+            if tuple(lr_image.shape[1:]) != expected:
+                raise BadImageError(
+                    f"{lr_path}: LR is {lr_image.shape[1]}x{lr_image.shape[2]}, expected {expected[0]}x{expected[1]} "
+                    f"for HR {path} at x{scale}"
+                )
+            lr[scale] = lr_image
+        images.append(SRImage(name=name, hr=hr, lr=lr))
+    tally.finish()
+    return images
+
+
+def read_div2k(root: Path, split: str, *, skip_bad: bool = False) -> list[SRImage]:
+    """DIV2K: ``DIV2K_{train,valid}_HR/`` and optional ``DIV2K_{train,valid}_LR_bicubic/X{s}/NNNNx{s}.png``."""
+    part = "train" if split == "train" else "valid"
+    lr_root = root / f"DIV2K_{part}_LR_bicubic"
+    return read_paired(root / f"DIV2K_{part}_HR", lr_root if lr_root.is_dir() else None, skip_bad=skip_bad)
+
+
+def read_benchmark(root: Path, *, skip_bad: bool = False) -> list[SRImage]:
+    """Set5 / Set14 / BSD100 / Urban100 / Manga109 style: ``HR/`` and optional ``LR_bicubic/X{s}/``."""
+    lr_root = root / "LR_bicubic"
+    return read_paired(root / "HR", lr_root if lr_root.is_dir() else None, skip_bad=skip_bad)
+
+
+# --- Parquet shards -------------------------------------------------------------------------------------
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A ``pyarrow.fs`` filesystem and path for a local path or a URI (s3://, gs://, hdfs://, file://)."""
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), str(Path(uri).resolve())
+
+
+def encode_png(image: torch.Tensor) -> bytes:
+    """uint8 (3, H, W) -> PNG bytes (lossless, so decoding gives back the same pixels)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_shards(
+    images: Iterable[SRImage], dest: str, *, shard_bytes: int = 256 * 2**20, source: str = ""
+) -> dict[str, object]:
+    """Write images as Parquet shards of about ``shard_bytes`` plus ``manifest.json`` (counts, SHA-256).
+
+    Shards are written first and the manifest last, so a reader never sees a manifest whose shards are
+    missing. Returns the manifest.
+    """
+    fs, root = _filesystem(dest)
+    fs.create_dir(root, recursive=True)
+    shards: list[dict[str, object]] = []
+    rows: list[dict[str, object]] = []
+    pending = 0
+
+    def flush() -> None:
+        nonlocal rows, pending
+        if not rows:
+            return
+        name = f"shard-{len(shards):05d}.parquet"
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA), buffer, compression="none")
+        payload = buffer.getvalue()
+        with fs.open_output_stream(f"{root}/{name}") as stream:
+            stream.write(payload)
+        shards.append({"file": name, "images": len(rows), "bytes": len(payload),
+                       "sha256": hashlib.sha256(payload).hexdigest()})  # fmt: skip
+        rows, pending = [], 0
+
+    for image in images:
+        png = encode_png(image.hr)
+        rows.append({"name": image.name, "height": image.hr.shape[1], "width": image.hr.shape[2],
+                     "channels": image.hr.shape[0], "png": png})  # fmt: skip
+        pending += len(png)
+        if pending >= shard_bytes:
+            flush()
+    flush()
+    manifest = {"format": 1, "source": source, "images": sum(int(s["images"]) for s in shards), "shards": shards}
+    with fs.open_output_stream(f"{root}/{MANIFEST}") as stream:
+        stream.write(json.dumps(manifest, indent=2).encode())
+    return manifest
+
+
+def read_shards(uri: str, *, skip_bad: bool = False, rank: int = 0, world_size: int = 1) -> list[SRImage]:
+    """Images from Parquet shards written by ``write_shards``; checksums are verified.
+
+    With ``world_size > 1`` only every ``world_size``-th image (starting at ``rank``) is decoded, so each
+    DDP rank holds a disjoint shard without a shared disk.
+    """
+    fs, root = _filesystem(uri)
+    try:
+        with fs.open_input_stream(f"{root}/{MANIFEST}") as stream:
+            manifest = json.loads(stream.read())
+    except (FileNotFoundError, OSError) as error:
+        raise FileNotFoundError(f"{uri}: no {MANIFEST} (write shards with `sr-tune prepare`): {error}") from None
+    tally = _BadImageTally(skip_bad, uri)
+    images: list[SRImage] = []
+    index = 0
+    for shard in manifest["shards"]:
+        location = f"{root}/{shard['file']}"
+        with fs.open_input_stream(location) as stream:
+            payload = stream.read()
+        if hashlib.sha256(payload).hexdigest() != shard["sha256"]:
+            raise BadImageError(f"{uri}/{shard['file']}: checksum mismatch (file changed or truncated)")
+        table = pq.read_table(io.BytesIO(payload))
+        for row in table.to_pylist():
+            if index % world_size == rank:
+                name = f"{uri}/{shard['file']}:{row['name']}"
+                hr = tally.read(lambda: decode_image(row["png"], name))
+                if hr is not None:
+                    images.append(SRImage(name=row["name"], hr=hr))
+            index += 1
+    tally.finish()
+    return images
+
+
+# --- the built-in sample set and source specs -----------------------------------------------------------
 
 
 def skimage_photo(name: str) -> torch.Tensor:
@@ -35,9 +285,34 @@ def skimage_photo(name: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image[:, :, :3])).permute(2, 0, 1).contiguous()
 
 
-def load_images(spec: str, split: str) -> list[torch.Tensor]:
-    """Images named by a data spec for ``split`` ('train' or 'val'); only 'sample' exists for now."""
-    if spec != "sample":
-        raise ValueError(f"unknown image source {spec!r}; available: sample")
-    names = SAMPLE_TRAIN if split == "train" else SAMPLE_VAL
-    return [skimage_photo(name) for name in names]
+def sample_images(split: str) -> list[SRImage]:
+    return [SRImage(name=name, hr=skimage_photo(name)) for name in (SAMPLE_TRAIN if split == "train" else SAMPLE_VAL)]
+
+
+def open_source(spec: str, split: str, *, skip_bad: bool = False) -> list[SRImage]:
+    """Images of data spec ``spec`` for ``split`` ('train' or 'val').
+
+    ``spec`` is ``sample``; a URI or folder holding ``manifest.json`` (Parquet shards); a DIV2K root
+    (``DIV2K_train_HR/``...); a benchmark folder (``HR/``); or any folder of images.
+    """
+    if spec == "sample":
+        return sample_images(split)
+    if "://" in spec:
+        return read_shards(spec, skip_bad=skip_bad)
+    root = Path(spec)
+    if (root / MANIFEST).is_file():
+        return read_shards(spec, skip_bad=skip_bad)
+    if (root / "DIV2K_train_HR").is_dir() or (root / "DIV2K_valid_HR").is_dir():
+        return read_div2k(root, split, skip_bad=skip_bad)
+    if (root / "HR").is_dir():
+        return read_benchmark(root, skip_bad=skip_bad)
+    return list(iter_folder(root, skip_bad=skip_bad))
+
+
+def load_images(spec: str, split: str, *, skip_bad: bool = False) -> list[torch.Tensor]:
+    """Just the HR images (uint8 (3, H, W)) of ``spec`` for ``split``."""
+    images = open_source(spec, split, skip_bad=skip_bad)
+    if not images:
+        raise ValueError(f"data source {spec!r} ({split}) holds no images")
+    return [image.hr for image in images]
+
