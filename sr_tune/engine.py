@@ -19,8 +19,9 @@ from torch import nn
 from sr_tune.checkpoint import save_checkpoint
 from sr_tune.config import LossConfig, OptimizerConfig, TrainConfig
 from sr_tune.data.degrade import degrade, imresize
+from sr_tune.data.sampler import ImageBank, PatchSampler, to_model_space
 from sr_tune.data.sources import load_images
-from sr_tune.metrics import psnr, rgb_to_y, ssim
+from sr_tune.metrics import psnr, ssim
 from sr_tune.models import create_model
 
 
@@ -53,26 +54,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"training.device={name!r} but CUDA is not available on this machine")
     return torch.device(name)
-
-
-def to_model_space(images: torch.Tensor, color: str) -> torch.Tensor:
-    """uint8 RGB (B, 3, H, W) -> float in [0, 1], (B, 3, H, W) for 'rgb' or BT.601 Y (B, 1, H, W) for 'y'."""
-    rgb = images.float() / 255.0
-    return rgb_to_y(rgb) if color == "y" else rgb
-
-
-def random_patches(
-    images: Sequence[torch.Tensor], size: int, count: int, generator: torch.Generator
-) -> torch.Tensor:
-    """``count`` random ``size`` x ``size`` crops of uint8 (3, H, W) images -> uint8 (count, 3, size, size)."""
-    picks = torch.randint(len(images), (count,), generator=generator).tolist()
-    patches = []
-    for index in picks:
-        image = images[index]
-        top = int(torch.randint(image.shape[1] - size + 1, (1,), generator=generator))
-        left = int(torch.randint(image.shape[2] - size + 1, (1,), generator=generator))
-        patches.append(image[:, top : top + size, left : left + size])
-    return torch.stack(patches)
 
 
 def center_crop(image: torch.Tensor, size: int, multiple: int) -> torch.Tensor:
@@ -128,10 +109,10 @@ def train(
     data, training, scale = config.data, config.training, config.model.scale
     device = resolve_device(training.device)
     torch.manual_seed(training.seed)
-    generator = torch.Generator().manual_seed(training.seed)
-    hr_patch = data.lr_patch_size * scale
 
-    train_images = load_images(data.train, "train", skip_bad=data.skip_bad)
+    bank = ImageBank(load_images(data.train, "train", skip_bad=data.skip_bad), device)
+    sampler = PatchSampler(bank, scale=scale, lr_patch_size=data.lr_patch_size, batch_size=data.batch_size,
+                           color=data.color, blur_sigma=data.blur_sigma, seed=training.seed)  # fmt: skip
     val_pairs = []
     for image in load_images(data.val, "val", skip_bad=data.skip_bad):
         hr = to_model_space(center_crop(image, data.val_crop, scale)[None], data.color).to(device)
@@ -145,9 +126,7 @@ def train(
     history: list[EvalResult] = []
     running_loss, window_start, window_patches = 0.0, time.perf_counter(), 0
     for step in range(1, training.steps + 1):
-        patches = random_patches(train_images, hr_patch, data.batch_size, generator)
-        hr = to_model_space(patches.to(device), data.color)  # (B, C, P, P)
-        lr = degrade(hr, scale, blur_sigma=data.blur_sigma)  # (B, C, P/s, P/s)
+        lr, hr = sampler.batch(step)  # (B, C, P/s, P/s), (B, C, P, P) on the device
 
         sr = model(lr)
         loss = config.loss.pixel_weight * loss_fn(sr, hr)

@@ -29,7 +29,7 @@ def test_overrides_are_typed_and_nested():
     assert config.optimizer.lr == 1e-4 and isinstance(config.optimizer.lr, float)
     assert config.model.kwargs == {"depth": 10}
     assert config.in_channels == 3
-    assert config.training.steps == 600  # untouched values come from the file
+    assert config.training.steps == 1000  # untouched values come from the file
 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path):

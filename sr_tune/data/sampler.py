@@ -1,0 +1,107 @@
+"""Device-resident image bank and a batched random-patch sampler: no DataLoader, no Python per sample.
+
+The decoded HR images of one rank live as uint8 in a single flat buffer on the worker's device. A batch is
+cut out with one gather: for B patches of P x P pixels we build a (B, P, P) index into that buffer from
+each patch's image offset, row stride and top-left corner, then degrade the whole batch at once with the
+MATLAB-compatible bicubic. The draw for a step depends only on (seed, rank, step), so a resumed run draws
+exactly the patches it would have drawn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from sr_tune.data.degrade import degrade
+from sr_tune.metrics import rgb_to_y
+
+
+def shard_for_rank(items: Sequence, rank: int, world_size: int) -> list:
+    """Every ``world_size``-th item starting at ``rank``: disjoint shards that cover everything."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    return list(items[rank::world_size])
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """A CPU generator whose stream depends only on (seed, rank, step), well mixed by SeedSequence."""
+    state = np.random.SeedSequence([seed, rank, step]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def to_model_space(images: torch.Tensor, color: str) -> torch.Tensor:
+    """uint8 RGB (B, 3, H, W) -> float in [0, 1]: (B, 3, H, W) for 'rgb', BT.601 Y (B, 1, H, W) for 'y'."""
+    rgb = images.float() / 255.0
+    return rgb_to_y(rgb) if color == "y" else rgb
+
+
+class ImageBank:
+    """uint8 RGB images packed into one (3, total_pixels) buffer on ``device``."""
+
+    def __init__(self, images: Sequence[torch.Tensor], device: torch.device | str = "cpu") -> None:
+        if not images:
+            raise ValueError("an image bank needs at least one image")
+        self.device = torch.device(device)
+        self.heights = torch.tensor([im.shape[1] for im in images], device=self.device)
+        self.widths = torch.tensor([im.shape[2] for im in images], device=self.device)
+        sizes = self.heights * self.widths
+        self.offsets = torch.cumsum(sizes, 0) - sizes  # (N,) start of each image in the buffer
+        self.pixels = torch.cat([im.reshape(3, -1) for im in images], dim=1).to(self.device)  # (3, total)
+
+    def __len__(self) -> int:
+        return len(self.heights)
+
+    def crop(self, index: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int) -> torch.Tensor:
+        """Patches ``size`` x ``size`` at (top, left) of images ``index`` (each (B,)) -> uint8 (B, 3, size, size)."""
+        span = torch.arange(size, device=self.device)
+        rows = top[:, None] + span[None, :]  # (B, P)
+        cols = left[:, None] + span[None, :]  # (B, P)
+        flat = (
+            self.offsets[index, None, None]
+            + rows[:, :, None] * self.widths[index, None, None]
+            + cols[:, None, :]
+        )  # (B, P, P) positions in the flat buffer
+        patches = self.pixels[:, flat]  # (3, B, P, P)
+        return patches.permute(1, 0, 2, 3).contiguous()  # (B, 3, P, P)
+
+
+class PatchSampler:
+    """Random HR patches of ``lr_patch_size * scale`` from a bank, degraded to LR on the bank's device."""
+
+    def __init__(
+        self,
+        bank: ImageBank,
+        *,
+        scale: int,
+        lr_patch_size: int,
+        batch_size: int,
+        color: str,
+        blur_sigma: float = 0.0,
+        seed: int = 0,
+        rank: int = 0,
+    ) -> None:
+        self.bank, self.scale, self.batch_size = bank, scale, batch_size
+        self.hr_size = lr_patch_size * scale
+        self.color, self.blur_sigma, self.seed, self.rank = color, blur_sigma, seed, rank
+        too_small = [i for i in range(len(bank)) if min(int(bank.heights[i]), int(bank.widths[i])) < self.hr_size]
+        if too_small:
+            raise ValueError(f"{len(too_small)} image(s) are smaller than the {self.hr_size}px HR patch")
+
+    def draw(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Image index, top and left of every patch of ``step`` (each (B,), on the bank's device)."""
+        generator = step_generator(self.seed, self.rank, step)
+        index = torch.randint(len(self.bank), (self.batch_size,), generator=generator)
+        room_h = self.bank.heights.cpu()[index] - self.hr_size + 1
+        room_w = self.bank.widths.cpu()[index] - self.hr_size + 1
+        top = (torch.rand(self.batch_size, generator=generator, dtype=torch.float64) * room_h).long()
+        left = (torch.rand(self.batch_size, generator=generator, dtype=torch.float64) * room_w).long()
+        device = self.bank.device
+        return index.to(device), top.to(device), left.to(device)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lr, hr) float batches for ``step``: (B, C, p, p) and (B, C, p*s, p*s), C = 1 for Y, 3 for RGB."""
+        patches = self.bank.crop(*self.draw(step), size=self.hr_size)  # uint8 (B, 3, P, P)
+        hr = to_model_space(patches, self.color)
+        return degrade(hr, self.scale, blur_sigma=self.blur_sigma), hr

@@ -1,0 +1,83 @@
+"""The device-resident patch sampler: exact crops, exact LR, seeded per rank and step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sr_tune.data.degrade import imresize
+from sr_tune.data.sampler import ImageBank, PatchSampler, shard_for_rank
+from sr_tune.data.sources import skimage_photo
+
+
+@pytest.fixture(scope="module")
+def images() -> list[torch.Tensor]:
+    # Different sizes and aspect ratios, so offsets and row strides matter.
+    return [skimage_photo(n)[:, :h, :w].contiguous()
+            for n, h, w in (("astronaut", 120, 97), ("coffee", 64, 200), ("rocket", 151, 151))]  # fmt: skip
+
+
+def sampler(bank: ImageBank, **overrides) -> PatchSampler:
+    options = {"scale": 3, "lr_patch_size": 11, "batch_size": 8, "color": "rgb", "seed": 5} | overrides
+    return PatchSampler(bank, **options)
+
+
+def test_crops_are_the_exact_pixels_of_their_images(images):
+    bank = ImageBank(images)
+    s = sampler(bank, batch_size=64)
+    index, top, left = s.draw(step=3)
+    patches = bank.crop(index, top, left, size=33)
+    assert patches.shape == (64, 3, 33, 33) and patches.dtype == torch.uint8
+    assert len(set(index.tolist())) == 3  # every image is drawn from
+    for k in range(64):
+        image = images[int(index[k])]
+        expected = image[:, int(top[k]) : int(top[k]) + 33, int(left[k]) : int(left[k]) + 33]
+        assert torch.equal(patches[k], expected)
+
+
+def test_patches_reach_every_edge_and_stay_inside(images):
+    s = sampler(ImageBank(images), batch_size=4096)
+    index, top, left = s.draw(step=0)
+    heights = torch.tensor([im.shape[1] for im in images])[index]
+    widths = torch.tensor([im.shape[2] for im in images])[index]
+    assert (top >= 0).all() and (top + 33 <= heights).all() and (left + 33 <= widths).all()
+    assert (top == 0).any() and (top + 33 == heights).any()
+
+
+def test_lr_is_exactly_the_bicubic_downscale_of_hr(images):
+    lr, hr = sampler(ImageBank(images), color="rgb").batch(step=1)
+    assert hr.shape == (8, 3, 33, 33) and lr.shape == (8, 3, 11, 11)
+    torch.testing.assert_close(lr, imresize(hr, scale=1 / 3), rtol=0, atol=0)
+    lr_y, hr_y = sampler(ImageBank(images), color="y").batch(step=1)
+    assert hr_y.shape == (8, 1, 33, 33) and 16 / 255 - 1e-6 <= float(hr_y.min())
+
+
+def test_same_seed_rank_and_step_give_the_same_batch_in_any_order(images):
+    bank = ImageBank(images)
+    first = [sampler(bank).batch(step)[1] for step in (1, 2, 3)]
+    resumed = sampler(bank).batch(3)[1]  # a run resumed at step 3 draws what step 3 drew
+    assert torch.equal(first[2], resumed)
+    assert not torch.equal(first[0], first[1])
+    assert not torch.equal(sampler(bank, rank=1).batch(1)[1], first[0])
+    assert not torch.equal(sampler(bank, seed=6).batch(1)[1], first[0])
+
+
+def test_ranks_hold_disjoint_shards_of_the_images():
+    names = [f"img{i}" for i in range(7)]
+    shards = [shard_for_rank(names, rank, 3) for rank in range(3)]
+    assert shards == [["img0", "img3", "img6"], ["img1", "img4"], ["img2", "img5"]]
+    with pytest.raises(ValueError, match="rank 3 is outside world size 3"):
+        shard_for_rank(names, 3, 3)
+
+
+def test_images_smaller_than_a_patch_are_refused(images):
+    with pytest.raises(ValueError, match="2 image\\(s\\) are smaller than the 99px HR patch"):
+        sampler(ImageBank(images), lr_patch_size=33)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bank_gives_the_cpu_batch(images):
+    cpu = sampler(ImageBank(images)).batch(4)
+    cuda = sampler(ImageBank(images, "cuda")).batch(4)
+    torch.testing.assert_close(cuda[1].cpu(), cpu[1], rtol=0, atol=0)
+    torch.testing.assert_close(cuda[0].cpu(), cpu[0], rtol=1e-5, atol=1e-6)
