@@ -214,17 +214,19 @@ def _plain(value: Any) -> Any:
 
 def _model_kwargs_problems(name: str, kwargs: Mapping[str, Any]) -> list[str]:
     """Check model ``kwargs`` names and types against the registered builder's signature."""
-    problems: list[str] = []
     if name not in list_models():
-        return problems  # the unknown name is reported on its own
+        return []  # the unknown name is reported on its own
     builder = get_builder(name)
     hints = typing.get_type_hints(builder)
     accepted = sorted(set(inspect.signature(builder).parameters) - {"scale", "in_channels"})
+    problems: list[str] = []
     for key, value in kwargs.items():
-        if key not in accepted and key != "in_channels":
-            problems.append(f"kwargs.{key}: {name} has no argument {key!r} (allowed: {', '.join(accepted) or 'none'})")
-        elif key in accepted:
+        if key == "in_channels":
+            continue  # reported by the field's own check
+        if key in accepted:
             _coerce(value, hints[key], f"kwargs.{key}", problems)
+        else:
+            problems.append(f"kwargs.{key}: {name} has no argument {key!r} (allowed: {', '.join(accepted) or 'none'})")
     return problems
 
 

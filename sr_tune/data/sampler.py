@@ -44,8 +44,10 @@ class ImageBank:
         if not images:
             raise ValueError("an image bank needs at least one image")
         self.device = torch.device(device)
-        self.heights = torch.tensor([im.shape[1] for im in images], device=self.device)
-        self.widths = torch.tensor([im.shape[2] for im in images], device=self.device)
+        # Sizes on the CPU for drawing corners (no device sync per step), and on the device for gathering.
+        self.cpu_heights = torch.tensor([im.shape[1] for im in images])
+        self.cpu_widths = torch.tensor([im.shape[2] for im in images])
+        self.heights, self.widths = self.cpu_heights.to(self.device), self.cpu_widths.to(self.device)
         sizes = self.heights * self.widths
         self.offsets = torch.cumsum(sizes, 0) - sizes  # (N,) start of each image in the buffer
         self.pixels = torch.cat([im.reshape(3, -1) for im in images], dim=1).to(self.device)  # (3, total)
@@ -85,16 +87,16 @@ class PatchSampler:
         self.bank, self.scale, self.batch_size = bank, scale, batch_size
         self.hr_size = lr_patch_size * scale
         self.color, self.blur_sigma, self.seed, self.rank = color, blur_sigma, seed, rank
-        too_small = [i for i in range(len(bank)) if min(int(bank.heights[i]), int(bank.widths[i])) < self.hr_size]
+        too_small = int(((bank.cpu_heights < self.hr_size) | (bank.cpu_widths < self.hr_size)).sum())
         if too_small:
-            raise ValueError(f"{len(too_small)} image(s) are smaller than the {self.hr_size}px HR patch")
+            raise ValueError(f"{too_small} image(s) are smaller than the {self.hr_size}px HR patch")
 
     def draw(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Image index, top and left of every patch of ``step`` (each (B,), on the bank's device)."""
         generator = step_generator(self.seed, self.rank, step)
         index = torch.randint(len(self.bank), (self.batch_size,), generator=generator)
-        room_h = self.bank.heights.cpu()[index] - self.hr_size + 1
-        room_w = self.bank.widths.cpu()[index] - self.hr_size + 1
+        room_h = self.bank.cpu_heights[index] - self.hr_size + 1
+        room_w = self.bank.cpu_widths[index] - self.hr_size + 1
         top = (torch.rand(self.batch_size, generator=generator, dtype=torch.float64) * room_h).long()
         left = (torch.rand(self.batch_size, generator=generator, dtype=torch.float64) * room_w).long()
         device = self.bank.device
