@@ -1,9 +1,10 @@
 """Patches per second: our device-resident sampler vs a classic DataLoader pipeline, side by side.
 
 Both read the same PNG files (the built-in sample photographs written to a temp folder), cut the same
-patch size, convert to Y and make LR with the same MATLAB-compatible bicubic. The classic pipeline is what
-most SR repositories do: a Dataset that opens, decodes and crops one image per sample with PIL, batched by
-a torch DataLoader with 2 worker processes.
+patch size, augment, convert to Y and make LR with the same MATLAB-compatible bicubic. The classic
+pipeline is what most SR repositories do: a Dataset that opens, decodes, crops and augments one image per
+sample with PIL and torchvision transforms, batched by a torch DataLoader with 2 worker processes. Two
+rows: flips/rot90 only, and flips plus random affine and perspective warps at strength 1.
 
     python benchmarks/sampler.py [--device cuda] [--batches 200] [--batch-size 16] [--lr-patch 11] [--scale 3]
 """
@@ -19,17 +20,31 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
 
+from sr_tune.data import augment
+from sr_tune.data.augment import Augmenter
 from sr_tune.data.degrade import degrade
 from sr_tune.data.sampler import ImageBank, PatchSampler, to_model_space
 from sr_tune.data.sources import list_image_files, read_image, sample_images
 
 
 class ClassicPatches(Dataset):
-    """One random patch per item: PIL open + decode + crop, per sample, in a worker process."""
+    """One random patch per item: PIL open + decode + crop + augment, per sample, in a worker process."""
 
-    def __init__(self, files: list[Path], hr_size: int, scale: int, length: int) -> None:
+    def __init__(self, files: list[Path], hr_size: int, scale: int, length: int, strength: float) -> None:
         self.files, self.hr_size, self.scale, self.length = files, hr_size, scale, length
+        self.crop_size = Augmenter(strength=strength).crop_size(hr_size)
+        self.warps = None
+        if strength > 0:  # the same ranges as ours, in torchvision's terms
+            self.warps = v2.Compose([
+                v2.RandomPerspective(distortion_scale=augment.MAX_CORNER_SHIFT * strength, p=1.0),
+                v2.RandomAffine(degrees=augment.MAX_ROTATION_DEGREES * strength,
+                                translate=(augment.MAX_TRANSLATE * strength,) * 2,
+                                scale=(augment.MAX_ZOOM ** -strength, augment.MAX_ZOOM**strength),
+                                shear=augment.MAX_SHEAR_DEGREES * strength),
+                v2.CenterCrop(hr_size),
+            ])  # fmt: skip
 
     def __len__(self) -> int:
         return self.length
@@ -38,10 +53,13 @@ class ClassicPatches(Dataset):
         rng = np.random.default_rng(item)
         with Image.open(self.files[rng.integers(len(self.files))]) as image:
             rgb = np.asarray(image.convert("RGB"))
-        top = rng.integers(rgb.shape[0] - self.hr_size + 1)
-        left = rng.integers(rgb.shape[1] - self.hr_size + 1)
-        patch = torch.from_numpy(rgb[top : top + self.hr_size, left : left + self.hr_size].copy())
-        hr = to_model_space(patch.permute(2, 0, 1)[None], "y")[0]  # (1, P, P)
+        top = rng.integers(rgb.shape[0] - self.crop_size + 1)
+        left = rng.integers(rgb.shape[1] - self.crop_size + 1)
+        crop = rgb[top : top + self.crop_size, left : left + self.crop_size]
+        if self.warps is not None:
+            crop = np.asarray(self.warps(Image.fromarray(crop)))
+        patch = np.rot90(crop, rng.integers(4))[:, :: rng.choice([-1, 1])]
+        hr = to_model_space(torch.from_numpy(patch.copy()).permute(2, 0, 1)[None], "y")[0]  # (1, P, P)
         return degrade(hr, self.scale), hr
 
 
@@ -76,24 +94,27 @@ def main() -> None:
             Image.fromarray(image.hr.permute(1, 2, 0).numpy()).save(Path(folder) / f"{image.name}.png")
         files = list_image_files(Path(folder))
 
-        classic = DataLoader(ClassicPatches(files, hr_size, args.scale, (args.batches + 1) * args.batch_size),
-                             batch_size=args.batch_size, num_workers=args.workers, persistent_workers=True)  # fmt: skip
-        classic_rate = patches_per_second(classic, args.batches, args.batch_size, device)
-
         start = time.perf_counter()
         bank = ImageBank([read_image(f) for f in files], device)  # decoding once is part of our cost
         load_seconds = time.perf_counter() - start
-        sampler = PatchSampler(bank, scale=args.scale, lr_patch_size=args.lr_patch, batch_size=args.batch_size,
-                               color="y")  # fmt: skip
-        ours_rate = patches_per_second((sampler.batch(step) for step in range(args.batches + 1)), args.batches,
-                                       args.batch_size, device)  # fmt: skip
+
+        rows = []
+        for label, strength in (("flips/rot90", 0.0), ("flips + warps at strength 1", 1.0)):
+            dataset = ClassicPatches(files, hr_size, args.scale, (args.batches + 1) * args.batch_size, strength)
+            classic = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
+                                 persistent_workers=True)  # fmt: skip
+            classic_rate = patches_per_second(classic, args.batches, args.batch_size, device)
+            sampler = PatchSampler(bank, scale=args.scale, lr_patch_size=args.lr_patch, batch_size=args.batch_size,
+                                   color="y", augmenter=Augmenter(strength=strength))  # fmt: skip
+            ours_rate = patches_per_second((sampler.batch(step) for step in range(args.batches + 1)), args.batches,
+                                           args.batch_size, device)  # fmt: skip
+            rows.append((label, classic_rate, ours_rate))
 
     print(f"device {device}, {len(files)} images, HR patch {hr_size}, x{args.scale}, batch {args.batch_size}, "
-          f"{args.batches} batches")  # fmt: skip
-    print(f"classic DataLoader ({args.workers} workers, PIL per sample): {classic_rate:>10,.0f} patches/s")
-    print(f"sr_tune ImageBank + PatchSampler:                {ours_rate:>10,.0f} patches/s "
-          f"(bank built in {load_seconds:.1f} s)")  # fmt: skip
-    print(f"ratio: {ours_rate / classic_rate:.1f}x")
+          f"{args.batches} batches; our bank built in {load_seconds:.1f} s")  # fmt: skip
+    print(f"{'augmentation':<30}{'classic (patches/s)':>22}{'sr_tune (patches/s)':>22}{'ratio':>9}")
+    for label, classic_rate, ours_rate in rows:
+        print(f"{label:<30}{classic_rate:>22,.0f}{ours_rate:>22,.0f}{ours_rate / classic_rate:>8.1f}x")
 
 
 if __name__ == "__main__":

@@ -98,6 +98,10 @@ def _device_name(device: str) -> str | None:
     return None if ok else "is not valid (allowed: auto, cpu, cuda, cuda:N)"
 
 
+def _val_crop(side: int) -> str | None:
+    return None if side == 0 or side >= 16 else "is out of range (allowed: 0 for whole images, or >= 16)"
+
+
 def _betas(betas: tuple[float, float]) -> str | None:
     return None if all(0.0 <= b < 1.0 for b in betas) else "is out of range (allowed: each in [0, 1))"
 
@@ -122,7 +126,13 @@ class DataConfig:
     lr_patch_size: int = _field(11, "LR patch side; the HR patch is lr_patch_size * scale", ge=4)
     batch_size: int = _field(16, "patches per optimizer step (per worker)", ge=1)
     blur_sigma: float = _field(0.0, "Gaussian blur sigma before bicubic downscaling (0 = none)", ge=0.0)
-    val_crop: int = _field(96, "HR side of the centre crop of each validation image", ge=16)
+    augment_strength: float = _field(
+        0.0, "scales every warp and colour-jitter range: 0 = off, 1 = widest", ge=0.0, le=1.0
+    )
+    flip_rot: bool = _field(True, "random flips and 90-degree rotations of each patch")
+    color_jitter: bool = _field(False, "random brightness, contrast and saturation (ranges scaled by strength)")
+    val_crop: int = _field(96, "HR side of the centre crop of each validation image (0 = whole images)",
+                           check=_val_crop)  # fmt: skip
     skip_bad: bool = _field(False, "skip unreadable images with a warning naming each (default: stop)")
 
     def __post_init__(self) -> None:

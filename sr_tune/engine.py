@@ -18,9 +18,11 @@ from torch import nn
 
 from sr_tune.checkpoint import save_checkpoint
 from sr_tune.config import LossConfig, OptimizerConfig, TrainConfig
-from sr_tune.data.degrade import degrade, imresize
-from sr_tune.data.sampler import ImageBank, PatchSampler, to_model_space
-from sr_tune.data.sources import load_images
+from sr_tune.data.augment import Augmenter
+from sr_tune.data.degrade import imresize
+from sr_tune.data.sampler import ImageBank, PatchSampler
+from sr_tune.data.sources import open_source
+from sr_tune.data.validation import ValidationPair, validation_pairs
 from sr_tune.metrics import psnr, ssim
 from sr_tune.models import create_model
 
@@ -56,14 +58,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def center_crop(image: torch.Tensor, size: int, multiple: int) -> torch.Tensor:
-    """Centre crop of (C, H, W) to at most ``size``, each side a multiple of ``multiple``."""
-    h = min(size, image.shape[1]) // multiple * multiple
-    w = min(size, image.shape[2]) // multiple * multiple
-    top, left = (image.shape[1] - h) // 2, (image.shape[2] - w) // 2
-    return image[:, top : top + h, left : left + w]
-
-
 def build_optimizer(config: OptimizerConfig, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
     if config.name == "adam":
         return torch.optim.Adam(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
@@ -84,17 +78,17 @@ def pixel_loss(config: LossConfig) -> Callable[[torch.Tensor, torch.Tensor], tor
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], scale: int) -> dict[str, float]:
-    """Mean PSNR/SSIM on Y (border crop = scale) of the model and of bicubic over (lr, hr) pairs."""
+def evaluate(model: nn.Module, pairs: Sequence[ValidationPair], scale: int) -> dict[str, float]:
+    """Mean PSNR/SSIM on Y (border crop = scale) of the model and of bicubic over validation pairs."""
     was_training = model.training
     model.eval()
     totals = {"psnr": 0.0, "ssim": 0.0, "bicubic_psnr": 0.0, "bicubic_ssim": 0.0}
-    for lr, hr in pairs:  # (1, C, h, w), (1, C, h*s, w*s)
-        sr = model(lr).clamp(0, 1)
-        bicubic = imresize(lr, scale=scale).clamp(0, 1)
+    for pair in pairs:  # lr (1, C, h, w), hr (1, C, h*s, w*s)
+        sr = model(pair.lr).clamp(0, 1)
+        bicubic = imresize(pair.lr, scale=scale).clamp(0, 1)
         for prefix, output in (("", sr), ("bicubic_", bicubic)):
-            totals[f"{prefix}psnr"] += psnr(output, hr, crop_border=scale, y_channel=True).item()
-            totals[f"{prefix}ssim"] += ssim(output, hr, crop_border=scale, y_channel=True).item()
+            totals[f"{prefix}psnr"] += psnr(output, pair.hr, crop_border=scale, y_channel=True).item()
+            totals[f"{prefix}ssim"] += ssim(output, pair.hr, crop_border=scale, y_channel=True).item()
     model.train(was_training)
     return {key: value / len(pairs) for key, value in totals.items()}
 
@@ -110,13 +104,14 @@ def train(
     device = resolve_device(training.device)
     torch.manual_seed(training.seed)
 
-    bank = ImageBank(load_images(data.train, "train", skip_bad=data.skip_bad), device)
+    bank = ImageBank([image.hr for image in open_source(data.train, "train", skip_bad=data.skip_bad)], device)
+    augmenter = Augmenter(strength=data.augment_strength, flip_rot=data.flip_rot, color_jitter=data.color_jitter)
     sampler = PatchSampler(bank, scale=scale, lr_patch_size=data.lr_patch_size, batch_size=data.batch_size,
-                           color=data.color, blur_sigma=data.blur_sigma, seed=training.seed)  # fmt: skip
-    val_pairs = []
-    for image in load_images(data.val, "val", skip_bad=data.skip_bad):
-        hr = to_model_space(center_crop(image, data.val_crop, scale)[None], data.color).to(device)
-        val_pairs.append((degrade(hr, scale, blur_sigma=data.blur_sigma), hr))
+                           color=data.color, blur_sigma=data.blur_sigma, augmenter=augmenter,
+                           seed=training.seed)  # fmt: skip
+    val_pairs = validation_pairs(open_source(data.val, "val", skip_bad=data.skip_bad), scale=scale,
+                                 color=data.color, crop=data.val_crop, blur_sigma=data.blur_sigma,
+                                 device=device)  # fmt: skip
 
     model = create_model(config.model.name, scale=scale, in_channels=config.in_channels, **config.model.kwargs)
     model = model.to(device).train()

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from sr_tune.data.degrade import imresize
-from sr_tune.data.sampler import ImageBank, PatchSampler, shard_for_rank
-from sr_tune.data.sources import skimage_photo
+from sr_tune.data.sampler import ImageBank, PatchSampler
+from sr_tune.data.sources import shard_for_rank, skimage_photo
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_ranks_hold_disjoint_shards_of_the_images():
 
 
 def test_images_smaller_than_a_patch_are_refused(images):
-    with pytest.raises(ValueError, match="2 image\\(s\\) are smaller than the 99px HR patch"):
+    with pytest.raises(ValueError, match="2 image\\(s\\) are smaller than the 99px crop that a 99px HR patch needs"):
         sampler(ImageBank(images), lr_patch_size=33)
 
 

@@ -1,10 +1,10 @@
 """Device-resident image bank and a batched random-patch sampler: no DataLoader, no Python per sample.
 
 The decoded HR images of one rank live as uint8 in a single flat buffer on the worker's device. A batch is
-cut out with one gather: for B patches of P x P pixels we build a (B, P, P) index into that buffer from
-each patch's image offset, row stride and top-left corner, then degrade the whole batch at once with the
-MATLAB-compatible bicubic. The draw for a step depends only on (seed, rank, step), so a resumed run draws
-exactly the patches it would have drawn.
+cut out with one gather: for B crops of S x S pixels we build a (B, S, S) index into that buffer from
+each crop's image offset, row stride and top-left corner, augment the whole batch at once (S is larger
+than the patch when warps need room), then degrade it with the MATLAB-compatible bicubic. The draw for a
+step depends only on (seed, rank, step), so a resumed run draws exactly the patches it would have drawn.
 """
 
 from __future__ import annotations
@@ -14,15 +14,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from sr_tune.data.augment import Augmenter
 from sr_tune.data.degrade import degrade
 from sr_tune.metrics import rgb_to_y
-
-
-def shard_for_rank(items: Sequence, rank: int, world_size: int) -> list:
-    """Every ``world_size``-th item starting at ``rank``: disjoint shards that cover everything."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world size {world_size}")
-    return list(items[rank::world_size])
 
 
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
@@ -32,8 +26,8 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
 
 
 def to_model_space(images: torch.Tensor, color: str) -> torch.Tensor:
-    """uint8 RGB (B, 3, H, W) -> float in [0, 1]: (B, 3, H, W) for 'rgb', BT.601 Y (B, 1, H, W) for 'y'."""
-    rgb = images.float() / 255.0
+    """RGB (B, 3, H, W), uint8 or float in [0, 1] -> float (B, 3, H, W) for 'rgb', BT.601 Y (B, 1, H, W) for 'y'."""
+    rgb = images.float() / 255.0 if images.dtype == torch.uint8 else images
     return rgb_to_y(rgb) if color == "y" else rgb
 
 
@@ -70,7 +64,7 @@ class ImageBank:
 
 
 class PatchSampler:
-    """Random HR patches of ``lr_patch_size * scale`` from a bank, degraded to LR on the bank's device."""
+    """Random, augmented HR patches of ``lr_patch_size * scale`` from a bank, degraded to LR on its device."""
 
     def __init__(
         self,
@@ -81,29 +75,37 @@ class PatchSampler:
         batch_size: int,
         color: str,
         blur_sigma: float = 0.0,
+        augmenter: Augmenter = Augmenter(flip_rot=False),
         seed: int = 0,
         rank: int = 0,
     ) -> None:
-        self.bank, self.scale, self.batch_size = bank, scale, batch_size
+        self.bank, self.scale, self.batch_size, self.augmenter = bank, scale, batch_size, augmenter
         self.hr_size = lr_patch_size * scale
+        self.crop_size = augmenter.crop_size(self.hr_size)
         self.color, self.blur_sigma, self.seed, self.rank = color, blur_sigma, seed, rank
-        too_small = int(((bank.cpu_heights < self.hr_size) | (bank.cpu_widths < self.hr_size)).sum())
+        too_small = int(((bank.cpu_heights < self.crop_size) | (bank.cpu_widths < self.crop_size)).sum())
         if too_small:
-            raise ValueError(f"{too_small} image(s) are smaller than the {self.hr_size}px HR patch")
+            need = f"the {self.crop_size}px crop that a {self.hr_size}px HR patch needs"
+            if self.crop_size > self.hr_size:
+                need += f" for warps at augmentation strength {augmenter.strength}"
+            raise ValueError(f"{too_small} image(s) are smaller than {need}")
 
-    def draw(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Image index, top and left of every patch of ``step`` (each (B,), on the bank's device)."""
-        generator = step_generator(self.seed, self.rank, step)
+    def _draw(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         index = torch.randint(len(self.bank), (self.batch_size,), generator=generator)
-        room_h = self.bank.cpu_heights[index] - self.hr_size + 1
-        room_w = self.bank.cpu_widths[index] - self.hr_size + 1
+        room_h = self.bank.cpu_heights[index] - self.crop_size + 1
+        room_w = self.bank.cpu_widths[index] - self.crop_size + 1
         top = (torch.rand(self.batch_size, generator=generator, dtype=torch.float64) * room_h).long()
         left = (torch.rand(self.batch_size, generator=generator, dtype=torch.float64) * room_w).long()
         device = self.bank.device
         return index.to(device), top.to(device), left.to(device)
 
+    def draw(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Image index, top and left of every crop of ``step`` (each (B,), on the bank's device)."""
+        return self._draw(step_generator(self.seed, self.rank, step))
+
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(lr, hr) float batches for ``step``: (B, C, p, p) and (B, C, p*s, p*s), C = 1 for Y, 3 for RGB."""
-        patches = self.bank.crop(*self.draw(step), size=self.hr_size)  # uint8 (B, 3, P, P)
-        hr = to_model_space(patches, self.color)
+        generator = step_generator(self.seed, self.rank, step)
+        crops = self.bank.crop(*self._draw(generator), size=self.crop_size)  # uint8 (B, 3, S, S)
+        hr = to_model_space(self.augmenter(crops, self.hr_size, generator), self.color)
         return degrade(hr, self.scale, blur_sigma=self.blur_sigma), hr

@@ -12,7 +12,7 @@ import hashlib
 import io
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +79,13 @@ def read_image(path: Path) -> torch.Tensor:
     return decode_image(data, str(path))
 
 
+def shard_for_rank(items: Sequence, rank: int, world_size: int) -> list:
+    """Every ``world_size``-th item starting at ``rank``: disjoint shards that cover everything."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    return list(items[rank::world_size])
+
+
 def list_image_files(folder: Path) -> list[Path]:
     """Every image file below ``folder`` (recursively), sorted by relative path: a stable order."""
     if not folder.is_dir():
@@ -110,10 +117,10 @@ class _BadImageTally:
             log.warning("%s: skipped %d bad image(s)", self.source, self.skipped)
 
 
-def iter_folder(folder: Path, *, skip_bad: bool = False) -> Iterator[SRImage]:
-    """Every image below ``folder``, one at a time (names: relative paths without the suffix)."""
+def iter_folder(folder: Path, *, skip_bad: bool = False, rank: int = 0, world_size: int = 1) -> Iterator[SRImage]:
+    """Every image below ``folder`` (this rank's shard), one at a time (names: relative paths, no suffix)."""
     tally = _BadImageTally(skip_bad, str(folder))
-    for path in list_image_files(folder):
+    for path in shard_for_rank(list_image_files(folder), rank, world_size):
         hr = tally.read(lambda: read_image(path))
         if hr is not None:
             yield SRImage(name=path.relative_to(folder).with_suffix("").as_posix(), hr=hr)
@@ -130,11 +137,13 @@ def _paired_lr(lr_root: Path, name: str, scale: int) -> Path | None:
     return None
 
 
-def read_paired(hr_folder: Path, lr_root: Path | None, *, skip_bad: bool = False) -> list[SRImage]:
-    """HR images and, where ``lr_root/X{2,3,4}`` hold them, their LR partners (sizes checked)."""
+def read_paired(
+    hr_folder: Path, lr_root: Path | None, *, skip_bad: bool = False, rank: int = 0, world_size: int = 1
+) -> list[SRImage]:
+    """HR images (this rank's shard) and, where ``lr_root/X{2,3,4}`` hold them, their LR partners (sizes checked)."""
     tally = _BadImageTally(skip_bad, str(hr_folder))
     images = []
-    for path in list_image_files(hr_folder):
+    for path in shard_for_rank(list_image_files(hr_folder), rank, world_size):
         hr = tally.read(lambda: read_image(path))
         if hr is None:
             continue
@@ -159,17 +168,20 @@ def read_paired(hr_folder: Path, lr_root: Path | None, *, skip_bad: bool = False
     return images
 
 
-def read_div2k(root: Path, split: str, *, skip_bad: bool = False) -> list[SRImage]:
-    """DIV2K: ``DIV2K_{train,valid}_HR/`` and optional ``DIV2K_{train,valid}_LR_bicubic/X{s}/NNNNx{s}.png``."""
+def read_div2k(root: Path, split: str, **options) -> list[SRImage]:
+    """DIV2K: ``DIV2K_{train,valid}_HR/`` and optional ``DIV2K_{train,valid}_LR_bicubic/X{s}/NNNNx{s}.png``.
+
+    ``options``: ``skip_bad``, ``rank`` and ``world_size`` of ``read_paired``.
+    """
     part = "train" if split == "train" else "valid"
     lr_root = root / f"DIV2K_{part}_LR_bicubic"
-    return read_paired(root / f"DIV2K_{part}_HR", lr_root if lr_root.is_dir() else None, skip_bad=skip_bad)
+    return read_paired(root / f"DIV2K_{part}_HR", lr_root if lr_root.is_dir() else None, **options)
 
 
-def read_benchmark(root: Path, *, skip_bad: bool = False) -> list[SRImage]:
+def read_benchmark(root: Path, **options) -> list[SRImage]:
     """Set5 / Set14 / BSD100 / Urban100 / Manga109 style: ``HR/`` and optional ``LR_bicubic/X{s}/``."""
     lr_root = root / "LR_bicubic"
-    return read_paired(root / "HR", lr_root if lr_root.is_dir() else None, skip_bad=skip_bad)
+    return read_paired(root / "HR", lr_root if lr_root.is_dir() else None, **options)
 
 
 # --- Parquet shards -------------------------------------------------------------------------------------
@@ -285,34 +297,29 @@ def skimage_photo(name: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image[:, :, :3])).permute(2, 0, 1).contiguous()
 
 
-def sample_images(split: str) -> list[SRImage]:
-    return [SRImage(name=name, hr=skimage_photo(name)) for name in (SAMPLE_TRAIN if split == "train" else SAMPLE_VAL)]
+def sample_images(split: str, *, rank: int = 0, world_size: int = 1) -> list[SRImage]:
+    names = shard_for_rank(SAMPLE_TRAIN if split == "train" else SAMPLE_VAL, rank, world_size)
+    return [SRImage(name=name, hr=skimage_photo(name)) for name in names]
 
 
-def open_source(spec: str, split: str, *, skip_bad: bool = False) -> list[SRImage]:
-    """Images of data spec ``spec`` for ``split`` ('train' or 'val').
+def open_source(spec: str, split: str, *, skip_bad: bool = False, rank: int = 0, world_size: int = 1) -> list[SRImage]:
+    """Images of data spec ``spec`` for ``split`` ('train' or 'val'); only shard ``rank`` of ``world_size`` is decoded.
 
     ``spec`` is ``sample``; a URI or folder holding ``manifest.json`` (Parquet shards); a DIV2K root
     (``DIV2K_train_HR/``...); a benchmark folder (``HR/``); or any folder of images.
     """
+    shard = {"rank": rank, "world_size": world_size}
     if spec == "sample":
-        return sample_images(split)
-    if "://" in spec:
-        return read_shards(spec, skip_bad=skip_bad)
-    root = Path(spec)
-    if (root / MANIFEST).is_file():
-        return read_shards(spec, skip_bad=skip_bad)
-    if (root / "DIV2K_train_HR").is_dir() or (root / "DIV2K_valid_HR").is_dir():
-        return read_div2k(root, split, skip_bad=skip_bad)
-    if (root / "HR").is_dir():
-        return read_benchmark(root, skip_bad=skip_bad)
-    return list(iter_folder(root, skip_bad=skip_bad))
-
-
-def load_images(spec: str, split: str, *, skip_bad: bool = False) -> list[torch.Tensor]:
-    """Just the HR images (uint8 (3, H, W)) of ``spec`` for ``split``."""
-    images = open_source(spec, split, skip_bad=skip_bad)
+        images = sample_images(split, **shard)
+    elif "://" in spec or (Path(spec) / MANIFEST).is_file():
+        images = read_shards(spec, skip_bad=skip_bad, **shard)
+    elif (Path(spec) / "DIV2K_train_HR").is_dir() or (Path(spec) / "DIV2K_valid_HR").is_dir():
+        images = read_div2k(Path(spec), split, skip_bad=skip_bad, **shard)
+    elif (Path(spec) / "HR").is_dir():
+        images = read_benchmark(Path(spec), skip_bad=skip_bad, **shard)
+    else:
+        images = list(iter_folder(Path(spec), skip_bad=skip_bad, **shard))
     if not images:
-        raise ValueError(f"data source {spec!r} ({split}) holds no images")
-    return [image.hr for image in images]
-
+        where = f" for rank {rank} of {world_size}" if world_size > 1 else ""
+        raise ValueError(f"data source {spec!r} ({split}) holds no images{where}")
+    return images

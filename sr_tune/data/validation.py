@@ -1,0 +1,58 @@
+"""Validation pairs by the benchmark protocol: HR cropped to a multiple of the scale, shipped LR when present.
+
+Where a source ships LR images for the scale (DIV2K, benchmark folders), they are used as they are, and
+the HR is cut to exactly ``scale`` times their size (MATLAB's ``modcrop``). Otherwise LR is the
+MATLAB-compatible bicubic downscale of that HR. An optional centre crop keeps evaluation cheap during
+training; it is aligned to the LR grid so that shipped LR and HR stay in register.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from sr_tune.data.degrade import degrade
+from sr_tune.data.sampler import to_model_space
+from sr_tune.data.sources import SRImage
+
+
+@dataclass(frozen=True)
+class ValidationPair:
+    name: str
+    lr: torch.Tensor  # float (1, C, h, w)
+    hr: torch.Tensor  # float (1, C, h * scale, w * scale)
+    shipped_lr: bool  # LR read from the source rather than made by bicubic
+
+
+def _centred(length: int, crop: int) -> slice:
+    """The centred ``crop`` (all when 0 or longer) of ``length`` positions."""
+    keep = length if crop <= 0 else min(crop, length)
+    start = (length - keep) // 2
+    return slice(start, start + keep)
+
+
+def validation_pairs(
+    images: Sequence[SRImage],
+    *,
+    scale: int,
+    color: str,
+    crop: int = 0,
+    blur_sigma: float = 0.0,
+    device: torch.device | str = "cpu",
+) -> list[ValidationPair]:
+    """One pair per image; ``crop`` is the HR side of a centre crop (0 = the whole image)."""
+    pairs = []
+    for image in images:
+        lr_height, lr_width = image.hr.shape[1] // scale, image.hr.shape[2] // scale
+        rows, cols = _centred(lr_height, crop // scale), _centred(lr_width, crop // scale)
+        hr_rows = slice(rows.start * scale, rows.stop * scale)
+        hr_cols = slice(cols.start * scale, cols.stop * scale)
+        hr = to_model_space(image.hr[None, :, hr_rows, hr_cols].to(device), color)
+        if scale in image.lr:
+            lr = to_model_space(image.lr[scale][None, :, rows, cols].to(device), color)
+        else:
+            lr = degrade(hr, scale, blur_sigma=blur_sigma)
+        pairs.append(ValidationPair(name=image.name, lr=lr, hr=hr, shipped_lr=scale in image.lr))
+    return pairs
