@@ -1,7 +1,9 @@
 """Checkpoints: a folder with ``weights.safetensors`` (tensors only) and ``checkpoint.json``.
 
-``checkpoint.json`` holds the full ``TrainConfig``, the step and the last metrics, so a checkpoint alone
-rebuilds its model. Loading never unpickles: pickle files (``.pt``, ``.pth``, ``.ckpt``) are refused.
+``weights.safetensors`` holds the model, and for training runs also the EMA weights, the discriminator,
+the optimizers' state and the RNG state; ``checkpoint.json`` holds the full ``TrainConfig``, the step, the
+last metrics and the rest of the training state (optimizer hyperparameters, metric history), so a
+checkpoint alone rebuilds its model and resumes its run exactly. Loading never unpickles: pickle files (``.pt``, ``.pth``, ``.ckpt``) are refused.
 Writes go to a temporary sibling folder that is renamed into place, so a crash never leaves a
 half-written checkpoint under the final name.
 """
@@ -12,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +27,32 @@ from sr_tune.models import create_model
 
 WEIGHTS_FILE = "weights.safetensors"
 META_FILE = "checkpoint.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".bin")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Checkpoint:
+    """A loaded checkpoint. ``tensors`` holds every group under its prefix: ``model.``, ``ema.``,
+    ``discriminator.``, ``optimizer.``, ``d_optimizer.``, ``rng.``; ``state`` the JSON-side training state."""
+
     config: TrainConfig
     step: int
     metrics: dict[str, float]
-    model_state: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor]
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def group(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The tensors saved under ``prefix.``, with the prefix removed (empty if there are none)."""
+        return {k.removeprefix(f"{prefix}."): v for k, v in self.tensors.items() if k.startswith(f"{prefix}.")}
+
+    @property
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The weights to use for inference: the EMA weights when the run kept them, else the raw ones."""
+        return self.group("ema") or self.group("model")
 
     def build_model(self) -> nn.Module:
-        """The checkpoint's network with its weights loaded, in eval mode."""
+        """The checkpoint's network with its (EMA if kept) weights loaded, in eval mode."""
         model = create_model(
             self.config.model.name,
             scale=self.config.model.scale,
@@ -47,6 +63,28 @@ class Checkpoint:
         return model.eval()
 
 
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer's state into tensors (for safetensors) and JSON (param groups, scalar state)."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Inverse of ``optimizer_tensors``."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
 def save_checkpoint(
     path: str | Path,
     *,
@@ -54,12 +92,27 @@ def save_checkpoint(
     config: TrainConfig,
     step: int,
     metrics: dict[str, float] | None = None,
+    modules: dict[str, nn.Module] | None = None,
+    optimizers: dict[str, torch.optim.Optimizer] | None = None,
+    state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``model``'s weights and the run's config atomically to folder ``path``."""
+    """Write ``model`` (plus optional extra ``modules`` and ``optimizers`` by name), the config, step,
+    metrics and JSON ``state`` atomically to folder ``path``. The torch RNG state is saved too."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT_VERSION, "step": step, "metrics": metrics or {}, "config": config.to_dict()}
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for name, module in (modules or {}).items():
+        tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+    optimizer_meta = {}
+    for name, optimizer in (optimizers or {}).items():
+        values, optimizer_meta[name] = optimizer_tensors(optimizer)
+        tensors.update({f"{name}.{k}": v for k, v in values.items()})
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta = {"format": FORMAT_VERSION, "step": step, "metrics": metrics or {}, "config": config.to_dict(),
+            "optimizers": optimizer_meta, "state": state or {}}  # fmt: skip
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         save_file(tensors, staging / WEIGHTS_FILE)
@@ -81,7 +134,7 @@ def save_checkpoint(
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint folder written by ``save_checkpoint``; errors name the file at fault."""
     path = Path(path)
-    if path.is_file() and path.suffix in (".pt", ".pth", ".ckpt", ".pkl", ".bin"):
+    if path.suffix in PICKLE_SUFFIXES and not path.is_dir():
         raise ValueError(
             f"{path}: pickle checkpoints are refused (loading one can run arbitrary code); "
             f"sr_tune checkpoints are folders with {WEIGHTS_FILE} and {META_FILE}"
@@ -94,13 +147,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         meta: dict[str, Any] = json.loads(meta_file.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{meta_file}: not valid JSON ({error})") from None
-    if meta.get("format") != FORMAT_VERSION:
+    if meta.get("format") not in (1, FORMAT_VERSION):
         raise ValueError(f"{meta_file}: unsupported checkpoint format {meta.get('format')!r}")
-    tensors = load_file(weights)
-    model_state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     return Checkpoint(
         config=TrainConfig.from_dict(meta["config"], source=str(meta_file)),
         step=int(meta["step"]),
         metrics=dict(meta.get("metrics", {})),
-        model_state=model_state,
+        tensors=load_file(weights),
+        state={"optimizers": meta.get("optimizers", {}), **meta.get("state", {})},
     )

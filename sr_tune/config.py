@@ -142,11 +142,21 @@ class DataConfig:
 @dataclass(frozen=True, kw_only=True)
 class LossConfig:
     pixel: Literal["mse", "l1", "charbonnier"] = _field("mse", "pixel loss between SR and HR")
-    pixel_weight: float = _field(1.0, "weight of the pixel loss", gt=0.0)
+    pixel_weight: float = _field(1.0, "weight of the pixel loss (0 = off)", ge=0.0)
     charbonnier_eps: float = _field(1e-3, "epsilon of the Charbonnier loss sqrt(d^2 + eps^2)", gt=0.0)
+    perceptual: Literal["none", "vgg22", "vgg54"] = _field(
+        "none", "VGG19 feature loss: relu2_2 (vgg22) or relu5_4 (vgg54), ImageNet weights"
+    )
+    perceptual_weight: float = _field(1.0, "weight of the perceptual loss", ge=0.0)
+    adversarial: Literal["none", "bce", "relativistic"] = _field(
+        "none", "GAN loss with an SRGAN discriminator: BCE-with-logits, or relativistic average BCE"
+    )
+    adversarial_weight: float = _field(1e-3, "weight of the generator's adversarial loss", ge=0.0)
 
     def __post_init__(self) -> None:
-        _check(self)
+        weights = (self.pixel_weight, self.perceptual_weight if self.perceptual != "none" else 0.0,
+                   self.adversarial_weight if self.adversarial != "none" else 0.0)  # fmt: skip
+        _check(self, [] if any(w > 0 for w in weights) else ["pixel_weight: every loss term has weight 0"])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,6 +167,17 @@ class OptimizerConfig:
     momentum: float = _field(0.9, "momentum for sgd and rmsprop", ge=0.0, lt=1.0)
     betas: tuple[float, float] = _field((0.9, 0.999), "Adam betas", check=_betas)
     grad_clip_norm: float = _field(0.0, "clip the global gradient norm to this (0 = off)", ge=0.0)
+    last_layer_lr_scale: float = _field(
+        1.0, "learning rate of the model's last layer relative to lr (SRCNN: 0.1)", gt=0.0
+    )
+    schedule: Literal["constant", "step", "cosine"] = _field("constant", "learning-rate schedule")
+    warmup_steps: int = _field(0, "linear warm-up from 0 over this many steps", ge=0)
+    step_size: int = _field(1000, "step schedule: multiply by gamma every this many steps", ge=1)
+    gamma: float = _field(0.5, "step schedule: decay factor", gt=0.0, le=1.0)
+    min_lr_ratio: float = _field(0.0, "cosine schedule: final lr as a fraction of lr", ge=0.0, le=1.0)
+    ema_decay: float = _field(0.0, "exponential moving average of the weights (0 = off; e.g. 0.999)",
+                              ge=0.0, lt=1.0)  # fmt: skip
+    discriminator_lr: float | None = _field(None, "GAN runs: discriminator learning rate (default: lr)")
 
     def __post_init__(self) -> None:
         _check(self)
@@ -169,6 +190,27 @@ class TrainingConfig:
     seed: int = _field(0, "seed for weights and patch sampling", ge=0)
     device: str = _field("auto", "'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'", check=_device_name)
     output_dir: str = _field("runs", "folder for checkpoints and run files")
+    bf16: bool = _field(True, "bf16 autocast on CUDA (ignored on CPU)")
+    channels_last: bool = _field(True, "channels-last memory format on CUDA (ignored on CPU)")
+    init_from: str | None = _field(None, "checkpoint folder whose weights start this run (fine-tuning)")
+    init_reinit: tuple[str, ...] = _field(
+        (), "with init_from: parameter-name prefixes that may differ in shape and stay freshly initialised"
+    )
+
+    def __post_init__(self) -> None:
+        _check(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistributedConfig:
+    num_workers: int = _field(0, "Ray Train workers; 0 = run in this process without Ray", ge=0)
+    use_gpu: bool = _field(False, "one GPU per worker (DDP over NCCL); otherwise CPU workers over gloo")
+    cpus_per_worker: float = _field(1.0, "CPUs Ray reserves for each worker", gt=0.0)
+    storage_path: str | None = _field(None, "Ray storage for checkpoints: a folder or pyarrow.fs URI "
+                                            "(default: training.output_dir/ray)")  # fmt: skip
+    max_failures: int = _field(0, "restart from the last checkpoint this many times after a worker failure",
+                               ge=0)  # fmt: skip
+    keep_checkpoints: int = _field(2, "checkpoints kept in Ray storage (best by val_psnr)", ge=1)
 
     def __post_init__(self) -> None:
         _check(self)
@@ -176,7 +218,9 @@ class TrainingConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrackingConfig:
-    tracking_uri: str = _field("sqlite:///mlflow.db", "MLflow tracking URI (a SQLite file or a server)")
+    enabled: bool = _field(True, "log the run to MLflow")
+    tracking_uri: str = _field("sqlite:///mlflow.db", "MLflow tracking URI (a SQLite file or a server); "
+                                                      "MLFLOW_TRACKING_URI overrides it")  # fmt: skip
     experiment: str = _field("sr_tune", "MLflow experiment name")
     run_name: str | None = _field(None, "MLflow run name (default: model and scale)")
 
@@ -191,6 +235,7 @@ class TrainConfig:
     loss: LossConfig = _field(LossConfig, "loss terms and weights")
     optimizer: OptimizerConfig = _field(OptimizerConfig, "optimizer and its settings")
     training: TrainingConfig = _field(TrainingConfig, "steps, evaluation, seed, device")
+    distributed: DistributedConfig = _field(DistributedConfig, "Ray Train workers and storage")
     tracking: TrackingConfig = _field(TrackingConfig, "MLflow")
 
     def __post_init__(self) -> None:

@@ -1,0 +1,139 @@
+"""Ray Train around the engine: a ``TorchTrainer`` whose workers each run ``engine.train`` on their shard.
+
+DDP comes from Ray (gloo on CPU, NCCL on GPU); rank 0 logs to MLflow and hands its checkpoints to
+``ray.train.report``, which persists them to ``RunConfig.storage_path`` (a folder or any pyarrow.fs URI).
+After a worker failure, Ray restarts the group and each worker resumes from the last reported checkpoint
+(``FailureConfig.max_failures``). ``distributed.num_workers: 0`` is Ray's local mode: the loop runs in
+this process, which is what quick runs and tests use.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from sr_tune.checkpoint import load_checkpoint
+from sr_tune.config import TrainConfig
+from sr_tune.engine import EvalResult, TrainResult, train
+from sr_tune.tracking import open_tracker, resolve_tracking_uri
+
+
+@dataclass(frozen=True)
+class FitResult:
+    metrics: dict[str, Any]  # the last metrics rank 0 reported
+    checkpoint: str | None  # the latest persisted checkpoint (Ray storage; local mode: the local folder)
+    best_checkpoints: list[tuple[str, dict[str, Any]]]  # kept checkpoints with their metrics
+    run_id: str | None  # the MLflow run
+
+
+def run_name(config: TrainConfig) -> str:
+    """Deterministic (no timestamp), so a rerun with the same storage path finds and resumes the run."""
+    return config.tracking.run_name or f"{config.model.name}_x{config.model.scale}"
+
+
+def init_ray(num_cpus: float | None = None) -> None:
+    """Connect to ``RAY_ADDRESS`` when set; otherwise start a local Ray with its dashboard on 127.0.0.1
+    (stopped runs free their workers' CPUs only through the dashboard's cleanup)."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+    else:
+        ray.init(num_cpus=int(num_cpus) if num_cpus else None, include_dashboard=True, dashboard_host="127.0.0.1",
+                 configure_logging=False)  # fmt: skip
+
+
+def _worker(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker (or in-process in local mode)."""
+    config = TrainConfig.from_dict(loop_config["config"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    checkpoint_dir = Path(loop_config["checkpoint_dir"])
+
+    resume = None
+    if (reported := ray.train.get_checkpoint()) is not None:  # restarted after a failure, or a resumed run
+        with reported.as_directory() as folder:
+            resume = load_checkpoint(folder)
+    elif loop_config["resume"] and (checkpoint_dir / "last").is_dir():
+        resume = load_checkpoint(checkpoint_dir / "last")
+    tracker = open_tracker(config, rank, tags=loop_config["tags"], parent_run_id=loop_config["parent_run_id"],
+                           run_id=resume.state.get("mlflow_run_id") if resume else None)  # fmt: skip
+
+    def report(result: EvalResult, checkpoint: Path | None) -> None:
+        tracker.log_eval(result)
+        metrics = {"step": result.step, **result.metrics()}
+        if checkpoint is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as staging:
+            # Report a copy: the engine rewrites `last` at its next evaluation.
+            copy = shutil.copytree(checkpoint, Path(staging) / checkpoint.name)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(copy)))
+
+    result: TrainResult = train(
+        config, on_eval=report, checkpoint_dir=checkpoint_dir if rank == 0 else None, resume=resume,
+        device=ray.train.torch.get_device(), rank=rank, world_size=world_size,
+        extra_state={"mlflow_run_id": tracker.run_id},
+    )  # fmt: skip
+    best_model = load_checkpoint(result.best_checkpoint).build_model() if result.best_checkpoint else None
+    tracker.finish(result, best_model)
+
+
+def fit(
+    config: TrainConfig,
+    *,
+    config_path: str | None = None,
+    resume: bool = False,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> FitResult:
+    """Train ``config`` through Ray Train and return what rank 0 reported."""
+    from sr_tune.tracking import run_tags
+
+    dist = config.distributed
+    name = run_name(config)
+    tracking = {**config.to_dict()["tracking"], "tracking_uri": resolve_tracking_uri(config.tracking.tracking_uri)}
+    config = TrainConfig.from_dict({**config.to_dict(), "tracking": tracking})
+    output = Path(config.training.output_dir).resolve() / name
+    storage = dist.storage_path or str(Path(config.training.output_dir).resolve() / "ray")
+    if dist.num_workers > 0:
+        init_ray()
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"config": config.to_dict(), "checkpoint_dir": str(output), "resume": resume,
+                           "tags": {**run_tags(config_path), **(tags or {})}, "parent_run_id": parent_run_id},
+        torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=dist.num_workers, use_gpu=dist.use_gpu,
+                                     resources_per_worker={"CPU": dist.cpus_per_worker,
+                                                           **({"GPU": 1} if dist.use_gpu else {})}),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=dist.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=dist.keep_checkpoints, checkpoint_score_attribute="val_psnr",
+                                               checkpoint_score_order="max"),
+        ),
+    )  # fmt: skip
+    result = trainer.fit()
+    if dist.num_workers == 0:  # local mode persists nothing to storage: the run's own folder holds it
+        checkpoint, best = str(output / "last"), []
+    else:
+        checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+        best = [(c.path, m) for c, m in (result.best_checkpoints or [])]
+    run_id = None
+    if result.checkpoint is not None and dist.num_workers > 0:
+        with result.checkpoint.as_directory() as folder:
+            run_id = load_checkpoint(folder).state.get("mlflow_run_id")
+    elif (output / "last").is_dir():
+        run_id = load_checkpoint(output / "last").state.get("mlflow_run_id")
+    return FitResult(metrics=dict(result.metrics or {}), checkpoint=checkpoint, best_checkpoints=best, run_id=run_id)

@@ -1,0 +1,146 @@
+"""Loss terms: pixel (MSE / L1 / Charbonnier), VGG19 perceptual (SRGAN's VGG22 / VGG54), adversarial.
+
+``SRLoss`` returns every weighted term by name, so the engine can report them separately and name the
+term that went non-finite. Weights are config values, so sweeps can tune them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import VGG19_Weights, vgg19
+
+from sr_tune.config import LossConfig
+
+# Index one past the ReLU in torchvision's vgg19().features: relu2_2 is features[8], relu5_4 features[35].
+VGG_LAYERS = {"vgg22": 9, "vgg54": 36}
+VGG_WEIGHTS = VGG19_Weights.IMAGENET1K_V1
+
+
+def pixel_loss(name: str, charbonnier_eps: float = 1e-3) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if name == "mse":
+        return F.mse_loss
+    if name == "l1":
+        return F.l1_loss
+    if name == "charbonnier":
+        eps2 = charbonnier_eps**2
+        return lambda sr, hr: torch.sqrt((sr - hr).pow(2) + eps2).mean()
+    raise ValueError(f"unknown pixel loss {name!r} (allowed: mse, l1, charbonnier)")
+
+
+def vgg_weights_file() -> Path:
+    """Where torchvision keeps the VGG19 ImageNet weights: $TORCH_HOME/hub/checkpoints/vgg19-dcbb9e9d.pth."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(VGG_WEIGHTS.url).name
+
+
+def load_vgg19_features(layer: str) -> nn.Sequential:
+    """Frozen VGG19 ``features`` up to ``layer`` ('vgg22' or 'vgg54'), ImageNet weights, in eval mode.
+
+    Weights load through torchvision's weights API (downloaded into the torch hub cache once). Offline
+    without the cached file, the error names the file and where to put it.
+    """
+    if layer not in VGG_LAYERS:
+        raise ValueError(f"unknown VGG layer {layer!r} (allowed: {', '.join(VGG_LAYERS)})")
+    try:
+        state = VGG_WEIGHTS.get_state_dict(progress=False, weights_only=True)
+    except OSError as error:  # URLError and socket errors are OSErrors
+        raise FileNotFoundError(
+            f"cannot load the VGG19 ImageNet weights for the perceptual loss ({error}). Without internet, "
+            f"download {VGG_WEIGHTS.url} elsewhere and place it at {vgg_weights_file()} "
+            f"(set TORCH_HOME to use another cache folder)"
+        ) from None
+    network = vgg19(weights=None)
+    # Only the convolutional part is used, so a features-only state dict is enough.
+    features = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+    network.features.load_state_dict(features)
+    trunk = network.features[: VGG_LAYERS[layer]].eval()
+    trunk.requires_grad_(False)
+    return trunk
+
+
+class PerceptualLoss(nn.Module):
+    """MSE between VGG19 features of SR and HR. Inputs in [0, 1]; Y inputs are repeated to 3 channels."""
+
+    def __init__(self, layer: str) -> None:
+        super().__init__()
+        self.features = load_vgg19_features(layer)
+        self.register_buffer("mean", torch.tensor(VGG_WEIGHTS.transforms().mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(VGG_WEIGHTS.transforms().std).view(1, 3, 1, 1))
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1 or 3, H, W) in [0, 1] -> ImageNet-normalised RGB (B, 3, H, W)."""
+        rgb = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+        return (rgb - self.mean) / self.std
+
+    def forward(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+        # Features: (B, 128, H/2, W/2) at relu2_2, (B, 512, H/16, W/16) at relu5_4.
+        return F.mse_loss(self.features(self.normalise(sr)), self.features(self.normalise(hr)).detach())
+
+    def train(self, mode: bool = True) -> PerceptualLoss:
+        return super().train(False)  # VGG stays in eval mode whatever its owner does
+
+
+class VGGDistance(nn.Module):
+    """Mean squared VGG19 feature distances at relu2_2 and relu5_4 ('vgg22', 'vgg54'): SRGAN's perceptual
+    measures, reported at evaluation for GAN runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.perceptual = PerceptualLoss("vgg54")
+
+    def forward(self, sr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
+        trunk = self.perceptual.features
+        x, y = self.perceptual.normalise(sr), self.perceptual.normalise(hr)
+        x22, y22 = trunk[: VGG_LAYERS["vgg22"]](x), trunk[: VGG_LAYERS["vgg22"]](y)
+        x54, y54 = trunk[VGG_LAYERS["vgg22"] :](x22), trunk[VGG_LAYERS["vgg22"] :](y22)
+        return {"vgg22": F.mse_loss(x22, y22), "vgg54": F.mse_loss(x54, y54)}
+
+
+def discriminator_loss(kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """D's loss from logits (B,) on HR (``real``) and SR (``fake``): plain or relativistic-average BCE."""
+    if kind == "relativistic":
+        real, fake = real - fake.mean(), fake - real.mean()
+    return F.binary_cross_entropy_with_logits(real, torch.ones_like(real)) + F.binary_cross_entropy_with_logits(
+        fake, torch.zeros_like(fake)
+    )
+
+
+def generator_loss(kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """G's adversarial loss: make D call SR real (relativistic: and HR, relatively, fake)."""
+    if kind == "relativistic":
+        return discriminator_loss(kind, fake, real)
+    return F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
+
+
+class SRLoss(nn.Module):
+    """Weighted loss terms for the generator: {'pixel', 'perceptual', 'adversarial'} (those switched on)."""
+
+    def __init__(self, config: LossConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.pixel = pixel_loss(config.pixel, config.charbonnier_eps)
+        self.perceptual = PerceptualLoss(config.perceptual) if config.perceptual != "none" else None
+
+    @property
+    def adversarial(self) -> bool:
+        return self.config.adversarial != "none"
+
+    def forward(
+        self, sr: torch.Tensor, hr: torch.Tensor, d_real: torch.Tensor | None = None, d_fake: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Weighted terms; ``d_real``/``d_fake`` are the discriminator's logits (B,) for adversarial runs."""
+        c = self.config
+        terms = {}
+        if c.pixel_weight > 0:
+            terms["pixel"] = c.pixel_weight * self.pixel(sr, hr)
+        if self.perceptual is not None and c.perceptual_weight > 0:
+            terms["perceptual"] = c.perceptual_weight * self.perceptual(sr, hr)
+        if self.adversarial and c.adversarial_weight > 0:
+            if d_real is None or d_fake is None:
+                raise ValueError("adversarial loss needs the discriminator's logits on HR and SR")
+            terms["adversarial"] = c.adversarial_weight * generator_loss(c.adversarial, d_real, d_fake)
+        return terms

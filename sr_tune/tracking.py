@@ -1,0 +1,121 @@
+"""MLflow tracking of one training run, from rank 0 only (other ranks get a ``NullTracker``).
+
+Params are the flattened config; metrics are logged with their step at each evaluation, beside an image
+grid (LR | bicubic | SR | HR); at the end come the loss/PSNR curves, the best checkpoint folder and the
+final model through ``mlflow.pytorch.log_model`` (``pt2`` export with an input example: no pickle).
+The default store is a SQLite file; ``MLFLOW_TRACKING_URI`` or ``tracking.tracking_uri`` points elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sr_tune.config import TrainConfig
+from sr_tune.engine import EvalResult, TrainResult
+
+
+def resolve_tracking_uri(uri: str) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else ``uri``; relative SQLite paths made absolute, so workers started
+    in other folders write to the same file."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'data': {'batch_size': 16}} -> {'data.batch_size': 16}."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def run_tags(config_path: str | None = None) -> dict[str, str]:
+    """Git commit of the working tree (when there is one), the command line and the config file."""
+    tags = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+    if config_path:
+        tags["config_path"] = str(config_path)
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(config_path).parent if config_path else None)  # fmt: skip
+        if sha.returncode == 0:
+            tags["git_sha"] = sha.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return tags
+
+
+class NullTracker:
+    """What ranks other than 0 (and runs with tracking off) get: every call does nothing."""
+
+    run_id: str | None = None
+
+    def log_eval(self, result: EvalResult) -> None:
+        pass
+
+    def finish(self, result: TrainResult, model: torch.nn.Module | None = None) -> None:
+        pass
+
+
+class MlflowTracker:
+    """One MLflow run: started (or continued, given ``run_id``) on construction, ended by ``finish``."""
+
+    def __init__(self, config: TrainConfig, *, tags: dict[str, str] | None = None, run_id: str | None = None,
+                 parent_run_id: str | None = None) -> None:  # fmt: skip
+        import mlflow
+
+        self.mlflow, self.config = mlflow, config
+        mlflow.set_tracking_uri(resolve_tracking_uri(config.tracking.tracking_uri))
+        experiment = mlflow.set_experiment(config.tracking.experiment)
+        run_name = config.tracking.run_name or f"{config.model.name}_x{config.model.scale}"
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
+                               experiment_id=experiment.experiment_id, tags=all_tags)  # fmt: skip
+        self.run_id = run.info.run_id
+        if run_id is None:
+            mlflow.log_params(flatten(config.to_dict()))
+
+    def log_eval(self, result: EvalResult) -> None:
+        from sr_tune.visualize import preview_grid
+
+        self.mlflow.log_metrics(result.metrics(), step=result.step)
+        if result.preview is not None:
+            self.mlflow.log_image(preview_grid(result.preview), f"grids/step_{result.step:07d}.png")
+
+    def finish(self, result: TrainResult, model: torch.nn.Module | None = None) -> None:
+        """Curves, the best checkpoint and the model (exported for an LR input of 48x48 pixels)."""
+        import matplotlib.pyplot as plt
+
+        from sr_tune.visualize import curves_figure
+
+        figure = curves_figure(result.history)
+        self.mlflow.log_figure(figure, "curves.png")
+        plt.close(figure)
+        if result.best_checkpoint is not None:
+            self.mlflow.log_artifacts(str(result.best_checkpoint), "best_checkpoint")
+        if model is not None:
+            example = torch.rand(1, self.config.in_channels, 48, 48).numpy()
+            self.mlflow.pytorch.log_model(model.cpu().eval(), name="model", input_example=example,
+                                          serialization_format="pt2")  # fmt: skip
+        self.mlflow.set_tag("best_val_psnr", f"{result.best.psnr:.4f}")
+        self.mlflow.end_run()
+
+
+def open_tracker(config: TrainConfig, rank: int, **options: Any) -> MlflowTracker | NullTracker:
+    """An MLflow tracker on rank 0 when tracking is on; a ``NullTracker`` everywhere else."""
+    if rank != 0 or not config.tracking.enabled:
+        return NullTracker()
+    return MlflowTracker(config, **options)
