@@ -36,7 +36,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     if args.reference:
         for key, type_name, default, help_text in describe_fields():
-            print(f"{key:<28} {type_name:<34} default {default!r:<22} {help_text}")
+            print(f"{key:<32} {type_name:<38} default {default!r:<22} {help_text}")
         return 0
     config = load_config(args.config, args.overrides)
     print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
@@ -44,30 +44,77 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from sr_tune.engine import EvalResult, train
+    from sr_tune.distributed import fit, run_name
+    from sr_tune.tracking import resolve_tracking_uri
 
     config = load_config(args.config, args.overrides)
-    total = config.training.steps
-    started = time.perf_counter()
+    workers = config.distributed.num_workers
+    where = f"{workers} Ray Train worker(s)" if workers else "this process (Ray local mode)"
     print(
         f"training {config.model.name} x{config.model.scale} on {config.data.train!r} "
-        f"({config.data.color}, batch {config.data.batch_size}, {total} steps)"
+        f"({config.data.color}, batch {config.data.batch_size}, {config.training.steps} steps) in {where}",
+        flush=True,
     )
+    result = fit(config, config_path=args.config, resume=args.resume)
+    metrics = result.metrics
+    print(f"done: PSNR-Y {metrics['val_psnr']:.2f} dB, {metrics['psnr_gain']:+.2f} dB over bicubic; "
+          f"checkpoints {Path(config.training.output_dir) / run_name(config)}/{{last,best}}")  # fmt: skip
+    if workers:
+        print(f"Ray checkpoint: {result.checkpoint}")
+    if result.run_id:
+        uri = resolve_tracking_uri(config.tracking.tracking_uri)
+        print(f"MLflow run {result.run_id}; browse with: mlflow ui --backend-store-uri {uri}")
+    return 0
 
-    def show(result: EvalResult) -> None:
-        elapsed = time.perf_counter() - started
-        eta = elapsed / result.step * (total - result.step)
-        print(
-            f"step {result.step:>6}/{total}  loss {result.loss:.5f}  "
-            f"val PSNR-Y {result.psnr:.2f} dB (bicubic {result.bicubic_psnr:.2f})  "
-            f"SSIM {result.ssim:.4f}  {result.patches_per_second:,.0f} patches/s  ETA {eta:,.0f}s",
-            flush=True,
-        )
 
-    out = Path(args.out) if args.out else Path(config.training.output_dir) / f"{config.model.name}_x{config.model.scale}"
-    result = train(config, on_eval=show, checkpoint_dir=out)
-    gain = result.final.psnr - result.final.bicubic_psnr
-    print(f"done: PSNR-Y {result.final.psnr:.2f} dB, {gain:+.2f} dB over bicubic; checkpoint {result.checkpoint}")
+def cmd_eval(args: argparse.Namespace) -> int:
+    from sr_tune.checkpoint import load_checkpoint
+    from sr_tune.data.degrade import imresize
+    from sr_tune.data.sources import open_source
+    from sr_tune.data.validation import validation_pairs
+    from sr_tune.inference import Upscaler
+    from sr_tune.metrics import psnr, ssim
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    config, scale = checkpoint.config, checkpoint.config.model.scale
+    upscaler = Upscaler(checkpoint.build_model(), scale=scale, color=config.data.color, tile=args.tile)
+    print(f"{checkpoint.config.model.name} x{scale} ({config.data.color}), step {checkpoint.step}; "
+          f"PSNR-Y / SSIM-Y with a {scale}-pixel border crop")  # fmt: skip
+    print(f"{'dataset':<24}{'scale':>6}{'images':>8}{'bicubic':>18}{'model':>18}{'gain':>8}")
+    for folder in args.data:
+        pairs = validation_pairs(open_source(folder, "val"), scale=scale, color=config.data.color)
+        sums = [0.0, 0.0, 0.0, 0.0]
+        for pair in pairs:
+            sr = upscaler.model_space(pair.lr.cpu())
+            bicubic = imresize(pair.lr.cpu(), scale=scale).clamp(0, 1)
+            for index, (metric, output) in enumerate(((psnr, bicubic), (ssim, bicubic), (psnr, sr), (ssim, sr))):
+                sums[index] += metric(output, pair.hr, crop_border=scale, y_channel=True).item() / len(pairs)
+        name = Path(folder).name or folder
+        print(f"{name:<24}{'x' + str(scale):>6}{len(pairs):>8}{sums[0]:>10.2f} / {sums[1]:.4f}"
+              f"{sums[2]:>10.2f} / {sums[3]:.4f}{sums[2] - sums[0]:>+8.2f}")  # fmt: skip
+    return 0
+
+
+def cmd_upscale(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from sr_tune.checkpoint import load_checkpoint
+    from sr_tune.data.sources import read_image
+    from sr_tune.inference import Upscaler
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    config = checkpoint.config
+    upscaler = Upscaler(checkpoint.build_model(), scale=config.model.scale, color=config.data.color, tile=args.tile)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in map(Path, args.inputs):
+        image = read_image(path)
+        started = time.perf_counter()
+        sr = upscaler.rgb(image)
+        target = out / f"{path.stem}_x{config.model.scale}.png"
+        Image.fromarray(sr.permute(1, 2, 0).numpy()).save(target)
+        print(f"{path} ({image.shape[2]}x{image.shape[1]}) -> {target} ({sr.shape[2]}x{sr.shape[1]}) "
+              f"in {time.perf_counter() - started:.1f} s")  # fmt: skip
     return 0
 
 
@@ -110,11 +157,24 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--reference", action="store_true", help="list every key, type, default and meaning")
     config.set_defaults(run=cmd_config)
 
-    train = sub.add_parser("train", help="train one model from a YAML config")
+    train = sub.add_parser("train", help="train one model from a YAML config (through Ray Train, logged to MLflow)")
     train.add_argument("config", help="YAML file, e.g. configs/smoke.yaml")
     train.add_argument("overrides", nargs="*", help="section.key=value, e.g. optimizer.lr=1e-4")
-    train.add_argument("--out", help="checkpoint folder (default: training.output_dir/MODEL_xSCALE)")
+    train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     train.set_defaults(run=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="PSNR/SSIM-Y of a checkpoint vs bicubic on benchmark folders")
+    evaluate.add_argument("--checkpoint", required=True, help="checkpoint folder")
+    evaluate.add_argument("--data", nargs="+", required=True, help="image folders (HR/ + LR_bicubic/ layouts too)")
+    evaluate.add_argument("--tile", type=int, default=256, help="LR tile side for inference (default 256)")
+    evaluate.set_defaults(run=cmd_eval)
+
+    upscale = sub.add_parser("upscale", help="upscale image files of any size with a checkpoint")
+    upscale.add_argument("inputs", nargs="+", help="image files")
+    upscale.add_argument("--checkpoint", required=True, help="checkpoint folder")
+    upscale.add_argument("--out", required=True, help="output folder (PNG files)")
+    upscale.add_argument("--tile", type=int, default=256, help="LR tile side; memory grows with it (default 256)")
+    upscale.set_defaults(run=cmd_upscale)
 
     prepare = sub.add_parser("prepare", help="pack a folder of images into Parquet shards (+ manifest.json)")
     prepare.add_argument("src", help="folder of images (searched recursively)")
@@ -142,6 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"sr-tune: {error}", file=sys.stderr)
         return 2
+    except FloatingPointError as error:
+        print(f"sr-tune: training diverged: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

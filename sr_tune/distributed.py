@@ -25,7 +25,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from sr_tune.checkpoint import load_checkpoint
 from sr_tune.config import TrainConfig
 from sr_tune.engine import EvalResult, TrainResult, train
-from sr_tune.tracking import open_tracker, resolve_tracking_uri
+from sr_tune.tracking import open_tracker, prepare_experiment, resolve_tracking_uri, run_tags
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,13 @@ def init_ray(num_cpus: float | None = None) -> None:
                  configure_logging=False)  # fmt: skip
 
 
+def progress_line(result: EvalResult, total_steps: int) -> str:
+    eta = result.seconds / result.step * (total_steps - result.step)
+    return (f"step {result.step:>6}/{total_steps}  loss {result.loss:.5f}  "
+            f"val PSNR-Y {result.psnr:.2f} dB (bicubic {result.bicubic_psnr:.2f})  SSIM {result.ssim:.4f}  "
+            f"{result.patches_per_second:,.0f} patches/s  ETA {eta:,.0f}s")  # fmt: skip
+
+
 def _worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker (or in-process in local mode)."""
     config = TrainConfig.from_dict(loop_config["config"])
@@ -71,6 +78,8 @@ def _worker(loop_config: dict[str, Any]) -> None:
 
     def report(result: EvalResult, checkpoint: Path | None) -> None:
         tracker.log_eval(result)
+        if rank == 0:
+            print(progress_line(result, config.training.steps), flush=True)
         metrics = {"step": result.step, **result.metrics()}
         if checkpoint is None:
             ray.train.report(metrics)
@@ -98,14 +107,14 @@ def fit(
     tags: dict[str, str] | None = None,
 ) -> FitResult:
     """Train ``config`` through Ray Train and return what rank 0 reported."""
-    from sr_tune.tracking import run_tags
-
     dist = config.distributed
     name = run_name(config)
     tracking = {**config.to_dict()["tracking"], "tracking_uri": resolve_tracking_uri(config.tracking.tracking_uri)}
     config = TrainConfig.from_dict({**config.to_dict(), "tracking": tracking})
     output = Path(config.training.output_dir).resolve() / name
     storage = dist.storage_path or str(Path(config.training.output_dir).resolve() / "ray")
+    if config.tracking.enabled:
+        prepare_experiment(config)
     if dist.num_workers > 0:
         init_ray()
     trainer = TorchTrainer(

@@ -32,6 +32,26 @@ def rgb_to_y(rgb: torch.Tensor) -> torch.Tensor:
     return ((rgb * weights).sum(dim=-3, keepdim=True) + _BT601_OFFSET) / 255.0
 
 
+# MATLAB rgb2ycbcr chroma rows; Cb and Cr are offset by 128 (in [0, 255] before the /255).
+_BT601_CB = (-37.797, -74.203, 112.0)
+_BT601_CR = (112.0, -93.786, -18.214)
+
+
+def rgb_to_ycbcr(rgb: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) RGB in [0, 1] -> YCbCr as MATLAB ``rgb2ycbcr`` (studio range), in [0, 1]."""
+    matrix = torch.tensor([_BT601_Y, _BT601_CB, _BT601_CR], dtype=rgb.dtype, device=rgb.device)
+    offset = torch.tensor([_BT601_OFFSET, 128.0, 128.0], dtype=rgb.dtype, device=rgb.device).view(3, 1, 1)
+    return (torch.einsum("ij,...jhw->...ihw", matrix, rgb) + offset) / 255.0
+
+
+def ycbcr_to_rgb(ycbcr: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``rgb_to_ycbcr`` (MATLAB ``ycbcr2rgb``); not clamped."""
+    matrix = torch.tensor([_BT601_Y, _BT601_CB, _BT601_CR], dtype=torch.float64)
+    inverse = torch.linalg.inv(matrix).to(ycbcr.dtype).to(ycbcr.device)
+    offset = torch.tensor([_BT601_OFFSET, 128.0, 128.0], dtype=ycbcr.dtype, device=ycbcr.device).view(3, 1, 1)
+    return torch.einsum("ij,...jhw->...ihw", inverse, ycbcr * 255.0 - offset)
+
+
 def _prepare(
     sr: torch.Tensor, hr: torch.Tensor, crop_border: int, y_channel: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,6 +30,20 @@ def resolve_tracking_uri(uri: str) -> str:
     return uri
 
 
+def prepare_experiment(config: TrainConfig) -> None:
+    """Create the experiment from the driver, with artifacts beside a SQLite store (``mlruns/`` next to the
+    file) rather than under whatever folder a worker process happens to start in."""
+    import mlflow
+
+    uri = resolve_tracking_uri(config.tracking.tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(config.tracking.experiment) is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").as_uri()
+        mlflow.create_experiment(config.tracking.experiment, artifact_location=location)
+
+
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'data': {'batch_size': 16}} -> {'data.batch_size': 16}."""
     flat = {}

@@ -40,3 +40,28 @@ def waifu2x_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cached.parent.mkdir(exist_ok=True)
     wheel.replace(cached)
     return cached
+
+
+@pytest.fixture(scope="session")
+def vgg_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A torch hub cache holding a VGG19 weight file under torchvision's own name, made here (random
+    weights, features only) because the real ImageNet file cannot be downloaded in tests. Sets TORCH_HOME."""
+    import os
+
+    from torchvision.models import vgg19
+
+    from sr_tune.losses import vgg_weights_file
+
+    home = tmp_path_factory.mktemp("torch_home")
+    previous = os.environ.get("TORCH_HOME")
+    os.environ["TORCH_HOME"] = str(home)
+    torch.manual_seed(0)
+    state = {f"features.{k}": v for k, v in vgg19(weights=None).features.state_dict().items()}
+    target = vgg_weights_file()
+    target.parent.mkdir(parents=True)
+    torch.save(state, target)
+    yield target
+    if previous is None:
+        os.environ.pop("TORCH_HOME", None)
+    else:
+        os.environ["TORCH_HOME"] = previous

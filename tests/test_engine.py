@@ -1,0 +1,117 @@
+"""The training loop without Ray or MLflow: learning, schedules, GAN steps, resume, fine-tuning, failures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sr_tune.checkpoint import load_checkpoint
+from sr_tune.config import load_config
+from sr_tune.engine import EvalResult, lr_factor, parameter_groups, train
+from sr_tune.models import create_model
+
+from .conftest import REPO
+
+QUICK = ["training.device=cpu", "data.val_crop=48"]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_srcnn_beats_bicubic_on_the_sample_photographs():
+    config = load_config(REPO / "configs" / "smoke.yaml", ["training.steps=400", "training.eval_interval=200",
+                         "optimizer.lr=2e-3", "data.batch_size=64", "training.device=cpu"])  # fmt: skip
+    result = train(config)
+    assert result.final.psnr > result.final.bicubic_psnr + 0.05, result.final
+    assert result.history[0].loss > result.final.loss
+
+
+def test_schedules_and_warmup():
+    config = load_config(None, ["optimizer.schedule=cosine", "optimizer.warmup_steps=10", "optimizer.min_lr_ratio=0.1"])
+    factors = [lr_factor(config.optimizer, step, 110) for step in (1, 5, 10, 60, 110)]
+    assert factors == pytest.approx([0.1, 0.5, 1.0, 0.55, 0.1])
+    step = load_config(None, ["optimizer.schedule=step", "optimizer.step_size=100", "optimizer.gamma=0.1"]).optimizer
+    assert [lr_factor(step, s, 1000) for s in (1, 100, 101, 250)] == pytest.approx([1, 1, 0.1, 0.01])
+
+
+def test_the_last_layer_gets_its_own_learning_rate():
+    model = create_model("srcnn_915", scale=3)
+    body, head = parameter_groups(model, 1e-4, 0.1)
+    assert [p is q for p, q in zip(head["params"], model.reconstruct.parameters())] == [True, True]
+    assert len(body["params"]) == 4 and head["lr"] == pytest.approx(1e-5)
+    seen: list[float] = []
+    config = load_config(None, [*QUICK, "training.steps=3", "training.eval_interval=3", "optimizer.name=sgd",
+                                "optimizer.lr=1e-4", "optimizer.last_layer_lr_scale=0.1"])  # fmt: skip
+    train(config, on_eval=lambda result, _: seen.append(result.lr))
+    assert seen == [pytest.approx(1e-4)]
+
+
+def test_a_diverging_run_names_the_step_and_the_loss_term():
+    config = load_config(None, [*QUICK, "training.steps=200", "optimizer.name=sgd", "optimizer.lr=10",
+                                "optimizer.momentum=0.99"])  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"step \d+: loss term pixel = (nan|inf)"):
+        train(config)
+
+
+def test_resume_after_a_stop_continues_exactly(tmp_path: Path):
+    overrides = [*QUICK, "training.steps=40", "training.eval_interval=10", "optimizer.schedule=cosine",
+                 "optimizer.ema_decay=0.9", "data.augment_strength=0.5"]  # fmt: skip
+    config = load_config(REPO / "configs" / "smoke.yaml", overrides)
+    uninterrupted = train(config).history
+
+    def stop_at_20(result: EvalResult, checkpoint: Path | None) -> None:
+        if result.step == 20:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(config, on_eval=stop_at_20, checkpoint_dir=tmp_path)
+    checkpoint = load_checkpoint(tmp_path / "last")
+    assert checkpoint.step == 20 and checkpoint.group("ema") and checkpoint.group("optimizer")
+    resumed = train(config, resume=checkpoint, checkpoint_dir=tmp_path).history
+    assert [r.step for r in resumed] == [10, 20, 30, 40]
+    assert [r.loss for r in resumed] == [r.loss for r in uninterrupted]
+    assert [r.psnr for r in resumed] == [r.psnr for r in uninterrupted]
+
+
+def test_init_from_fine_tunes_and_reports_layers_that_do_not_fit(tmp_path: Path):
+    pretrain = load_config(None, [*QUICK, "model.name=espcn", "training.steps=60", "training.eval_interval=60"])
+    trained = train(pretrain, checkpoint_dir=tmp_path / "x3")
+    scratch = load_config(None, [*QUICK, "model.name=espcn", "training.steps=1", "training.eval_interval=1"])
+    fine_tuned = train(load_config(None, [*QUICK, "model.name=espcn", "training.steps=1", "training.eval_interval=1",
+                                          "optimizer.lr=1e-6", f"training.init_from={tmp_path / 'x3' / 'best'}"]))  # fmt: skip
+    assert fine_tuned.final.psnr > train(scratch).final.psnr + 1.0
+    assert fine_tuned.final.psnr == pytest.approx(trained.best.psnr, abs=0.05)  # it starts where pretraining ended
+
+    x2 = [*QUICK, "model.name=espcn", "model.scale=2", "training.steps=1", "training.eval_interval=1",
+          f"training.init_from={tmp_path / 'x3' / 'best'}"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"2 weight\(s\) do not fit") as error:
+        train(load_config(None, x2))
+    assert "to_subpixels.weight: checkpoint (9, 32, 3, 3), model (4, 32, 3, 3)" in str(error.value)
+    assert "to_subpixels.bias: checkpoint (9,), model (4,)" in str(error.value)
+    transferred = train(load_config(None, [*x2, "training.init_reinit=[to_subpixels]"]))
+    assert transferred.final.step == 1
+
+
+def test_pickle_files_are_refused_for_init_from(tmp_path: Path):
+    torch.save(create_model("espcn", scale=3).state_dict(), tmp_path / "weights.pth")
+    config = load_config(None, [*QUICK, "model.name=espcn", f"training.init_from={tmp_path / 'weights.pth'}"])
+    with pytest.raises(ValueError, match="pickle checkpoints are refused"):
+        train(config)
+
+
+def test_srresnet_then_srgan_end_to_end(tmp_path: Path, vgg_cache: Path):
+    small = [*QUICK, "model.name=srresnet", "model.scale=4", "model.kwargs={num_blocks: 2}", "data.color=rgb",
+             "data.lr_patch_size=8", "data.batch_size=4"]  # fmt: skip
+    train(load_config(None, [*small, "training.steps=4", "training.eval_interval=4"]), checkpoint_dir=tmp_path / "g")
+    gan = load_config(None, [*small, "training.steps=4", "training.eval_interval=2", "loss.perceptual=vgg54",
+                             "loss.adversarial=bce", "loss.pixel_weight=0", "optimizer.lr=1e-4",
+                             f"training.init_from={tmp_path / 'g' / 'last'}"])  # fmt: skip
+    result = train(gan, checkpoint_dir=tmp_path / "gan")
+    assert set(result.final.losses) == {"perceptual", "adversarial", "discriminator"}
+    assert set(result.final.vgg) == {"vgg22", "vgg54"} and result.final.vgg["vgg54"] > 0
+    saved = load_checkpoint(tmp_path / "gan" / "last")
+    assert saved.group("discriminator") and saved.group("d_optimizer") and saved.step == 4
+    assert {"val_vgg54", "loss_adversarial", "loss_discriminator"} <= set(saved.metrics)
