@@ -46,15 +46,16 @@ def test_config_reference_documents_every_key():
         assert key in result.stdout
 
 
-def test_train_smoke_writes_a_checkpoint(tmp_path: Path):
-    out = tmp_path / "ckpt"
-    result = run(str(SR_TUNE), "train", "configs/smoke.yaml", "training.steps=30", "training.eval_interval=15",
-                 "--out", str(out))  # fmt: skip
+def test_train_command_runs_through_ray_local_mode_and_mlflow(tmp_path: Path):
+    result = run(str(SR_TUNE), "train", str(REPO / "configs" / "smoke.yaml"), "training.steps=30",
+                 "training.eval_interval=15", "tracking.run_name=cli", "data.val_crop=48", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "step     30/30" in result.stdout and "patches/s" in result.stdout and "ETA" in result.stdout
-    checkpoint = load_checkpoint(out)
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in result.stdout
+    checkpoint = load_checkpoint(tmp_path / "runs" / "cli" / "last")
     assert checkpoint.step == 30 and checkpoint.config.training.steps == 30
-    assert checkpoint.metrics["val_psnr"] > 15
+    assert checkpoint.metrics["val_psnr"] > 15 and (tmp_path / "runs" / "cli" / "best").is_dir()
+    assert (tmp_path / "mlruns").is_dir()  # artifacts beside the SQLite store
 
 
 def test_bad_config_exits_2_listing_every_problem():

@@ -22,10 +22,11 @@ class Interrupted(Exception):
 
 
 def test_srcnn_beats_bicubic_on_the_sample_photographs():
-    config = load_config(REPO / "configs" / "smoke.yaml", ["training.steps=400", "training.eval_interval=200",
-                         "optimizer.lr=2e-3", "data.batch_size=64", "training.device=cpu"])  # fmt: skip
+    # SRCNN learns slowly: at 400-600 steps it is still 0.1-0.2 dB short of bicubic here; 1,000 steps of
+    # the smoke recipe (about 30 s on 2 cores) clear it.
+    config = load_config(REPO / "configs" / "smoke.yaml", ["training.device=cpu"])
     result = train(config)
-    assert result.final.psnr > result.final.bicubic_psnr + 0.05, result.final
+    assert result.final.psnr > result.final.bicubic_psnr + 0.2, result.final
     assert result.history[0].loss > result.final.loss
 
 
