@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from sr_tune.config import ConfigError, TrainConfig, load_config
+from sr_tune.models import list_models
 
 from .conftest import REPO
 
@@ -97,3 +98,11 @@ def test_configs_are_frozen_and_validated_when_built_in_code():
         config.optimizer.lr = 1.0  # type: ignore[misc]
     with pytest.raises(ConfigError, match="lr: 0.0 is out of range"):
         type(config.optimizer)(lr=0.0)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_zoo_model_has_example_configs_at_each_scale(name: str):
+    for scale in (2, 3, 4):
+        config = load_config(REPO / "configs" / f"{name}_x{scale}.yaml")
+        assert (config.model.name, config.model.scale) == (name, scale)
+        assert config.data.lr_patch_size * scale >= 16
