@@ -9,6 +9,7 @@ this process, which is what quick runs and tests use.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -109,8 +110,8 @@ def fit(
     """Train ``config`` through Ray Train and return what rank 0 reported."""
     dist = config.distributed
     name = run_name(config)
-    tracking = {**config.to_dict()["tracking"], "tracking_uri": resolve_tracking_uri(config.tracking.tracking_uri)}
-    config = TrainConfig.from_dict({**config.to_dict(), "tracking": tracking})
+    tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri)  # absolute, for workers in other folders
+    config = dataclasses.replace(config, tracking=dataclasses.replace(config.tracking, tracking_uri=tracking_uri))
     output = Path(config.training.output_dir).resolve() / name
     storage = dist.storage_path or str(Path(config.training.output_dir).resolve() / "ray")
     if config.tracking.enabled:

@@ -272,7 +272,7 @@ def train(
     optimizers = [o for o in (optimizer, d_optimizer) if o is not None]
     best_psnr = max((r.psnr for r in history), default=-math.inf)
     last_path = best_path = None
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}  # loss terms summed on the device: no host sync per step and term
     window_start, window_patches = time.perf_counter(), 0
     eval_model = ema if ema is not None else model
 
@@ -298,7 +298,7 @@ def train(
             d_optimizer.zero_grad(set_to_none=True)
             d_loss.backward()
             d_optimizer.step()
-            sums["discriminator"] = sums.get("discriminator", 0.0) + d_loss.item()
+            sums["discriminator"] = sums.get("discriminator", 0.0) + d_loss.detach().double()
             # Generator step: gradients flow through D into SR only, so D's parameters are frozen meanwhile.
             critic = _unwrap(discriminator).requires_grad_(False)
             with autocast:
@@ -321,25 +321,26 @@ def train(
                 for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
                     ema_buffer.copy_(buffer)
 
-        sums["total"] = sums.get("total", 0.0) + loss.item()
+        sums["total"] = sums.get("total", 0.0) + loss.detach().double()
         for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + value.item()
+            sums[name] = sums.get(name, 0.0) + value.detach().double()
         window_patches += data.batch_size
         if step % training.eval_interval != 0 and step != training.steps:
             continue
 
         steps_in_window = step - (history[-1].step if history else first_step - 1)
+        names = sorted(sums)
+        totals = torch.stack([sums[name] for name in names])
         if world_size > 1 and dist.is_initialized():  # report losses averaged over every rank's patches
-            names = sorted(sums)
-            totals = torch.tensor([sums[name] for name in names], dtype=torch.float64, device=device)
             dist.all_reduce(totals)
-            sums = {name: value / world_size for name, value in zip(names, totals.tolist())}
+            totals /= world_size
+        window = dict(zip(names, totals.tolist()))
         scores, distances, preview = evaluate(eval_model, val_pairs, scale, vgg)
         now = time.perf_counter()
         result = EvalResult(
             step=step,
-            loss=sums.pop("total") / steps_in_window,
-            losses={name: value / steps_in_window for name, value in sums.items()},
+            loss=window.pop("total") / steps_in_window,
+            losses={name: value / steps_in_window for name, value in window.items()},
             lr=optimizer.param_groups[0]["lr"],
             vgg=distances,
             patches_per_second=window_patches / (now - window_start),

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sr_tune.checkpoint import save_checkpoint
+from sr_tune.checkpoint import load_checkpoint, save_checkpoint
 from sr_tune.config import load_config
 from sr_tune.data.degrade import imresize
 from sr_tune.data.sources import skimage_photo
@@ -63,14 +63,8 @@ def test_upscale_command_writes_every_image(tmp_path: Path):
     # Tiles of 64 give what one whole-image pass gives (up to 8-bit rounding).
     image = skimage_photo("coffee")[:, :123, :301]
     expected = Upscaler(create_model("fsrcnn_s", scale=2, in_channels=1), scale=2, color="y", tile=1000)
-    expected.model.load_state_dict(_weights(checkpoint))
+    expected.model.load_state_dict(load_checkpoint(checkpoint).model_state)
     assert np.abs(expected.rgb(image).permute(1, 2, 0).numpy().astype(int) - coffee.astype(int)).max() <= 1
-
-
-def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    from sr_tune.checkpoint import load_checkpoint
-
-    return load_checkpoint(checkpoint).model_state
 
 
 def test_eval_command_prints_the_paper_table(tmp_path: Path):
