@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -65,6 +66,44 @@ def cmd_train(args: argparse.Namespace) -> int:
         uri = resolve_tracking_uri(config.tracking.tracking_uri)
         print(f"MLflow run {result.run_id}; browse with: mlflow ui --backend-store-uri {uri}")
     return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from sr_tune.study import load_study
+    from sr_tune.sweep import run_sweep
+
+    study = load_study(args.study)
+    print(f"study {study.name}: {len(study.search)} searched parameter(s), sampler {study.sampler.name}, "
+          f"scheduler {study.scheduler.name}, {study.budget.num_samples} trial(s) of up to "
+          f"{study.budget.max_steps} steps", flush=True)  # fmt: skip
+    result = run_sweep(study, resume=args.resume)
+    print(sweep_table(result, top=args.top))
+    for warning in result.warnings:
+        print(f"warning: {warning}")
+    if result.parent_run_id:
+        from sr_tune.tracking import resolve_tracking_uri
+
+        uri = resolve_tracking_uri(study.base_config().tracking.tracking_uri)
+        registered = f"; best model registered as sr_tune-{study.name} v{result.model_version}" if result.model_version else ""
+        print(f"MLflow parent run {result.parent_run_id}{registered}")
+        print(f"browse with: mlflow ui --backend-store-uri {uri}")
+    return 0
+
+
+def sweep_table(result: Any, top: int = 5) -> str:
+    """The best trials: objective, PSNR gain over bicubic, data seen and the searched values."""
+    metric = result.study.objective.metric
+    keys = [d.key for d in result.study.search]
+    header = f"{'rank':<5}{'trial':<14}{metric:>11}{'vs bicubic':>12}{'patches':>10}  " + "  ".join(keys)
+    lines = [f"best {min(top, len(result.trials))} of {len(result.trials)} trial(s) of {result.study.name}:", header]
+    for rank, trial in enumerate(result.trials[:top], 1):
+        value, gain = trial.best.get(metric, float("nan")), trial.best.get("psnr_gain", float("nan"))
+        values = "  ".join(f"{trial.params[k]:.4g}" if isinstance(trial.params[k], float) else str(trial.params[k])
+                           for k in keys)  # fmt: skip
+        status = " (stopped early)" if trial.stopped_early else (" (failed)" if trial.error else "")
+        lines.append(f"{rank:<5}{trial.trial_id:<14}{value:>11.4f}{gain:>+9.2f} dB{trial.patches_seen:>10,}  "
+                     f"{values}{status}")  # fmt: skip
+    return "\n".join(lines)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -163,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     train.set_defaults(run=cmd_train)
 
+    tune = sub.add_parser("tune", help="run a hyperparameter sweep from a study file (Ray Tune, logged to MLflow)")
+    tune.add_argument("study", help="YAML study, e.g. search_spaces/quickstart.yaml")
+    tune.add_argument("--resume", action="store_true", help="continue the study's interrupted sweep")
+    tune.add_argument("--top", type=int, default=5, help="trials in the closing table (default 5)")
+    tune.set_defaults(run=cmd_tune)
+
     evaluate = sub.add_parser("eval", help="PSNR/SSIM-Y of a checkpoint vs bicubic on benchmark folders")
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint folder")
     evaluate.add_argument("--data", nargs="+", required=True, help="image folders (HR/ + LR_bicubic/ layouts too)")
@@ -199,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"sr-tune: invalid configuration: {error}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"sr-tune: {error}", file=sys.stderr)
         return 2
     except FloatingPointError as error:

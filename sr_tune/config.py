@@ -405,32 +405,47 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
-    """Apply ``section.key=value`` overrides (values parsed as YAML) to a nested dict copy.
+def with_values(data: Mapping[str, Any], values: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Set dotted keys (``{"optimizer.lr": 1e-3}``) in a nested dict copy.
 
-    Returns the new dict and the problems with malformed overrides.
+    Returns the new dict and the problems (a key that is not dotted, or a parent that is not a section).
     """
     result = _plain(dict(data))
     problems = []
-    for override in overrides:
-        key, sep, raw = override.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
-            problems.append(f"override {override!r}: expected section.key=value")
+    for key, value in values.items():
+        if not key or any(not part for part in key.split(".")):
+            problems.append(f"{key!r}: expected section.key")
             continue
         *parents, leaf = key.split(".")
         node = result
         for part in parents:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                problems.append(f"override {override!r}: {part!r} is not a section")
+                problems.append(f"{key}: {part!r} is not a section")
                 break
             node = child
         else:
-            try:
-                node[leaf] = yaml.safe_load(raw) if raw else ""
-            except yaml.YAMLError:
-                node[leaf] = raw
+            node[leaf] = _plain(value)
     return result, problems
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a nested dict copy.
+
+    Returns the new dict and the problems with malformed overrides.
+    """
+    values, problems = {}, []
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append(f"override {override!r}: expected section.key=value")
+            continue
+        try:
+            values[key] = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            values[key] = raw
+    result, value_problems = with_values(data, values)
+    return result, problems + [f"override {p}" for p in value_problems]
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:

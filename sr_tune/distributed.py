@@ -10,6 +10,7 @@ this process, which is what quick runs and tests use.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 import tempfile
@@ -62,26 +63,42 @@ def progress_line(result: EvalResult, total_steps: int) -> str:
 
 
 def _worker(loop_config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker (or in-process in local mode)."""
+    """Runs on every Ray Train worker (or in-process in local mode).
+
+    ``loop_config``: the config dict; ``checkpoint_dir`` for rank 0's ``last``/``best``; ``resume`` (continue
+    from ``checkpoint_dir/last``); ``start_checkpoint`` (a ``ray.train.Checkpoint`` to continue from, e.g. the
+    one a Tune trial was restored or exploited with); MLflow ``tags``, ``parent_run_id`` and ``run_id`` (a run
+    to continue, which wins over the one a checkpoint names); ``hyperparameters`` logged as ``hp/<key>``
+    metrics at each evaluation (PBT changes them mid-run); ``close_run`` (log curves, model and end the run);
+    ``quiet`` (no progress lines or Ray Train report logs: a sweep's console shows Tune's status instead).
+    """
     config = TrainConfig.from_dict(loop_config["config"])
+    quiet = loop_config.get("quiet", False)
+    if quiet:
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     checkpoint_dir = Path(loop_config["checkpoint_dir"])
 
     resume = None
-    if (reported := ray.train.get_checkpoint()) is not None:  # restarted after a failure, or a resumed run
-        with reported.as_directory() as folder:
+    start = ray.train.get_checkpoint() or loop_config.get("start_checkpoint")  # Train's own first: it is newer
+    if start is not None:
+        with start.as_directory() as folder:
             resume = load_checkpoint(folder)
     elif loop_config["resume"] and (checkpoint_dir / "last").is_dir():
         resume = load_checkpoint(checkpoint_dir / "last")
+    run_id = loop_config.get("run_id") or (resume.state.get("mlflow_run_id") if resume else None)
     tracker = open_tracker(config, rank, tags=loop_config["tags"], parent_run_id=loop_config["parent_run_id"],
-                           run_id=resume.state.get("mlflow_run_id") if resume else None)  # fmt: skip
+                           run_id=run_id)  # fmt: skip
+    hyperparameters = {f"hp/{key}": float(value) for key, value in loop_config.get("hyperparameters", {}).items()
+                       if isinstance(value, (int, float))}  # fmt: skip
 
     def report(result: EvalResult, checkpoint: Path | None) -> None:
-        tracker.log_eval(result)
-        if rank == 0:
+        tracker.log_eval(result, hyperparameters)
+        if rank == 0 and not quiet:
             print(progress_line(result, config.training.steps), flush=True)
-        metrics = {"step": result.step, **result.metrics()}
+        patches_seen = result.step * config.data.batch_size * world_size
+        metrics = {"step": result.step, "patches_seen": patches_seen, **result.metrics(), **hyperparameters}
         if checkpoint is None:
             ray.train.report(metrics)
             return
@@ -95,8 +112,50 @@ def _worker(loop_config: dict[str, Any]) -> None:
         device=ray.train.torch.get_device(), rank=rank, world_size=world_size,
         extra_state={"mlflow_run_id": tracker.run_id},
     )  # fmt: skip
-    best_model = load_checkpoint(result.best_checkpoint).build_model() if result.best_checkpoint else None
-    tracker.finish(result, best_model)
+    if loop_config.get("close_run", True):
+        best_model = load_checkpoint(result.best_checkpoint).build_model() if result.best_checkpoint else None
+        tracker.finish(result, best_model)
+
+
+def build_trainer(
+    config: TrainConfig,
+    *,
+    name: str,
+    storage_path: str,
+    loop_config: dict[str, Any],
+    driver_cpus: float = 0.0,
+    callbacks: list[Any] | None = None,
+    checkpoint_config: CheckpointConfig | None = None,
+) -> TorchTrainer:
+    """A ``TorchTrainer`` running ``_worker`` over ``config.distributed.num_workers`` workers.
+
+    ``driver_cpus``: what the calling process itself reserves (a Tune trial's driver); it is taken off the
+    workers' requests so that one run asks for exactly ``num_workers * cpus_per_worker`` CPUs in all.
+    ``checkpoint_config`` defaults to keeping ``distributed.keep_checkpoints``, best by ``val_psnr``.
+    """
+    dist = config.distributed
+    worker_cpus = dist.cpus_per_worker - driver_cpus / max(dist.num_workers, 1)
+    return TorchTrainer(
+        _worker,
+        train_loop_config={"config": config.to_dict(), **loop_config},
+        torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=dist.num_workers, use_gpu=dist.use_gpu,
+                                     resources_per_worker={"CPU": worker_cpus, **({"GPU": 1} if dist.use_gpu else {})}),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=dist.max_failures),
+            checkpoint_config=checkpoint_config or CheckpointConfig(
+                num_to_keep=dist.keep_checkpoints, checkpoint_score_attribute="val_psnr", checkpoint_score_order="max"),
+            callbacks=callbacks,
+        ),
+    )  # fmt: skip
+
+
+def with_absolute_tracking_uri(config: TrainConfig) -> TrainConfig:
+    """The config with its tracking URI resolved (absolute SQLite path), for workers in other folders."""
+    uri = resolve_tracking_uri(config.tracking.tracking_uri)
+    return dataclasses.replace(config, tracking=dataclasses.replace(config.tracking, tracking_uri=uri))
 
 
 def fit(
@@ -110,30 +169,16 @@ def fit(
     """Train ``config`` through Ray Train and return what rank 0 reported."""
     dist = config.distributed
     name = run_name(config)
-    tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri)  # absolute, for workers in other folders
-    config = dataclasses.replace(config, tracking=dataclasses.replace(config.tracking, tracking_uri=tracking_uri))
+    config = with_absolute_tracking_uri(config)
     output = Path(config.training.output_dir).resolve() / name
     storage = dist.storage_path or str(Path(config.training.output_dir).resolve() / "ray")
     if config.tracking.enabled:
         prepare_experiment(config)
     if dist.num_workers > 0:
         init_ray()
-    trainer = TorchTrainer(
-        _worker,
-        train_loop_config={"config": config.to_dict(), "checkpoint_dir": str(output), "resume": resume,
-                           "tags": {**run_tags(config_path), **(tags or {})}, "parent_run_id": parent_run_id},
-        torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=dist.num_workers, use_gpu=dist.use_gpu,
-                                     resources_per_worker={"CPU": dist.cpus_per_worker,
-                                                           **({"GPU": 1} if dist.use_gpu else {})}),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=dist.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=dist.keep_checkpoints, checkpoint_score_attribute="val_psnr",
-                                               checkpoint_score_order="max"),
-        ),
-    )  # fmt: skip
+    trainer = build_trainer(config, name=name, storage_path=storage, loop_config={
+        "checkpoint_dir": str(output), "resume": resume, "tags": {**run_tags(config_path), **(tags or {})},
+        "parent_run_id": parent_run_id})  # fmt: skip
     result = trainer.fit()
     if dist.num_workers == 0:  # local mode persists nothing to storage: the run's own folder holds it
         checkpoint, best = str(output / "last"), []

@@ -135,6 +135,17 @@ def lr_factor(config: OptimizerConfig, step: int, total_steps: int) -> float:
     return warmup
 
 
+def _restore_state_keep_settings(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                                 meta: dict[str, Any]) -> None:  # fmt: skip
+    """Moments and step counts from the checkpoint; lr, L2, momentum and betas from this run's config. A plain
+    resume has the same settings either way; a run resumed under new ones (PBT's exploit and explore) must
+    train with the new ones."""
+    settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    restore_optimizer(optimizer, tensors, meta)
+    for group, fresh in zip(optimizer.param_groups, settings):
+        group.update(fresh)
+
+
 def load_initial_weights(model: nn.Module, path: str | Path, reinit: Sequence[str] = ()) -> list[str]:
     """Load checkpoint ``path``'s weights into ``model`` for fine-tuning; return the names left as initialised.
 
@@ -253,12 +264,13 @@ def train(
     first_step = 1
     if resume is not None:
         model.load_state_dict(resume.group("model"))
-        restore_optimizer(optimizer, resume.group("optimizer"), resume.state["optimizers"]["optimizer"])
+        _restore_state_keep_settings(optimizer, resume.group("optimizer"), resume.state["optimizers"]["optimizer"])
         if ema is not None:
             ema.load_state_dict(resume.group("ema"))
         if discriminator is not None and d_optimizer is not None:
             discriminator.load_state_dict(resume.group("discriminator"))
-            restore_optimizer(d_optimizer, resume.group("d_optimizer"), resume.state["optimizers"]["d_optimizer"])
+            _restore_state_keep_settings(d_optimizer, resume.group("d_optimizer"),
+                                         resume.state["optimizers"]["d_optimizer"])
         torch.set_rng_state(resume.group("rng")["torch"])
         history = [EvalResult(**entry) for entry in resume.state["history"]]
         first_step = resume.step + 1

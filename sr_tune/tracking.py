@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,7 @@ class NullTracker:
 
     run_id: str | None = None
 
-    def log_eval(self, result: EvalResult) -> None:
+    def log_eval(self, result: EvalResult, extra: dict[str, float] | None = None) -> None:
         pass
 
     def finish(self, result: TrainResult, model: torch.nn.Module | None = None) -> None:
@@ -102,10 +103,11 @@ class MlflowTracker:
         if run_id is None:
             mlflow.log_params(flatten(config.to_dict()))
 
-    def log_eval(self, result: EvalResult) -> None:
+    def log_eval(self, result: EvalResult, extra: dict[str, float] | None = None) -> None:
+        """The evaluation's metrics (plus ``extra`` ones) at its step, and its image grid."""
         from sr_tune.visualize import preview_grid
 
-        self.mlflow.log_metrics(result.metrics(), step=result.step)
+        self.mlflow.log_metrics({**result.metrics(), **(extra or {})}, step=result.step)
         if result.preview is not None:
             self.mlflow.log_image(preview_grid(result.preview), f"grids/step_{result.step:07d}.png")
 
@@ -133,3 +135,112 @@ def open_tracker(config: TrainConfig, rank: int, **options: Any) -> MlflowTracke
     if rank != 0 or not config.tracking.enabled:
         return NullTracker()
     return MlflowTracker(config, **options)
+
+
+# Sweeps: one parent run per study, one nested run per Tune trial. The sweep process writes through
+# ``MlflowClient`` with explicit run ids (no process-global active run); each trial's rank-0 worker logs
+# its metrics and grids into the nested run the trial driver found or created.
+
+TRIAL_TAG = "sr_tune.trial_id"
+
+
+def _client(config: TrainConfig) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=resolve_tracking_uri(config.tracking.tracking_uri))
+
+
+def _experiment_id(config: TrainConfig) -> str:
+    prepare_experiment(config)
+    return _client(config).get_experiment_by_name(config.tracking.experiment).experiment_id
+
+
+def start_parent_run(config: TrainConfig, *, name: str, tags: dict[str, str], params: dict[str, Any],
+                     files: dict[str, str]) -> str:  # fmt: skip
+    """Create the sweep's parent run with its tags, params and text artifacts (``{artifact path: text}``)."""
+    from mlflow.entities import Param
+
+    client = _client(config)
+    run = client.create_run(_experiment_id(config), run_name=name, tags=tags)
+    client.log_batch(run.info.run_id, params=[Param(key, str(value)) for key, value in params.items()])
+    for artifact_file, text in files.items():
+        client.log_text(run.info.run_id, text, artifact_file)
+    return run.info.run_id
+
+
+def trial_run(config: TrainConfig, *, parent_run_id: str, trial_id: str, name: str, tags: dict[str, str]) -> str:
+    """The nested run of Tune trial ``trial_id``: found by its tag when the trial ran before (a resumed sweep,
+    a PBT restart), else created with the trial's config as params."""
+    from mlflow.entities import Param
+
+    client = _client(config)
+    experiment_id = _experiment_id(config)
+    found = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                                                              f"tags.`{TRIAL_TAG}` = '{trial_id}'")  # fmt: skip
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=name,
+                            tags={**tags, "mlflow.parentRunId": parent_run_id, TRIAL_TAG: trial_id})  # fmt: skip
+    params = [Param(key, str(value)) for key, value in flatten(config.to_dict()).items()]
+    for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run.info.run_id, params=params[start : start + 100])
+    return run.info.run_id
+
+
+def trial_runs(config: TrainConfig, parent_run_id: str) -> dict[str, Any]:
+    """{trial id: run} for every nested run of a sweep."""
+    client = _client(config)
+    runs = client.search_runs([_experiment_id(config)], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return {run.data.tags[TRIAL_TAG]: run for run in runs if TRIAL_TAG in run.data.tags}
+
+
+def close_trial_run(config: TrainConfig, run_id: str, *, history: list[EvalResult], best_checkpoint: str | None,
+                    tags: dict[str, str], failed: bool = False) -> None:  # fmt: skip
+    """Curves, the trial's best checkpoint and closing tags; then the run is ended (stopped trials' workers
+    were killed before they could end it)."""
+    import matplotlib.pyplot as plt
+
+    from sr_tune.visualize import curves_figure
+
+    client = _client(config)
+    if history:
+        figure = curves_figure(history)
+        client.log_figure(run_id, figure, "curves.png")
+        plt.close(figure)
+    if best_checkpoint is not None:
+        client.log_artifacts(run_id, best_checkpoint, "best_checkpoint")
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
+def log_sweep_summary(config: TrainConfig, run_id: str, *, params: dict[str, Any], metrics: dict[str, float],
+                      files: dict[str, str], figures: dict[str, Any], tags: dict[str, str]) -> None:  # fmt: skip
+    """The best trial's params and metrics, the results table and plots on the parent run."""
+    import matplotlib.pyplot as plt
+    from mlflow.entities import Metric, Param
+
+    client = _client(config)
+    existing = client.get_run(run_id).data.params
+    new_params = [Param(key, str(value)) for key, value in params.items() if key not in existing]
+    client.log_batch(run_id, params=new_params,
+                     metrics=[Metric(key, float(value), int(time.time() * 1000), 0) for key, value in metrics.items()])  # fmt: skip
+    for artifact_file, text in files.items():
+        client.log_text(run_id, text, artifact_file)
+    for artifact_file, figure in figures.items():
+        client.log_figure(run_id, figure, artifact_file)
+        plt.close(figure)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
+def register_model(config: TrainConfig, run_id: str, model: torch.nn.Module, registered_name: str) -> str:
+    """Log ``model`` (pt2 export, 48x48 LR example) on run ``run_id`` and register it; returns the version."""
+    import mlflow
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(config.tracking.tracking_uri))
+    example = torch.rand(1, config.in_channels, 48, 48).numpy()
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(model.cpu().eval(), name="best_model", input_example=example,
+                                        serialization_format="pt2", registered_model_name=registered_name)  # fmt: skip
+    return str(info.registered_model_version)

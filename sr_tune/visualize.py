@@ -49,3 +49,39 @@ def curves_figure(history: Sequence[EvalResult]) -> Figure:
     psnr_axis.legend()
     figure.tight_layout()
     return figure
+
+
+def best_so_far_figure(points: Sequence[tuple[float, float]], metric: str, mode: str) -> Figure:
+    """Best objective so far against the patches the whole sweep has trained on, from (patches, value)
+    points in the order they were reported."""
+    best, xs, ys = None, [], []
+    for patches, value in points:
+        best = value if best is None else (max(best, value) if mode == "max" else min(best, value))
+        xs.append(patches)
+        ys.append(best)
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot(xs, ys, drawstyle="steps-post")
+    axis.set(xlabel="patches seen by the sweep", ylabel=f"best {metric} so far", title="sweep progress")
+    figure.tight_layout()
+    return figure
+
+
+def parameter_figure(key: str, values: Sequence[float], objectives: Sequence[float], metric: str,
+                     log: bool) -> Figure:  # fmt: skip
+    """One searched parameter against each trial's best objective."""
+    figure, axis = plt.subplots(figsize=(5, 4))
+    axis.scatter(values, objectives)
+    axis.set(xlabel=key, ylabel=f"trial's best {metric}", xscale="log" if log else "linear", title=key)
+    figure.tight_layout()
+    return figure
+
+
+def schedule_figure(key: str, schedules: dict[str, Sequence[tuple[float, float]]]) -> Figure:
+    """A hyperparameter against patches seen, one line per trial (how PBT moved it)."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for trial, points in schedules.items():
+        axis.plot([p for p, _ in points], [v for _, v in points], marker=".", drawstyle="steps-post", label=trial)
+    axis.set(xlabel="patches seen", ylabel=key, title=f"PBT schedule of {key}")
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    return figure
