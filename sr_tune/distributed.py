@@ -20,6 +20,7 @@ from typing import Any
 
 import ray
 import ray.train
+import torch
 import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -70,7 +71,10 @@ def _worker(loop_config: dict[str, Any]) -> None:
     one a Tune trial was restored or exploited with); MLflow ``tags``, ``parent_run_id`` and ``run_id`` (a run
     to continue, which wins over the one a checkpoint names); ``hyperparameters`` logged as ``hp/<key>``
     metrics at each evaluation (PBT changes them mid-run); ``close_run`` (log curves, model and end the run);
-    ``quiet`` (no progress lines or Ray Train report logs: a sweep's console shows Tune's status instead).
+    ``quiet`` (no progress lines or Ray Train report logs: a sweep's console shows Tune's status instead);
+    ``report_gate`` (a ``ray.util.queue.Queue``): after each report rank 0 waits for a token from a Tune trial's
+    driver, which sends one only when Tune lets the trial continue; when the driver is gone (the scheduler
+    stopped or paused the trial) every rank ends training there, so nothing is logged past what Tune saw.
     """
     config = TrainConfig.from_dict(loop_config["config"])
     quiet = loop_config.get("quiet", False)
@@ -93,19 +97,22 @@ def _worker(loop_config: dict[str, Any]) -> None:
     hyperparameters = {f"hp/{key}": float(value) for key, value in loop_config.get("hyperparameters", {}).items()
                        if isinstance(value, (int, float))}  # fmt: skip
 
-    def report(result: EvalResult, checkpoint: Path | None) -> None:
-        tracker.log_eval(result, hyperparameters)
+    gate = loop_config.get("report_gate")
+
+    def report(result: EvalResult, checkpoint: Path | None) -> bool:
+        patches_seen = result.step * config.data.batch_size * world_size
+        tracker.log_eval(result, {"patches_seen": patches_seen, **hyperparameters})
         if rank == 0 and not quiet:
             print(progress_line(result, config.training.steps), flush=True)
-        patches_seen = result.step * config.data.batch_size * world_size
         metrics = {"step": result.step, "patches_seen": patches_seen, **result.metrics(), **hyperparameters}
         if checkpoint is None:
             ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as staging:
-            # Report a copy: the engine rewrites `last` at its next evaluation.
-            copy = shutil.copytree(checkpoint, Path(staging) / checkpoint.name)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(copy)))
+        else:
+            with tempfile.TemporaryDirectory() as staging:
+                # Report a copy: the engine rewrites `last` at its next evaluation.
+                copy = shutil.copytree(checkpoint, Path(staging) / checkpoint.name)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(copy)))
+        return gate is not None and _gate_closed(gate, rank, world_size)
 
     result: TrainResult = train(
         config, on_eval=report, checkpoint_dir=checkpoint_dir if rank == 0 else None, resume=resume,
@@ -115,6 +122,19 @@ def _worker(loop_config: dict[str, Any]) -> None:
     if loop_config.get("close_run", True):
         best_model = load_checkpoint(result.best_checkpoint).build_model() if result.best_checkpoint else None
         tracker.finish(result, best_model)
+
+
+def _gate_closed(gate: Any, rank: int, world_size: int) -> bool:
+    """Rank 0 waits for the driver's go-ahead; the answer (continue or stop) is shared with every rank."""
+    stop = torch.zeros(1)
+    if rank == 0:
+        try:
+            gate.get()
+        except ray.exceptions.RayActorError:  # the driver (and the queue it owned) is gone
+            stop.fill_(1)
+    if world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.broadcast(stop, src=0)
+    return bool(stop.item())
 
 
 def build_trainer(

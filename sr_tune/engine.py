@@ -214,7 +214,7 @@ def _raise_if_not_finite(step: int, terms: dict[str, torch.Tensor]) -> None:
 def train(
     config: TrainConfig,
     *,
-    on_eval: Callable[[EvalResult, Path | None], None] = lambda result, checkpoint: None,
+    on_eval: Callable[[EvalResult, Path | None], bool | None] = lambda result, checkpoint: None,
     checkpoint_dir: Path | None = None,
     resume: Checkpoint | None = None,
     device: torch.device | None = None,
@@ -225,8 +225,8 @@ def train(
     """Train ``config``'s model, from scratch, from ``training.init_from`` weights, or resuming ``resume``.
 
     Every ``eval_interval`` steps (and at the end) it evaluates, writes ``checkpoint_dir/last`` (and
-    ``best`` when validation PSNR improved) on rank 0, then calls ``on_eval(result, last_or_None)``.
-    ``extra_state`` (JSON) is stored in each ``last`` checkpoint, e.g. the tracking run to continue.
+    ``best`` when validation PSNR improved) on rank 0, then calls ``on_eval(result, last_or_None)``; a true
+    return value ends training there (every rank must return the same). ``extra_state`` (JSON) is stored in each ``last`` checkpoint, e.g. the tracking run to continue.
     """
     data, training, scale, loss_config = config.data, config.training, config.model.scale, config.loss
     device = device or resolve_device(training.device)
@@ -374,7 +374,8 @@ def train(
                 best_path = save_checkpoint(Path(checkpoint_dir) / "best", model=eval_model, config=config,
                                             step=step, metrics=result.metrics())  # fmt: skip
         best_psnr = max(best_psnr, result.psnr)
-        on_eval(result, last_path if rank == 0 else None)
+        if on_eval(result, last_path if rank == 0 else None):  # the caller stops the run (e.g. a sweep's scheduler)
+            break
         sums, window_start, window_patches = {}, time.perf_counter(), 0
 
     if checkpoint_dir is not None and best_path is None and (Path(checkpoint_dir) / "best").is_dir():

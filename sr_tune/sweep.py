@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -53,7 +54,6 @@ from sr_tune.tracking import (
 )
 
 DRIVER_CPUS = 0.05  # a trial's driver only waits on its workers; they get the rest of the trial's CPUs
-REPORT_TIMEOUT_S = 3600.0  # how long a Train report waits for Tune to take its checkpoint
 
 
 @dataclass(frozen=True)
@@ -88,16 +88,15 @@ class TrialContext:
 
 class _ReportBridge(UserCallback):
     """Runs in the Train controller: passes each rank-0 report and its persisted checkpoint to the trial
-    driver, then waits until the driver has reported it to Tune (which copies the checkpoint), so Train may
-    delete it afterwards."""
+    driver. Rank 0 then waits at the report gate until the driver has reported to Tune (which copies the
+    checkpoint) and Tune lets the trial go on, so Train deletes no checkpoint Tune has not taken."""
 
-    def __init__(self, reports: Queue, taken: Queue) -> None:
-        self.reports, self.taken = reports, taken
+    def __init__(self, reports: Queue) -> None:
+        self.reports = reports
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         try:
             self.reports.put(("report", metrics[0], checkpoint))
-            self.taken.get(timeout=REPORT_TIMEOUT_S)
         except ray.exceptions.RayActorError:
             pass  # the scheduler stopped the trial: its driver, queues and this run are going away
 
@@ -124,14 +123,14 @@ def _trial(params: dict[str, Any], context: TrialContext) -> None:
                            name=f"{study.name}-{trial_id}", tags=context.tags)  # fmt: skip
 
     start = tune.get_checkpoint()
-    reports = Queue(actor_options={"num_cpus": 0})
-    taken = Queue(actor_options={"num_cpus": 0})
+    reports = Queue(actor_options={"num_cpus": 0})  # Train controller -> driver: (kind, metrics, checkpoint)
+    gate = Queue(actor_options={"num_cpus": 0})  # driver -> rank 0: Tune took the report, go on
     trainer = build_trainer(
         config, name=_train_run_name(trial_id, start), storage_path=str(paths.train_storage),
         loop_config={"checkpoint_dir": str(paths.runs / trial_id), "resume": False, "start_checkpoint": start,
                      "tags": context.tags, "parent_run_id": context.parent_run_id, "run_id": run_id,
-                     "hyperparameters": sampled, "close_run": False, "quiet": True},
-        driver_cpus=DRIVER_CPUS, callbacks=[_ReportBridge(reports, taken)],
+                     "hyperparameters": sampled, "close_run": False, "quiet": True, "report_gate": gate},
+        driver_cpus=DRIVER_CPUS, callbacks=[_ReportBridge(reports)],
         checkpoint_config=CheckpointConfig(num_to_keep=1),  # Tune keeps the trial's best; Train only the latest
     )  # fmt: skip
 
@@ -150,8 +149,10 @@ def _trial(params: dict[str, Any], context: TrialContext) -> None:
         if kind == "error":
             raise payload
         held = tune.Checkpoint(path=checkpoint.path, filesystem=checkpoint.filesystem) if checkpoint else None
+        # Returns only once Tune has copied the checkpoint and its scheduler lets the trial continue; a
+        # stopped or paused trial never gets here, and its workers find the gate gone.
         tune.report({**payload, "mlflow_run_id": run_id or ""}, checkpoint=held)
-        taken.put(True)
+        gate.put(True)
 
 
 def _trial_name(trial: Any) -> str:
@@ -286,6 +287,18 @@ def _summaries(study: Study, grid: Any) -> list[TrialSummary]:
     return sorted(summaries, key=lambda s: sign * s.best.get(objective.metric, -sign * math.inf))
 
 
+def _prune_checkpoints(study: Study, grid: Any) -> None:
+    """Keep each trial's best ``keep_checkpoints`` by the objective, and its latest."""
+    metric, keep = study.objective.metric, study.keep_checkpoints
+    for result in grid:
+        scored = [(c, m) for c, m in (result.best_checkpoints or []) if metric in m]
+        scored.sort(key=lambda item: item[1][metric], reverse=study.objective.mode == "max")
+        kept = {c.path for c, _ in scored[:keep]} | ({result.checkpoint.path} if result.checkpoint else set())
+        for checkpoint, _ in scored[keep:]:
+            if checkpoint.path not in kept:
+                shutil.rmtree(checkpoint.path, ignore_errors=True)
+
+
 def edge_warnings(study: Study, best: TrialSummary) -> list[str]:
     """A line per searched parameter whose best value lies in the outer 10% of its range."""
     warnings = []
@@ -396,14 +409,18 @@ def run_sweep(study: Study, *, resume: bool = False, tags: dict[str, str] | None
                 trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(
                 name=study.name, storage_path=str(paths.root), verbose=1,
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=study.keep_checkpoints,
-                                                        checkpoint_score_attribute=objective.metric,
-                                                        checkpoint_score_order=objective.mode),
+                # PBT clones a trial from whatever checkpoint it had when the decision was made, and the
+                # clone restores seconds later: nothing may be deleted meanwhile. Pruned after the sweep.
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=None if study.scheduler.name == "pbt" else study.keep_checkpoints,
+                    checkpoint_score_attribute=objective.metric, checkpoint_score_order=objective.mode),
                 failure_config=tune.FailureConfig(max_failures=base.distributed.max_failures)),
         )  # fmt: skip
     grid = tuner.fit()
 
     summaries = _summaries(study, grid)
+    if study.scheduler.name == "pbt":
+        _prune_checkpoints(study, grid)
     scored = [s for s in summaries if study.objective.metric in s.best]
     warnings = edge_warnings(study, scored[0]) if scored else []
     version = None

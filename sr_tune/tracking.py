@@ -57,17 +57,20 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def run_tags(config_path: str | None = None) -> dict[str, str]:
-    """Git commit of the working tree (when there is one), the command line and the config file."""
+    """The command line, the config file and the git commit: of the config's repository, else of the
+    checkout sr_tune runs from (an editable install), when either is one."""
     tags = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
     if config_path:
         tags["config_path"] = str(config_path)
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(config_path).parent if config_path else None)  # fmt: skip
+    folders = [Path(config_path).resolve().parent] if config_path else []
+    for folder in [*folders, Path(__file__).resolve().parent]:
+        try:
+            sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=folder)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
         if sha.returncode == 0:
             tags["git_sha"] = sha.stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        pass
+            break
     return tags
 
 
