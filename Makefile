@@ -1,5 +1,6 @@
 # Two commands for a fresh machine with Python 3.11, git and make:
-#   make run    set everything up, then the main job (models + a tiny training run)
+#   make run    set everything up, then the main job: the quickstart sweep (--resume: a second run shows
+#               the finished sweep again instead of refusing to overwrite it)
 #   make test   set everything up, then the test suite
 PYTHON ?= python3.11
 VENV := .venv
@@ -17,11 +18,10 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/sr-tune models
-	$(BIN)/sr-tune train configs/smoke.yaml
+	$(BIN)/sr-tune tune search_spaces/quickstart.yaml --resume
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 tests
 
 clean:
-	rm -rf $(VENV) runs mlflow.db .pytest_cache
+	rm -rf $(VENV) runs mlflow.db optuna.db .pytest_cache

@@ -44,9 +44,11 @@ from sr_tune.engine import EvalResult
 from sr_tune.study import Distribution, Study
 from sr_tune.tracking import (
     close_trial_run,
+    end_run,
     log_sweep_summary,
     register_model,
     resolve_tracking_uri,
+    run_status,
     run_tags,
     start_parent_run,
     trial_run,
@@ -424,7 +426,8 @@ def run_sweep(study: Study, *, resume: bool = False, tags: dict[str, str] | None
     scored = [s for s in summaries if study.objective.metric in s.best]
     warnings = edge_warnings(study, scored[0]) if scored else []
     version = None
-    if tracking and parent_run_id:
+    # A finished sweep resumed again (a second `make run`) only shows its results: nothing is logged twice.
+    if tracking and parent_run_id and run_status(base, parent_run_id) != "FINISHED":
         _close_runs(study, base, parent_run_id, summaries)
         files, figures = _summary_artifacts(study, grid, summaries)
         best = scored[0] if scored else None
@@ -442,5 +445,6 @@ def run_sweep(study: Study, *, resume: bool = False, tags: dict[str, str] | None
         if best and best.best_checkpoint:
             model = load_checkpoint(best.best_checkpoint).build_model()
             version = register_model(base, parent_run_id, model, registered_name=f"sr_tune-{study.name}")
+        end_run(base, parent_run_id)
     return SweepResult(study=study, trials=summaries, parent_run_id=parent_run_id, model_version=version,
                        warnings=warnings, experiment=paths.experiment)  # fmt: skip

@@ -247,3 +247,11 @@ def register_model(config: TrainConfig, run_id: str, model: torch.nn.Module, reg
         info = mlflow.pytorch.log_model(model.cpu().eval(), name="best_model", input_example=example,
                                         serialization_format="pt2", registered_model_name=registered_name)  # fmt: skip
     return str(info.registered_model_version)
+
+
+def run_status(config: TrainConfig, run_id: str) -> str:
+    return _client(config).get_run(run_id).info.status
+
+
+def end_run(config: TrainConfig, run_id: str) -> None:
+    _client(config).set_terminated(run_id, status="FINISHED")

@@ -78,6 +78,23 @@ def test_resume_after_a_stop_continues_exactly(tmp_path: Path):
     assert [r.psnr for r in resumed] == [r.psnr for r in uninterrupted]
 
 
+def test_on_eval_can_stop_a_run_and_a_resume_takes_new_hyperparameters_keeping_the_state(tmp_path: Path):
+    """What PBT needs: stop at an evaluation; continue from that state under a new lr and L2."""
+    overrides = [*QUICK, "training.steps=30", "training.eval_interval=10", "optimizer.lr=1e-3"]
+    stopped = train(load_config(REPO / "configs" / "smoke.yaml", overrides), checkpoint_dir=tmp_path,
+                    on_eval=lambda result, checkpoint: result.step == 10)  # fmt: skip
+    assert [r.step for r in stopped.history] == [10]
+    checkpoint = load_checkpoint(tmp_path / "last")
+    explored = load_config(REPO / "configs" / "smoke.yaml", [*overrides, "optimizer.lr=3e-4", "optimizer.weight_decay=1e-5"])
+    resumed = train(explored, resume=checkpoint)
+    assert [r.step for r in resumed.history] == [10, 20, 30]
+    assert resumed.history[0] == stopped.history[0]  # the inherited history
+    assert resumed.history[1].lr == pytest.approx(3e-4)  # not the checkpoint's 1e-3
+    # The Adam moments came from the checkpoint: a fresh optimizer at the new lr would train differently.
+    fresh = train(explored, resume=None)
+    assert resumed.history[1].loss != pytest.approx(fresh.history[1].loss, rel=1e-6)
+
+
 def test_init_from_fine_tunes_and_reports_layers_that_do_not_fit(tmp_path: Path):
     pretrain = load_config(None, [*QUICK, "model.name=espcn", "training.steps=60", "training.eval_interval=60"])
     trained = train(pretrain, checkpoint_dir=tmp_path / "x3")

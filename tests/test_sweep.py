@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -21,7 +22,8 @@ from mlflow.tracking import MlflowClient
 from sr_tune.checkpoint import load_checkpoint
 from sr_tune.distributed import init_ray
 from sr_tune.study import load_study
-from sr_tune.sweep import run_sweep
+from sr_tune.cli import main
+from sr_tune.sweep import TrialSummary, edge_warnings, max_concurrent_trials, run_sweep
 from sr_tune.tracking import TRIAL_TAG
 
 from .conftest import REPO
@@ -56,6 +58,38 @@ def mlflow_runs(tmp_path: Path) -> tuple[MlflowClient, list]:
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("sr_tune")
     return client, client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def test_concurrency_follows_the_cluster_and_bad_resources_are_named(tmp_path: Path, local_ray):
+    one_cpu = load_study(write_study(tmp_path, "name: c\nsearch: {optimizer.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}}"))
+    assert max_concurrent_trials(one_cpu) == 2  # 2 CPUs, 1 worker x 1 CPU per trial
+    two_workers = replace(one_cpu, resources=replace(one_cpu.resources, workers=2))
+    assert max_concurrent_trials(two_workers) == 1
+    capped = replace(one_cpu, budget=replace(one_cpu.budget, max_concurrent=1))
+    assert max_concurrent_trials(capped) == 1
+    with pytest.raises(ValueError, match="needs 1 worker"):
+        max_concurrent_trials(replace(one_cpu, resources=replace(one_cpu.resources, cpus_per_worker=3.0)))
+
+
+def test_a_best_value_near_the_edge_of_its_range_is_warned_about(tmp_path: Path):
+    study = load_study(write_study(tmp_path, """
+name: edges
+search:
+  optimizer.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}
+  data.augment_strength: {type: uniform, low: 0.0, high: 1.0}
+  data.batch_size: {type: choice, values: [8, 16]}
+"""))
+    best = TrialSummary(trial_id="t", params={"optimizer.lr": 9.5e-3, "data.augment_strength": 0.5, "data.batch_size": 8},
+                        best={}, patches_seen=0, stopped_early=False, error=None, run_id=None, best_checkpoint=None)  # fmt: skip
+    warnings = edge_warnings(study, best)
+    assert len(warnings) == 1 and warnings[0].startswith("optimizer.lr = 0.0095") and "high edge" in warnings[0]
+
+
+def test_a_bad_study_stops_the_tune_command_naming_the_file_and_key(tmp_path: Path, capsys):
+    path = write_study(tmp_path, "name: bad\nsearch: {optimizer.lrr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}}")
+    assert main(["tune", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert str(path) in error and "optimizer.lrr: unknown key" in error
 
 
 def test_tpe_asha_sweep_logs_a_parent_and_a_nested_run_per_trial_and_registers_the_best(tmp_path: Path, local_ray):
@@ -170,3 +204,68 @@ budget: {num_samples: 2, max_steps: 100}
 
 def _latest_checkpoint(trial_dir: Path) -> Path:
     return max(trial_dir.glob("checkpoint_*"))
+
+
+def _reports(trial_dir: Path) -> list[dict]:
+    lines = (trial_dir / "result.json").read_text().splitlines() if (trial_dir / "result.json").is_file() else []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials_or_duplicating_runs(tmp_path: Path):
+    path = write_study(tmp_path, """
+name: resumable
+search:
+  optimizer.lr: {type: loguniform, low: 3.0e-4, high: 3.0e-3}
+sampler: {name: random, seed: 0}
+scheduler: {name: none}
+budget: {num_samples: 4, max_steps: 120}
+""")
+    experiment = tmp_path / "runs" / "sweeps" / "resumable"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own, like a user's shell
+    command = [sys.executable, "-m", "sr_tune", "tune", str(path)]
+    driver = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    finished, in_flight = {}, set()
+    deadline = time.monotonic() + 400
+    try:
+        while time.monotonic() < deadline and not (finished and in_flight):
+            time.sleep(0.5)
+            for trial_dir in experiment.glob("trial_*"):
+                reports = _reports(trial_dir)
+                if reports and reports[-1]["step"] == 120:
+                    finished[trial_dir.name] = len(reports)
+                elif reports and any(trial_dir.glob("checkpoint_*")):
+                    in_flight.add(trial_dir.name)
+        assert finished and in_flight, "the sweep never had a finished and a running trial at once"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver, its local Ray and every trial, mid-flight
+        driver.wait()
+    in_flight -= set(finished)
+    interrupted = {name: max(r["step"] for r in _reports(experiment / name)) for name in in_flight}
+
+    resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "best 4 of 4 trial(s) of resumable" in resumed.stdout and "mlflow ui --backend-store-uri" in resumed.stdout
+
+    trial_dirs = sorted(experiment.glob("trial_*"))
+    assert len(trial_dirs) == 4
+    for name, count in finished.items():  # finished trials were kept, not trained again
+        assert len(_reports(experiment / name)) == count
+    for trial_dir in trial_dirs:
+        assert _reports(trial_dir)[-1]["step"] == 120
+    client, runs = mlflow_runs(tmp_path)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 4
+    assert {c.data.tags[TRIAL_TAG] for c in children} == {d.name.removeprefix("trial_") for d in trial_dirs}
+    for child in children:
+        assert child.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_psnr")]
+        assert set(steps) == {20, 40, 60, 80, 100, 120}
+        name = f"trial_{child.data.tags[TRIAL_TAG]}"
+        if name in interrupted:
+            # Continued from its last checkpoint in Tune: what it had reported was not trained again.
+            assert steps.count(20) == 1 and interrupted[name] >= 20
+            train_runs = tmp_path / "runs" / "sweeps" / "resumable.train"
+            assert list(train_runs.glob(f"{child.data.tags[TRIAL_TAG]}-from-*")), "not started from its checkpoint"
