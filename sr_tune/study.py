@@ -90,6 +90,7 @@ class Scheduler:
     perturbation_interval: int = 0  # PBT: steps between exploit/explore (0 = one evaluation interval)
     quantile_fraction: float = 0.25  # PBT: bottom fraction copies the top fraction
     resample_probability: float = 0.25  # PBT: chance to resample instead of perturbing by 0.8x/1.2x
+    synch: bool = False  # PBT: wait for the whole population at each interval (exploits on time, slower)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -47,7 +47,6 @@ from sr_tune.tracking import (
     end_run,
     log_sweep_summary,
     register_model,
-    resolve_tracking_uri,
     run_status,
     run_tags,
     start_parent_run,
@@ -70,7 +69,7 @@ class SweepPaths:
 
 def sweep_paths(study: Study, base: TrainConfig) -> SweepPaths:
     root = Path(base.training.output_dir).resolve() / "sweeps"
-    uri = resolve_tracking_uri(base.tracking.tracking_uri)
+    uri = base.tracking.tracking_uri  # resolved by the caller
     optuna_dir = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else root
     return SweepPaths(root=root, experiment=root / study.name, train_storage=root / f"{study.name}.train",
                       runs=root / f"{study.name}.runs", state=root / f"{study.name}.json",
@@ -200,7 +199,7 @@ def _search(study: Study, paths: SweepPaths, max_concurrent: int) -> tuple[Any, 
         scheduler = PopulationBasedTraining(
             time_attr="patches_seen", perturbation_interval=study.patches(settings.perturbation_interval or interval),
             hyperparam_mutations=space, quantile_fraction=settings.quantile_fraction,
-            resample_probability=settings.resample_probability)  # fmt: skip
+            resample_probability=settings.resample_probability, synch=settings.synch)  # fmt: skip
         return None, scheduler, space, study.budget.num_samples
 
     samplers = {

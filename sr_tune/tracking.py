@@ -21,10 +21,19 @@ from sr_tune.config import TrainConfig
 from sr_tune.engine import EvalResult, TrainResult
 
 
+# Read once, at import: ``mlflow.set_tracking_uri`` rewrites the variable in this process (for its child
+# processes), so reading it later would return whatever store was used last rather than the user's choice.
+_USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
 def resolve_tracking_uri(uri: str) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else ``uri``; relative SQLite paths made absolute, so workers started
-    in other folders write to the same file."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or uri
+    """The store to use, decided once where a run or sweep starts: ``MLFLOW_TRACKING_URI`` as the user set
+    it, else ``uri``; relative SQLite paths made absolute, so workers started in other folders write to
+    the same file. Everything downstream (workers, trials) uses the resolved URI as it is."""
+    return absolute_tracking_uri(_USER_TRACKING_URI or uri)
+
+
+def absolute_tracking_uri(uri: str) -> str:
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
         return prefix + str(Path(uri[len(prefix):]).resolve())
@@ -36,7 +45,7 @@ def prepare_experiment(config: TrainConfig) -> None:
     file) rather than under whatever folder a worker process happens to start in."""
     import mlflow
 
-    uri = resolve_tracking_uri(config.tracking.tracking_uri)
+    uri = absolute_tracking_uri(config.tracking.tracking_uri)
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(config.tracking.experiment) is None:
         location = None
@@ -94,7 +103,7 @@ class MlflowTracker:
         import mlflow
 
         self.mlflow, self.config = mlflow, config
-        mlflow.set_tracking_uri(resolve_tracking_uri(config.tracking.tracking_uri))
+        mlflow.set_tracking_uri(absolute_tracking_uri(config.tracking.tracking_uri))
         experiment = mlflow.set_experiment(config.tracking.experiment)
         run_name = config.tracking.run_name or f"{config.model.name}_x{config.model.scale}"
         all_tags = dict(tags or {})
@@ -150,7 +159,7 @@ TRIAL_TAG = "sr_tune.trial_id"
 def _client(config: TrainConfig) -> Any:
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=resolve_tracking_uri(config.tracking.tracking_uri))
+    return MlflowClient(tracking_uri=absolute_tracking_uri(config.tracking.tracking_uri))
 
 
 def _experiment_id(config: TrainConfig) -> str:
@@ -241,7 +250,7 @@ def register_model(config: TrainConfig, run_id: str, model: torch.nn.Module, reg
     """Log ``model`` (pt2 export, 48x48 LR example) on run ``run_id`` and register it; returns the version."""
     import mlflow
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(config.tracking.tracking_uri))
+    mlflow.set_tracking_uri(absolute_tracking_uri(config.tracking.tracking_uri))
     example = torch.rand(1, config.in_channels, 48, 48).numpy()
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(model.cpu().eval(), name="best_model", input_example=example,

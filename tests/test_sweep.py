@@ -164,7 +164,7 @@ search:
   optimizer.lr: {type: loguniform, low: 1.0e-5, high: 3.0e-2}
   data.augment_strength: {type: uniform, low: 0.0, high: 0.5}
 sampler: {name: random, seed: 3}
-scheduler: {name: pbt, perturbation_interval: 20, quantile_fraction: 0.5, resample_probability: 0.0}
+scheduler: {name: pbt, perturbation_interval: 40, quantile_fraction: 0.5, resample_probability: 0.0, synch: true}
 budget: {num_samples: 2, max_steps: 100}
 """))
     result = run_sweep(study)
@@ -221,7 +221,9 @@ scheduler: {name: none}
 budget: {num_samples: 4, max_steps: 120}
 """)
     experiment = tmp_path / "runs" / "sweeps" / "resumable"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own, like a user's shell
+    # A user's shell: a Ray of its own, and the store the study names (MLflow calls in this test process set
+    # MLFLOW_TRACKING_URI, which a child process would take as the user's choice).
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     command = [sys.executable, "-m", "sr_tune", "tune", str(path)]
     driver = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
