@@ -115,6 +115,7 @@ class Study:
     path: Path  # the study file
     text: str  # its contents, logged to MLflow as written
     base: Path  # the base training config
+    base_data: Mapping[str, Any]  # its contents, read once: trials on other cluster nodes need no file
     fixed: Mapping[str, Any]
     search: tuple[Distribution, ...]
     objective: Objective = field(default_factory=Objective)
@@ -130,8 +131,7 @@ class Study:
     def trial_config(self, sampled: Mapping[str, Any]) -> TrainConfig:
         """The base config with the fixed overrides, the sampled values, and the trial's length and
         evaluation interval rescaled to its batch size (same patches seen as the base batch size)."""
-        data = yaml.safe_load(self.base.read_text()) or {}
-        data, problems = with_values(data, {**self.fixed, **sampled})
+        data, problems = with_values(self.base_data, {**self.fixed, **sampled})
         config = _build_config(data, problems, str(self.path))
         base_batch = _base_batch(self)
         batch = config.data.batch_size  # rounded up, so every trial reaches each budget point
@@ -152,8 +152,7 @@ class Study:
 
 
 def _base_batch(study: Study) -> int:
-    data = yaml.safe_load(study.base.read_text()) or {}
-    data, problems = with_values(data, {k: v for k, v in study.fixed.items() if k == "data.batch_size"})
+    data, problems = with_values(study.base_data, {k: v for k, v in study.fixed.items() if k == "data.batch_size"})
     return _build_config(data, problems, str(study.path)).data.batch_size
 
 
@@ -192,6 +191,14 @@ def load_study(path: str | Path) -> Study:
     base = path.parent / str(raw.get("base", ""))
     if "base" in raw and not base.is_file():
         problems.append(f"base: {raw['base']!r} is not a file (resolved to {base})")
+    base_data: Any = {}
+    if "base" in raw and base.is_file():
+        try:
+            base_data = yaml.safe_load(base.read_text()) or {}
+        except yaml.YAMLError as error:
+            problems.append(f"base: {base} is not valid YAML: {error}")
+        if not isinstance(base_data, dict):
+            problems.append(f"base: {base} is not a mapping of config sections")
     keep = raw.get("keep_checkpoints", 2)
     if not isinstance(keep, int) or keep < 1:
         problems.append(f"keep_checkpoints: {keep!r} must be an integer >= 1")
@@ -199,7 +206,7 @@ def load_study(path: str | Path) -> Study:
         raise ConfigError(problems, str(path))
 
     study = Study(name=str(raw["name"]), description=str(raw.get("description", "")).strip(), path=path,
-                  text=text, base=base, fixed=fixed, search=search, keep_checkpoints=keep,
+                  text=text, base=base, base_data=base_data, fixed=fixed, search=search, keep_checkpoints=keep,
                   **{k: v for k, v in sections.items() if v is not None})  # fmt: skip
     problems = _study_problems(study)
     if problems:
