@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from sr_tune.data.sources import skimage_photo
 
@@ -65,3 +66,25 @@ def vgg_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.environ.pop("TORCH_HOME", None)
     else:
         os.environ["TORCH_HOME"] = previous
+
+
+def write_sweep_study(tmp_path: Path, body: str) -> Path:
+    """A tiny SRCNN study on the sample photographs, writing under ``tmp_path``."""
+    path = tmp_path / "study.yaml"
+    path.write_text(f"""
+base: {REPO / 'configs' / 'smoke.yaml'}
+fixed:
+  training.output_dir: {tmp_path / 'runs'}
+  tracking.tracking_uri: sqlite:///{tmp_path / 'mlflow.db'}
+  training.device: cpu
+  training.eval_interval: 20
+  data.batch_size: 8
+  data.val_crop: 48
+{body}""")
+    return path
+
+
+def mlflow_runs(tmp_path: Path) -> tuple[MlflowClient, list]:
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sr_tune")
+    return client, client.search_runs([experiment.experiment_id], max_results=1000)

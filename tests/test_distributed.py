@@ -17,6 +17,8 @@ from sr_tune.distributed import fit, init_ray
 
 from .conftest import REPO
 
+pytestmark = pytest.mark.xdist_group("ray")  # one Ray at a time: see tests/test_sweep.py
+
 
 @pytest.fixture(scope="module")
 def local_ray():
