@@ -21,7 +21,7 @@ run: $(STAMP)
 	$(BIN)/sr-tune tune search_spaces/quickstart.yaml --resume
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadgroup tests
+	$(BIN)/python -m pytest -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) runs mlflow.db optuna.db .pytest_cache

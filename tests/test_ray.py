@@ -1,0 +1,280 @@
+"""Everything that starts Ray, in one module so that one Ray instance runs at a time (xdist runs a file on
+one worker): Ray 2.60's PlacementGroupCleaner finds its cluster by auto-detection, which fails when two local
+Ray instances run on the machine, and then trials stopped early never free their workers' CPUs.
+
+Order matters: the killed-and-resumed sweep (subprocesses with a Ray of their own) runs first, before the
+module's in-process Ray starts; then Ray Train alone (2 gloo workers vs 1) and the sweeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+
+from sr_tune.checkpoint import load_checkpoint
+from sr_tune.config import load_config
+from sr_tune.distributed import fit, init_ray
+from sr_tune.study import load_study
+from sr_tune.sweep import max_concurrent_trials, run_sweep
+from sr_tune.tracking import TRIAL_TAG
+
+from .conftest import REPO, mlflow_runs, write_sweep_study as write_study
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def _reports(trial_dir: Path) -> list[dict]:
+    lines = (trial_dir / "result.json").read_text().splitlines() if (trial_dir / "result.json").is_file() else []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials_or_duplicating_runs(tmp_path: Path):
+    path = write_study(tmp_path, """
+name: resumable
+search:
+  optimizer.lr: {type: loguniform, low: 3.0e-4, high: 3.0e-3}
+sampler: {name: random, seed: 0}
+scheduler: {name: none}
+budget: {num_samples: 4, max_steps: 120}
+""")
+    experiment = tmp_path / "runs" / "sweeps" / "resumable"
+    # A user's shell: a Ray of its own, and the store the study names (MLflow calls in this test process set
+    # MLFLOW_TRACKING_URI, which a child process would take as the user's choice).
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    command = [sys.executable, "-m", "sr_tune", "tune", str(path)]
+    driver = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    finished, in_flight = {}, set()
+    deadline = time.monotonic() + 400
+    try:
+        while time.monotonic() < deadline and not (finished and in_flight):
+            time.sleep(0.5)
+            for trial_dir in experiment.glob("trial_*"):
+                reports = _reports(trial_dir)
+                if reports and reports[-1]["step"] == 120:
+                    finished[trial_dir.name] = len(reports)
+                elif reports and any(trial_dir.glob("checkpoint_*")):
+                    in_flight.add(trial_dir.name)
+        assert finished and in_flight, "the sweep never had a finished and a running trial at once"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver, its local Ray and every trial, mid-flight
+        driver.wait()
+    in_flight -= set(finished)
+    interrupted = {name: max(r["step"] for r in _reports(experiment / name)) for name in in_flight}
+
+    resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "best 4 of 4 trial(s) of resumable" in resumed.stdout and "mlflow ui --backend-store-uri" in resumed.stdout
+
+    trial_dirs = sorted(experiment.glob("trial_*"))
+    assert len(trial_dirs) == 4
+    for name, count in finished.items():  # finished trials were kept, not trained again
+        assert len(_reports(experiment / name)) == count
+    for trial_dir in trial_dirs:
+        assert _reports(trial_dir)[-1]["step"] == 120
+    client, runs = mlflow_runs(tmp_path)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 4
+    assert {c.data.tags[TRIAL_TAG] for c in children} == {d.name.removeprefix("trial_") for d in trial_dirs}
+    for child in children:
+        assert child.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_psnr")]
+        assert set(steps) == {20, 40, 60, 80, 100, 120}
+        name = f"trial_{child.data.tags[TRIAL_TAG]}"
+        if name in interrupted:
+            # Continued from its last checkpoint in Tune: what it had reported was not trained again.
+            assert steps.count(20) == 1 and interrupted[name] >= 20
+            train_runs = tmp_path / "runs" / "sweeps" / "resumable.train"
+            assert list(train_runs.glob(f"{child.data.tags[TRIAL_TAG]}-from-*")), "not started from its checkpoint"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def config(tmp_path: Path, *overrides: str):
+    return load_config(REPO / "configs" / "smoke.yaml", [
+        "training.steps=60", "training.eval_interval=30", "training.device=cpu", "data.val_crop=48",
+        f"training.output_dir={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "distributed.cpus_per_worker=1", *overrides,
+    ])  # fmt: skip
+
+
+def test_two_gloo_workers_match_one_worker_at_double_batch_and_log_to_mlflow(tmp_path: Path, local_ray):
+    two = fit(config(tmp_path, "distributed.num_workers=2", "data.batch_size=16", "tracking.run_name=two"))
+    one = fit(config(tmp_path, "distributed.num_workers=1", "data.batch_size=32", "tracking.run_name=one"))
+
+    # Same effective batch, same seed: the loss curves agree (different patches, so not bit for bit).
+    assert two.metrics["step"] == one.metrics["step"] == 60
+    assert two.metrics["loss"] == pytest.approx(one.metrics["loss"], rel=0.25)
+    assert two.metrics["val_psnr"] == pytest.approx(one.metrics["val_psnr"], abs=1.0)
+
+    # Checkpoints arrived through Ray into its storage, kept best-first by val_psnr.
+    persisted = load_checkpoint(two.checkpoint)
+    assert persisted.step == 60 and str(tmp_path / "runs" / "ray" / "two") in two.checkpoint
+    assert len(two.best_checkpoints) == 2 and persisted.metrics["val_psnr"] == two.metrics["val_psnr"]
+
+    # MLflow (SQLite store): params, per-step metrics, the image grids and the logged model.
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(two.run_id)
+    assert run.info.run_name == "two" and run.info.status == "FINISHED"
+    assert run.data.params["data.batch_size"] == "16" and run.data.params["distributed.num_workers"] == "2"
+    assert run.data.params["model.name"] == "srcnn_915" and "command" in run.data.tags
+    history = client.get_metric_history(two.run_id, "val_psnr")
+    assert [m.step for m in history] == [30, 60] and history[-1].value == pytest.approx(two.metrics["val_psnr"])
+    grids = [a.path for a in client.list_artifacts(two.run_id, "grids")]
+    assert grids == ["grids/step_0000030.png", "grids/step_0000060.png"]
+    grid = mlflow.artifacts.load_image(f"runs:/{two.run_id}/grids/step_0000060.png")
+    assert grid.size == (4 * 48, 48 + 14)  # LR | bicubic | SR | HR, with a caption strip
+    assert {a.path for a in client.list_artifacts(two.run_id)} >= {"curves.png", "best_checkpoint", "grids"}
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    model = mlflow.pytorch.load_model(f"runs:/{two.run_id}/model")
+    lr = torch.rand(1, 1, 48, 48)
+    expected = load_checkpoint(tmp_path / "runs" / "two" / "best").build_model()(lr)
+    np.testing.assert_allclose(model(lr).detach().numpy(), expected.detach().numpy(), atol=1e-5)
+
+
+def test_concurrency_follows_the_cluster_and_bad_resources_are_named(tmp_path: Path, local_ray):
+    one_cpu = load_study(write_study(tmp_path, "name: c\nsearch: {optimizer.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}}"))
+    assert max_concurrent_trials(one_cpu) == 2  # 2 CPUs, 1 worker x 1 CPU per trial
+    two_workers = replace(one_cpu, resources=replace(one_cpu.resources, workers=2))
+    assert max_concurrent_trials(two_workers) == 1
+    capped = replace(one_cpu, budget=replace(one_cpu.budget, max_concurrent=1))
+    assert max_concurrent_trials(capped) == 1
+    with pytest.raises(ValueError, match="needs 1 worker"):
+        max_concurrent_trials(replace(one_cpu, resources=replace(one_cpu.resources, cpus_per_worker=3.0)))
+
+
+def test_tpe_asha_sweep_logs_a_parent_and_a_nested_run_per_trial_and_registers_the_best(tmp_path: Path, local_ray):
+    study = load_study(write_study(tmp_path, """
+name: asha
+search:
+  optimizer.lr: {type: loguniform, low: 1.0e-5, high: 3.0e-2}
+  optimizer.weight_decay: {type: loguniform, low: 1.0e-8, high: 1.0e-3}
+sampler: {name: tpe, seed: 0, startup_trials: 3}
+scheduler: {name: asha, grace_period: 20, reduction_factor: 2}
+budget: {num_samples: 6, max_steps: 80}
+"""))
+    result = run_sweep(study)
+
+    trials = {t.trial_id: t for t in result.trials}
+    assert len(trials) == 6 and all(t.error is None for t in trials.values())
+    budget = study.patches(80)
+    assert any(t.stopped_early for t in trials.values()), "ASHA stopped no trial"
+    assert any(t.patches_seen == budget for t in trials.values())
+    values = [t.best["val_psnr"] for t in result.trials]
+    assert values == sorted(values, reverse=True)
+    for trial in trials.values():  # Tune holds each trial's checkpoints (copied into its own folder)
+        assert trial.best_checkpoint and str(result.experiment) in trial.best_checkpoint
+        assert load_checkpoint(trial.best_checkpoint).metrics["val_psnr"] == pytest.approx(trial.best["val_psnr"])
+
+    client, runs = mlflow_runs(tmp_path)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [p.info.run_id for p in parents] == [result.parent_run_id]
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == result.parent_run_id]
+    assert len(children) == len(runs) - 1 == 6
+    assert {c.data.tags[TRIAL_TAG] for c in children} == set(trials)
+    for child in children:
+        trial = trials[child.data.tags[TRIAL_TAG]]
+        assert child.info.status == "FINISHED"
+        assert float(child.data.params["optimizer.lr"]) == pytest.approx(trial.params["optimizer.lr"])
+        assert child.data.tags["sr_tune.stopped_early"] == str(trial.stopped_early).lower()
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_psnr")]
+        last_step = trial.patches_seen // 8
+        assert steps == list(range(20, last_step + 1, 20))
+        assert len(client.list_artifacts(child.info.run_id, "grids")) == len(steps)
+        assert {a.path for a in client.list_artifacts(child.info.run_id)} >= {"curves.png", "best_checkpoint", "grids"}
+
+    best = result.trials[0]
+    assert float(parent.data.params["best.optimizer.lr"]) == pytest.approx(best.params["optimizer.lr"])
+    assert parent.data.metrics["best_val_psnr"] == pytest.approx(max(values))
+    assert parent.data.tags["git_sha"] and "sr_tune.study" in parent.data.tags
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"results.csv", "plots", "search_space"} <= artifacts
+    table = pd.read_csv(client.download_artifacts(parent.info.run_id, "results.csv", str(tmp_path)))
+    assert len(table) == 6 and table["best_val_psnr"].iloc[0] == pytest.approx(max(values))
+    text = Path(client.download_artifacts(parent.info.run_id, "search_space/study.yaml", str(tmp_path))).read_text()
+    assert text == study.text
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert plots == {"plots/best_so_far.png", "plots/param_optimizer.lr.png", "plots/param_optimizer.weight_decay.png"}
+    versions = client.search_model_versions("name='sr_tune-asha'")
+    assert [v.run_id for v in versions] == [parent.info.run_id]
+    registered = mlflow.pytorch.load_model("models:/sr_tune-asha/1")
+    lr = torch.rand(1, 1, 48, 48)
+    expected = load_checkpoint(best.best_checkpoint).build_model()(lr)
+    assert torch.allclose(registered(lr), expected, atol=1e-5)
+
+    # The Optuna study sits beside the MLflow store, one trial per Tune trial.
+    stored = optuna.load_study(study_name="asha", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(stored.trials) == 6
+
+
+def test_pbt_copies_the_better_trials_weights_and_perturbs_hyperparameters(tmp_path: Path, local_ray):
+    study = load_study(write_study(tmp_path, """
+name: pbt
+search:
+  optimizer.lr: {type: loguniform, low: 1.0e-5, high: 3.0e-2}
+  data.augment_strength: {type: uniform, low: 0.0, high: 0.5}
+sampler: {name: random, seed: 3}
+scheduler: {name: pbt, perturbation_interval: 40, quantile_fraction: 0.5, resample_probability: 0.0, synch: true}
+budget: {num_samples: 2, max_steps: 100}
+"""))
+    result = run_sweep(study)
+    assert len(result.trials) == 2 and all(t.error is None for t in result.trials)
+
+    reports = {}
+    for trial in result.trials:
+        frame = pd.read_csv(result.experiment / f"trial_{trial.trial_id}" / "progress.csv")
+        reports[trial.trial_id] = frame
+    perturbed = [tid for tid, frame in reports.items() if frame["hp/optimizer.lr"].nunique() > 1]
+    assert perturbed, "PBT changed no hyperparameter"
+    target = perturbed[0]
+    donor = next(tid for tid in reports if tid != target)
+    frame = reports[target]
+    before, after = frame["hp/optimizer.lr"].iloc[0], frame["hp/optimizer.lr"].iloc[-1]
+    donor_lrs = set(reports[donor]["hp/optimizer.lr"])
+    # Explore multiplies the donor's value by 0.8 or 1.2 (resampling is off in this study).
+    assert any(after == pytest.approx(lr * f) for lr in donor_lrs for f in (0.8, 1.2)) and after != before
+
+    # Exploit copied the donor's weights: the target's final checkpoint carries the donor's history, with
+    # evaluations the donor reported and the target (training on its own) did not.
+    final = load_checkpoint(_latest_checkpoint(result.experiment / f"trial_{target}"))
+    donor_psnr = dict(zip(reports[donor]["step"], reports[donor]["val_psnr"]))
+    own_first = dict(zip(frame["step"], frame["val_psnr"]))
+    inherited = [e for e in final.state["history"] if donor_psnr.get(e["step"]) == pytest.approx(e["psnr"], abs=1e-9)]
+    assert inherited, "the exploiting trial's state did not come from the donor"
+    assert any(own_first.get(e["step"]) != pytest.approx(e["psnr"], abs=1e-9) for e in inherited)
+
+    client, runs = mlflow_runs(tmp_path)
+    assert len(runs) == 3  # restarts continue the trial's nested run
+    plots = {a.path for a in client.list_artifacts(result.parent_run_id, "plots")}
+    assert "plots/pbt_schedule_optimizer.lr.png" in plots
+    child = next(r for r in runs if r.data.tags.get(TRIAL_TAG) == target)
+    schedule = {m.value for m in client.get_metric_history(child.info.run_id, "hp/optimizer.lr")}
+    assert len(schedule) > 1
+
+
+def _latest_checkpoint(trial_dir: Path) -> Path:
+    return max(trial_dir.glob("checkpoint_*"))
