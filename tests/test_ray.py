@@ -43,6 +43,21 @@ def _reports(trial_dir: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+def _tune_snapshot(experiment: Path) -> dict[str, tuple[str, int | None]]:
+    """{trial folder: (status, last reported step)} from Tune's newest experiment-state file."""
+    states = sorted(experiment.glob("experiment_state-*.json"))
+    try:
+        data = json.loads(states[-1].read_text()) if states else {"trial_data": []}
+    except json.JSONDecodeError:  # caught mid-write; the next poll reads it whole
+        return {}
+    snapshot = {}
+    for trial_json, runtime in data["trial_data"]:
+        trial = json.loads(trial_json)
+        last = json.loads(runtime).get("last_result") if isinstance(runtime, str) else runtime.get("last_result")
+        snapshot[f"trial_{trial['trial_id']}"] = (trial["status"], (last or {}).get("step"))
+    return snapshot
+
+
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials_or_duplicating_runs(tmp_path: Path):
     path = write_study(tmp_path, """
 name: resumable
@@ -59,23 +74,23 @@ budget: {num_samples: 4, max_steps: 120}
     command = [sys.executable, "-m", "sr_tune", "tune", str(path)]
     driver = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    finished, in_flight = {}, set()
+    finished, in_flight = {}, {}
     deadline = time.monotonic() + 400
     try:
         while time.monotonic() < deadline and not (finished and in_flight):
             time.sleep(0.5)
-            for trial_dir in experiment.glob("trial_*"):
-                reports = _reports(trial_dir)
-                if reports and reports[-1]["step"] == 120:
-                    finished[trial_dir.name] = len(reports)
-                elif reports and any(trial_dir.glob("checkpoint_*")):
-                    in_flight.add(trial_dir.name)
+            # What Tune itself has persisted: a trial counts as finished once its snapshot says TERMINATED
+            # (one that reported its last step a moment before the kill is still RUNNING, and is resumed).
+            statuses = _tune_snapshot(experiment)
+            finished = {name: len(_reports(experiment / name)) for name, (status, _) in statuses.items()
+                        if status == "TERMINATED"}  # fmt: skip
+            in_flight = {name: step for name, (status, step) in statuses.items()
+                         if status == "RUNNING" and step and any((experiment / name).glob("checkpoint_*"))}  # fmt: skip
         assert finished and in_flight, "the sweep never had a finished and a running trial at once"
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver, its local Ray and every trial, mid-flight
         driver.wait()
-    in_flight -= set(finished)
-    interrupted = {name: max(r["step"] for r in _reports(experiment / name)) for name in in_flight}
+    interrupted = in_flight
 
     resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True,
                              timeout=600)  # fmt: skip
