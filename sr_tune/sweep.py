@@ -115,9 +115,10 @@ def _trial(params: dict[str, Any], context: TrialContext) -> None:
     study, paths = context.study, context.paths
     trial_id = tune.get_context().get_trial_id()
     sampled = {d.key: params[d.key] for d in study.search}
-    config = with_absolute_tracking_uri(replace(
-        study.trial_config(sampled),
-        tracking=replace(context.base.tracking, run_name=f"{study.name}-{trial_id}")))  # fmt: skip
+    # The sweep's tracking settings, URI already resolved by the sweep process: resolving again here would
+    # read this worker's environment, which need not be the user's.
+    config = replace(study.trial_config(sampled),
+                     tracking=replace(context.base.tracking, run_name=f"{study.name}-{trial_id}"))  # fmt: skip
     run_id = None
     if config.tracking.enabled and context.parent_run_id:
         run_id = trial_run(config, parent_run_id=context.parent_run_id, trial_id=trial_id,
@@ -275,9 +276,8 @@ def _summaries(study: Study, grid: Any) -> list[TrialSummary]:
         frame = result.metrics_dataframe
         best = _best_row(frame, objective.metric, objective.mode)
         last = result.metrics or {}
-        kept = [(c, m) for c, m in (result.best_checkpoints or []) if objective.metric in m]
-        pick = max if objective.mode == "max" else min
-        best_checkpoint = pick(kept, key=lambda item: item[1][objective.metric])[0].path if kept else None
+        ranked = _ranked_checkpoints(study, result)
+        best_checkpoint = ranked[0].path if ranked else None
         patches = int(last.get("patches_seen", 0))
         summaries.append(TrialSummary(
             trial_id=last.get("trial_id") or Path(result.path).name, params={d.key: result.config[d.key] for d in study.search},
@@ -288,14 +288,20 @@ def _summaries(study: Study, grid: Any) -> list[TrialSummary]:
     return sorted(summaries, key=lambda s: sign * s.best.get(objective.metric, -sign * math.inf))
 
 
+def _ranked_checkpoints(study: Study, result: Any) -> list[tune.Checkpoint]:
+    """The trial's checkpoints that Tune holds, best first by the objective."""
+    metric = study.objective.metric
+    scored = [(c, m) for c, m in (result.best_checkpoints or []) if metric in m]
+    scored.sort(key=lambda item: item[1][metric], reverse=study.objective.mode == "max")
+    return [checkpoint for checkpoint, _ in scored]
+
+
 def _prune_checkpoints(study: Study, grid: Any) -> None:
     """Keep each trial's best ``keep_checkpoints`` by the objective, and its latest."""
-    metric, keep = study.objective.metric, study.keep_checkpoints
     for result in grid:
-        scored = [(c, m) for c, m in (result.best_checkpoints or []) if metric in m]
-        scored.sort(key=lambda item: item[1][metric], reverse=study.objective.mode == "max")
-        kept = {c.path for c, _ in scored[:keep]} | ({result.checkpoint.path} if result.checkpoint else set())
-        for checkpoint, _ in scored[keep:]:
+        ranked = _ranked_checkpoints(study, result)
+        kept = {c.path for c in ranked[: study.keep_checkpoints]} | ({result.checkpoint.path} if result.checkpoint else set())
+        for checkpoint in ranked[study.keep_checkpoints :]:
             if checkpoint.path not in kept:
                 shutil.rmtree(checkpoint.path, ignore_errors=True)
 
