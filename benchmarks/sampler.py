@@ -37,14 +37,18 @@ class ClassicPatches(Dataset):
         self.crop_size = Augmenter(strength=strength).crop_size(hr_size)
         self.warps = None
         if strength > 0:  # the same ranges as ours, in torchvision's terms
-            self.warps = v2.Compose([
-                v2.RandomPerspective(distortion_scale=augment.MAX_CORNER_SHIFT * strength, p=1.0),
-                v2.RandomAffine(degrees=augment.MAX_ROTATION_DEGREES * strength,
-                                translate=(augment.MAX_TRANSLATE * strength,) * 2,
-                                scale=(augment.MAX_ZOOM ** -strength, augment.MAX_ZOOM**strength),
-                                shear=augment.MAX_SHEAR_DEGREES * strength),
-                v2.CenterCrop(hr_size),
-            ])  # fmt: skip
+            self.warps = v2.Compose(
+                [
+                    v2.RandomPerspective(distortion_scale=augment.MAX_CORNER_SHIFT * strength, p=1.0),
+                    v2.RandomAffine(
+                        degrees=augment.MAX_ROTATION_DEGREES * strength,
+                        translate=(augment.MAX_TRANSLATE * strength,) * 2,
+                        scale=(augment.MAX_ZOOM**-strength, augment.MAX_ZOOM**strength),
+                        shear=augment.MAX_SHEAR_DEGREES * strength,
+                    ),
+                    v2.CenterCrop(hr_size),
+                ]
+            )
 
     def __len__(self) -> int:
         return self.length
@@ -101,17 +105,25 @@ def main() -> None:
         rows = []
         for label, strength in (("flips/rot90", 0.0), ("flips + warps at strength 1", 1.0)):
             dataset = ClassicPatches(files, hr_size, args.scale, (args.batches + 1) * args.batch_size, strength)
-            classic = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
-                                 persistent_workers=True)  # fmt: skip
+            classic = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, persistent_workers=True)
             classic_rate = patches_per_second(classic, args.batches, args.batch_size, device)
-            sampler = PatchSampler(bank, scale=args.scale, lr_patch_size=args.lr_patch, batch_size=args.batch_size,
-                                   color="y", augmenter=Augmenter(strength=strength))  # fmt: skip
-            ours_rate = patches_per_second((sampler.batch(step) for step in range(args.batches + 1)), args.batches,
-                                           args.batch_size, device)  # fmt: skip
+            sampler = PatchSampler(
+                bank,
+                scale=args.scale,
+                lr_patch_size=args.lr_patch,
+                batch_size=args.batch_size,
+                color="y",
+                augmenter=Augmenter(strength=strength),
+            )
+            ours_rate = patches_per_second(
+                (sampler.batch(step) for step in range(args.batches + 1)), args.batches, args.batch_size, device
+            )
             rows.append((label, classic_rate, ours_rate))
 
-    print(f"device {device}, {len(files)} images, HR patch {hr_size}, x{args.scale}, batch {args.batch_size}, "
-          f"{args.batches} batches; our bank built in {load_seconds:.1f} s")  # fmt: skip
+    print(
+        f"device {device}, {len(files)} images, HR patch {hr_size}, x{args.scale}, batch {args.batch_size}, "
+        f"{args.batches} batches; our bank built in {load_seconds:.1f} s"
+    )
     print(f"{'augmentation':<30}{'classic (patches/s)':>22}{'sr_tune (patches/s)':>22}{'ratio':>9}")
     for label, classic_rate, ours_rate in rows:
         print(f"{label:<30}{classic_rate:>22,.0f}{ours_rate:>22,.0f}{ours_rate / classic_rate:>8.1f}x")

@@ -3,9 +3,9 @@
 ``weights.safetensors`` holds the model, and for training runs also the EMA weights, the discriminator,
 the optimizers' state and the RNG state; ``checkpoint.json`` holds the full ``TrainConfig``, the step, the
 last metrics and the rest of the training state (optimizer hyperparameters, metric history), so a
-checkpoint alone rebuilds its model and resumes its run exactly. Loading never unpickles: pickle files (``.pt``, ``.pth``, ``.ckpt``) are refused.
-Writes go to a temporary sibling folder that is renamed into place, so a crash never leaves a
-half-written checkpoint under the final name.
+checkpoint alone rebuilds its model and resumes its run exactly. Loading never unpickles: pickle files
+(``.pt``, ``.pth``, ``.ckpt``) are refused. Writes go to a temporary sibling folder that is renamed into
+place, so a crash never leaves a half-written checkpoint under the final name.
 """
 
 from __future__ import annotations
@@ -111,8 +111,14 @@ def save_checkpoint(
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    meta = {"format": FORMAT_VERSION, "step": step, "metrics": metrics or {}, "config": config.to_dict(),
-            "optimizers": optimizer_meta, "state": state or {}}  # fmt: skip
+    meta = {
+        "format": FORMAT_VERSION,
+        "step": step,
+        "metrics": metrics or {},
+        "config": config.to_dict(),
+        "optimizers": optimizer_meta,
+        "state": state or {},
+    }
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         save_file(tensors, staging / WEIGHTS_FILE)

@@ -8,11 +8,14 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import yaml
 
 from sr_tune.config import ConfigError, DataConfig, ModelConfig, TrainConfig, describe_fields, load_config
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 
 def _count_parameters(name: str, scale: int) -> int:
@@ -44,11 +47,23 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from sr_tune.distributed import fit, run_name
+def _tracking_client(config: TrainConfig) -> MlflowClient | None:
+    """The run's MLflow store, resolved here once (``MLFLOW_TRACKING_URI`` wins over the config); None when
+    tracking is off."""
+    from mlflow import MlflowClient
+
     from sr_tune.tracking import resolve_tracking_uri
 
+    if not config.tracking.enabled:
+        return None
+    return MlflowClient(resolve_tracking_uri(config.tracking.tracking_uri))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sr_tune.distributed import fit, run_name
+
     config = load_config(args.config, args.overrides)
+    client = _tracking_client(config)
     workers = config.distributed.num_workers
     where = f"{workers} Ray Train worker(s)" if workers else "this process (Ray local mode)"
     print(
@@ -56,54 +71,42 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"({config.data.color}, batch {config.data.batch_size}, {config.training.steps} steps) in {where}",
         flush=True,
     )
-    result = fit(config, config_path=args.config, resume=args.resume)
+    result = fit(config, config_path=args.config, resume=args.resume, client=client)
     metrics = result.metrics
-    print(f"done: PSNR-Y {metrics['val_psnr']:.2f} dB, {metrics['psnr_gain']:+.2f} dB over bicubic; "
-          f"checkpoints {Path(config.training.output_dir) / run_name(config)}/{{last,best}}")  # fmt: skip
+    print(
+        f"done: PSNR-Y {metrics['val_psnr']:.2f} dB, {metrics['psnr_gain']:+.2f} dB over bicubic; "
+        f"checkpoints {Path(config.training.output_dir) / run_name(config)}/{{last,best}}"
+    )
     if workers:
         print(f"Ray checkpoint: {result.checkpoint}")
-    if result.run_id:
-        uri = resolve_tracking_uri(config.tracking.tracking_uri)
-        print(f"MLflow run {result.run_id}; browse with: mlflow ui --backend-store-uri {uri}")
+    if result.run_id and client is not None:
+        print(f"MLflow run {result.run_id}; browse with: mlflow ui --backend-store-uri {client.tracking_uri}")
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from sr_tune.study import load_study
+    from sr_tune.summary import sweep_table
     from sr_tune.sweep import run_sweep
 
     study = load_study(args.study)
-    print(f"study {study.name}: {len(study.search)} searched parameter(s), sampler {study.sampler.name}, "
-          f"scheduler {study.scheduler.name}, {study.budget.num_samples} trial(s) of up to "
-          f"{study.budget.max_steps} steps", flush=True)  # fmt: skip
-    result = run_sweep(study, resume=args.resume)
-    print(sweep_table(result, top=args.top))
+    client = _tracking_client(study.base_config())
+    print(
+        f"study {study.name}: {len(study.search)} searched parameter(s), sampler {study.sampler.name}, "
+        f"scheduler {study.scheduler.name}, {study.budget.num_samples} trial(s) of up to "
+        f"{study.budget.max_steps} steps",
+        flush=True,
+    )
+    result = run_sweep(study, client=client, resume=args.resume)
+    print(sweep_table(study, result.trials, top=args.top))
     for warning in result.warnings:
         print(f"warning: {warning}")
-    if result.parent_run_id:
-        from sr_tune.tracking import resolve_tracking_uri
-
-        uri = resolve_tracking_uri(study.base_config().tracking.tracking_uri)
-        registered = f"; best model registered as sr_tune-{study.name} v{result.model_version}" if result.model_version else ""
+    if result.parent_run_id and client is not None:
+        version = result.model_version
+        registered = f"; best model registered as sr_tune-{study.name} v{version}" if version else ""
         print(f"MLflow parent run {result.parent_run_id}{registered}")
-        print(f"browse with: mlflow ui --backend-store-uri {uri}")
+        print(f"browse with: mlflow ui --backend-store-uri {client.tracking_uri}")
     return 0
-
-
-def sweep_table(result: Any, top: int = 5) -> str:
-    """The best trials: objective, PSNR gain over bicubic, data seen and the searched values."""
-    metric = result.study.objective.metric
-    keys = [d.key for d in result.study.search]
-    header = f"{'rank':<5}{'trial':<14}{metric:>11}{'vs bicubic':>12}{'patches':>10}  " + "  ".join(keys)
-    lines = [f"best {min(top, len(result.trials))} of {len(result.trials)} trial(s) of {result.study.name}:", header]
-    for rank, trial in enumerate(result.trials[:top], 1):
-        value, gain = trial.best.get(metric, float("nan")), trial.best.get("psnr_gain", float("nan"))
-        values = "  ".join(f"{trial.params[k]:.4g}" if isinstance(trial.params[k], float) else str(trial.params[k])
-                           for k in keys)  # fmt: skip
-        status = " (stopped early)" if trial.stopped_early else (" (failed)" if trial.error else "")
-        lines.append(f"{rank:<5}{trial.trial_id:<14}{value:>11.4f}{gain:>+9.2f} dB{trial.patches_seen:>10,}  "
-                     f"{values}{status}")  # fmt: skip
-    return "\n".join(lines)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -117,8 +120,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     checkpoint = load_checkpoint(args.checkpoint)
     config, scale = checkpoint.config, checkpoint.config.model.scale
     upscaler = Upscaler(checkpoint.build_model(), scale=scale, color=config.data.color, tile=args.tile)
-    print(f"{checkpoint.config.model.name} x{scale} ({config.data.color}), step {checkpoint.step}; "
-          f"PSNR-Y / SSIM-Y with a {scale}-pixel border crop")  # fmt: skip
+    print(
+        f"{checkpoint.config.model.name} x{scale} ({config.data.color}), step {checkpoint.step}; "
+        f"PSNR-Y / SSIM-Y with a {scale}-pixel border crop"
+    )
     print(f"{'dataset':<24}{'scale':>6}{'images':>8}{'bicubic':>18}{'model':>18}{'gain':>8}")
     for folder in args.data:
         pairs = validation_pairs(open_source(folder, "val"), scale=scale, color=config.data.color)
@@ -129,8 +134,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             for index, (metric, output) in enumerate(((psnr, bicubic), (ssim, bicubic), (psnr, sr), (ssim, sr))):
                 sums[index] += metric(output, pair.hr, crop_border=scale, y_channel=True).item() / len(pairs)
         name = Path(folder).name or folder
-        print(f"{name:<24}{'x' + str(scale):>6}{len(pairs):>8}{sums[0]:>10.2f} / {sums[1]:.4f}"
-              f"{sums[2]:>10.2f} / {sums[3]:.4f}{sums[2] - sums[0]:>+8.2f}")  # fmt: skip
+        print(
+            f"{name:<24}{'x' + str(scale):>6}{len(pairs):>8}{sums[0]:>10.2f} / {sums[1]:.4f}"
+            f"{sums[2]:>10.2f} / {sums[3]:.4f}{sums[2] - sums[0]:>+8.2f}"
+        )
     return 0
 
 
@@ -152,8 +159,10 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         sr = upscaler.rgb(image)
         target = out / f"{path.stem}_x{config.model.scale}.png"
         Image.fromarray(sr.permute(1, 2, 0).numpy()).save(target)
-        print(f"{path} ({image.shape[2]}x{image.shape[1]}) -> {target} ({sr.shape[2]}x{sr.shape[1]}) "
-              f"in {time.perf_counter() - started:.1f} s")  # fmt: skip
+        print(
+            f"{path} ({image.shape[2]}x{image.shape[1]}) -> {target} ({sr.shape[2]}x{sr.shape[1]}) "
+            f"in {time.perf_counter() - started:.1f} s"
+        )
     return 0
 
 

@@ -35,10 +35,20 @@ class ConfigError(ValueError):
         super().__init__(f"{len(self.problems)} problem(s){where}:\n{lines}")
 
 
-def _field(default: Any, help: str, check: Callable[[Any], str | None] | None = None, **bounds: float) -> Any:
+def setting(
+    default: Any,
+    help: str,
+    check: Callable[[Any], str | None] | None = None,
+    *,
+    internal: bool = False,
+    **bounds: float,
+) -> Any:
     """A config field with its help text, optional bounds (``ge``, ``gt``, ``le``, ``lt``) and an optional
-    ``check(value) -> problem or None`` for rules a type cannot say."""
-    metadata = {"help": help, "check": check, **bounds}
+    ``check(value) -> problem or None`` for rules a type cannot say. ``...`` as the default: a required key.
+    ``internal``: set by a loader (e.g. a study's file path), never a key of the file."""
+    metadata = {"help": help, "check": check, "internal": internal, **bounds}
+    if default is ...:
+        return field(metadata=metadata)
     if isinstance(default, type):  # a section: built on use, after this module has loaded
         return field(default_factory=default, metadata=metadata)
     if isinstance(default, (dict, list)):
@@ -49,27 +59,28 @@ def _field(default: Any, help: str, check: Callable[[Any], str | None] | None = 
 _BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 
 
+def _field_problem(f: dataclasses.Field, value: Any) -> str | None:
+    """The problem of ``value`` in field ``f``: a failed ``check`` or a number out of its bounds."""
+    check = f.metadata.get("check")
+    if check is not None and (problem := check(value)):
+        return f"{f.name}: {value!r} {problem}"
+    bounds = {k: v for k, v in f.metadata.items() if k in _BOUND_TEXT}
+    if not bounds or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    within = {"ge": value.__ge__, "gt": value.__gt__, "le": value.__le__, "lt": value.__lt__}
+    if all(within[kind](bound) for kind, bound in bounds.items()):
+        return None
+    allowed = " and ".join(f"{_BOUND_TEXT[k]} {b}" for k, b in bounds.items())
+    return f"{f.name}: {value!r} is out of range (allowed: {allowed})"
+
+
 def _field_problems(cls: type, values: Mapping[str, Any]) -> list[str]:
     """Per-field problems of section ``cls``: out-of-range numbers and failed ``check``s."""
-    problems = []
-    for f in dataclasses.fields(cls):
-        if f.name not in values:
-            continue
-        value = values[f.name]
-        check = f.metadata.get("check")
-        if check is not None and (problem := check(value)):
-            problems.append(f"{f.name}: {value!r} {problem}")
-        bounds = {k: v for k, v in f.metadata.items() if k in _BOUND_TEXT}
-        if not bounds or not isinstance(value, (int, float)) or isinstance(value, bool):
-            continue
-        within = {"ge": value.__ge__, "gt": value.__gt__, "le": value.__le__, "lt": value.__lt__}
-        if not all(within[kind](bound) for kind, bound in bounds.items()):
-            allowed = " and ".join(f"{_BOUND_TEXT[k]} {b}" for k, b in bounds.items())
-            problems.append(f"{f.name}: {value!r} is out of range (allowed: {allowed})")
-    return problems
+    problems = (_field_problem(f, values[f.name]) for f in dataclasses.fields(cls) if f.name in values)
+    return [problem for problem in problems if problem]
 
 
-def _check(instance: Any, extra: Sequence[str] = ()) -> None:
+def validate(instance: Any, extra: Sequence[str] = ()) -> None:
     """Raise one ``ConfigError`` for the section's per-field problems and its cross-field ``extra`` ones."""
     values = {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance)}
     problems = _field_problems(type(instance), values) + list(extra)
@@ -108,138 +119,142 @@ def _betas(betas: tuple[float, float]) -> str | None:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    name: str = _field("srcnn_915", "registered model name (`sr-tune models` lists them)", check=_known_model)
-    scale: int = _field(3, "upscaling factor: 2, 3 or 4", check=_supported_scale)
-    kwargs: dict[str, Any] = _field(
+    name: str = setting("srcnn_915", "registered model name (`sr-tune models` lists them)", check=_known_model)
+    scale: int = setting(3, "upscaling factor: 2, 3 or 4", check=_supported_scale)
+    kwargs: dict[str, Any] = setting(
         {}, "extra constructor arguments of the model (e.g. depth for vdsr)", check=_no_channels
     )
 
     def __post_init__(self) -> None:
-        _check(self, _model_kwargs_problems(self.name, self.kwargs))
+        validate(self, _model_kwargs_problems(self.name, self.kwargs))
 
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    train: str = _field("sample", "training images: 'sample' (built-in photographs) or a source spec")
-    val: str = _field("sample", "validation images, same forms as train")
-    color: Literal["y", "rgb"] = _field("y", "train on BT.601 luma (1 channel) or on RGB (3 channels)")
-    lr_patch_size: int = _field(11, "LR patch side; the HR patch is lr_patch_size * scale", ge=4)
-    batch_size: int = _field(16, "patches per optimizer step (per worker)", ge=1)
-    blur_sigma: float = _field(0.0, "Gaussian blur sigma before bicubic downscaling (0 = none)", ge=0.0)
-    augment_strength: float = _field(
+    train: str = setting("sample", "training images: 'sample' (built-in photographs) or a source spec")
+    val: str = setting("sample", "validation images, same forms as train")
+    color: Literal["y", "rgb"] = setting("y", "train on BT.601 luma (1 channel) or on RGB (3 channels)")
+    lr_patch_size: int = setting(11, "LR patch side; the HR patch is lr_patch_size * scale", ge=4)
+    batch_size: int = setting(16, "patches per optimizer step (per worker)", ge=1)
+    blur_sigma: float = setting(0.0, "Gaussian blur sigma before bicubic downscaling (0 = none)", ge=0.0)
+    augment_strength: float = setting(
         0.0, "scales every warp and colour-jitter range: 0 = off, 1 = widest", ge=0.0, le=1.0
     )
-    flip_rot: bool = _field(True, "random flips and 90-degree rotations of each patch")
-    color_jitter: bool = _field(False, "random brightness, contrast and saturation (ranges scaled by strength)")
-    val_crop: int = _field(96, "HR side of the centre crop of each validation image (0 = whole images)",
-                           check=_val_crop)  # fmt: skip
-    skip_bad: bool = _field(False, "skip unreadable images with a warning naming each (default: stop)")
+    flip_rot: bool = setting(True, "random flips and 90-degree rotations of each patch")
+    color_jitter: bool = setting(False, "random brightness, contrast and saturation (ranges scaled by strength)")
+    val_crop: int = setting(
+        96, "HR side of the centre crop of each validation image (0 = whole images)", check=_val_crop
+    )
+    skip_bad: bool = setting(False, "skip unreadable images with a warning naming each (default: stop)")
 
     def __post_init__(self) -> None:
-        _check(self)
+        validate(self)
 
 
 @dataclass(frozen=True, kw_only=True)
 class LossConfig:
-    pixel: Literal["mse", "l1", "charbonnier"] = _field("mse", "pixel loss between SR and HR")
-    pixel_weight: float = _field(1.0, "weight of the pixel loss (0 = off)", ge=0.0)
-    charbonnier_eps: float = _field(1e-3, "epsilon of the Charbonnier loss sqrt(d^2 + eps^2)", gt=0.0)
-    perceptual: Literal["none", "vgg22", "vgg54"] = _field(
+    pixel: Literal["mse", "l1", "charbonnier"] = setting("mse", "pixel loss between SR and HR")
+    pixel_weight: float = setting(1.0, "weight of the pixel loss (0 = off)", ge=0.0)
+    charbonnier_eps: float = setting(1e-3, "epsilon of the Charbonnier loss sqrt(d^2 + eps^2)", gt=0.0)
+    perceptual: Literal["none", "vgg22", "vgg54"] = setting(
         "none", "VGG19 feature loss: relu2_2 (vgg22) or relu5_4 (vgg54), ImageNet weights"
     )
-    perceptual_weight: float = _field(1.0, "weight of the perceptual loss", ge=0.0)
-    adversarial: Literal["none", "bce", "relativistic"] = _field(
+    perceptual_weight: float = setting(1.0, "weight of the perceptual loss", ge=0.0)
+    adversarial: Literal["none", "bce", "relativistic"] = setting(
         "none", "GAN loss with an SRGAN discriminator: BCE-with-logits, or relativistic average BCE"
     )
-    adversarial_weight: float = _field(1e-3, "weight of the generator's adversarial loss", ge=0.0)
+    adversarial_weight: float = setting(1e-3, "weight of the generator's adversarial loss", ge=0.0)
 
     def __post_init__(self) -> None:
-        weights = (self.pixel_weight, self.perceptual_weight if self.perceptual != "none" else 0.0,
-                   self.adversarial_weight if self.adversarial != "none" else 0.0)  # fmt: skip
-        _check(self, [] if any(w > 0 for w in weights) else ["pixel_weight: every loss term has weight 0"])
+        weights = (
+            self.pixel_weight,
+            self.perceptual_weight if self.perceptual != "none" else 0.0,
+            self.adversarial_weight if self.adversarial != "none" else 0.0,
+        )
+        validate(self, [] if any(w > 0 for w in weights) else ["pixel_weight: every loss term has weight 0"])
 
 
 @dataclass(frozen=True, kw_only=True)
 class OptimizerConfig:
-    name: Literal["adam", "adamw", "sgd", "rmsprop"] = _field("adam", "optimizer")
-    lr: float = _field(1e-3, "learning rate", gt=0.0, le=10.0)
-    weight_decay: float = _field(0.0, "L2 penalty (decoupled for adamw)", ge=0.0)
-    momentum: float = _field(0.9, "momentum for sgd and rmsprop", ge=0.0, lt=1.0)
-    betas: tuple[float, float] = _field((0.9, 0.999), "Adam betas", check=_betas)
-    grad_clip_norm: float = _field(0.0, "clip the global gradient norm to this (0 = off)", ge=0.0)
-    last_layer_lr_scale: float = _field(
+    name: Literal["adam", "adamw", "sgd", "rmsprop"] = setting("adam", "optimizer")
+    lr: float = setting(1e-3, "learning rate", gt=0.0, le=10.0)
+    weight_decay: float = setting(0.0, "L2 penalty (decoupled for adamw)", ge=0.0)
+    momentum: float = setting(0.9, "momentum for sgd and rmsprop", ge=0.0, lt=1.0)
+    betas: tuple[float, float] = setting((0.9, 0.999), "Adam betas", check=_betas)
+    grad_clip_norm: float = setting(0.0, "clip the global gradient norm to this (0 = off)", ge=0.0)
+    last_layer_lr_scale: float = setting(
         1.0, "learning rate of the model's last layer relative to lr (SRCNN: 0.1)", gt=0.0
     )
-    schedule: Literal["constant", "step", "cosine"] = _field("constant", "learning-rate schedule")
-    warmup_steps: int = _field(0, "linear warm-up from 0 over this many steps", ge=0)
-    step_size: int = _field(1000, "step schedule: multiply by gamma every this many steps", ge=1)
-    gamma: float = _field(0.5, "step schedule: decay factor", gt=0.0, le=1.0)
-    min_lr_ratio: float = _field(0.0, "cosine schedule: final lr as a fraction of lr", ge=0.0, le=1.0)
-    ema_decay: float = _field(0.0, "exponential moving average of the weights (0 = off; e.g. 0.999)",
-                              ge=0.0, lt=1.0)  # fmt: skip
-    discriminator_lr: float | None = _field(None, "GAN runs: discriminator learning rate (default: lr)")
+    schedule: Literal["constant", "step", "cosine"] = setting("constant", "learning-rate schedule")
+    warmup_steps: int = setting(0, "linear warm-up from 0 over this many steps", ge=0)
+    step_size: int = setting(1000, "step schedule: multiply by gamma every this many steps", ge=1)
+    gamma: float = setting(0.5, "step schedule: decay factor", gt=0.0, le=1.0)
+    min_lr_ratio: float = setting(0.0, "cosine schedule: final lr as a fraction of lr", ge=0.0, le=1.0)
+    ema_decay: float = setting(0.0, "exponential moving average of the weights (0 = off; e.g. 0.999)", ge=0.0, lt=1.0)
+    discriminator_lr: float | None = setting(None, "GAN runs: discriminator learning rate (default: lr)")
 
     def __post_init__(self) -> None:
-        _check(self)
+        validate(self)
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainingConfig:
-    steps: int = _field(1000, "optimizer steps", ge=1)
-    eval_interval: int = _field(100, "evaluate every this many steps (and at the end)", ge=1)
-    seed: int = _field(0, "seed for weights and patch sampling", ge=0)
-    device: str = _field("auto", "'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'", check=_device_name)
-    output_dir: str = _field("runs", "folder for checkpoints and run files")
-    bf16: bool = _field(True, "bf16 autocast on CUDA (ignored on CPU)")
-    channels_last: bool = _field(True, "channels-last memory format on CUDA (ignored on CPU)")
-    init_from: str | None = _field(None, "checkpoint folder whose weights start this run (fine-tuning)")
-    init_reinit: tuple[str, ...] = _field(
+    steps: int = setting(1000, "optimizer steps", ge=1)
+    eval_interval: int = setting(100, "evaluate every this many steps (and at the end)", ge=1)
+    seed: int = setting(0, "seed for weights and patch sampling", ge=0)
+    device: str = setting("auto", "'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'", check=_device_name)
+    output_dir: str = setting("runs", "folder for checkpoints and run files")
+    bf16: bool = setting(True, "bf16 autocast on CUDA (ignored on CPU)")
+    channels_last: bool = setting(True, "channels-last memory format on CUDA (ignored on CPU)")
+    init_from: str | None = setting(None, "checkpoint folder whose weights start this run (fine-tuning)")
+    init_reinit: tuple[str, ...] = setting(
         (), "with init_from: parameter-name prefixes that may differ in shape and stay freshly initialised"
     )
 
     def __post_init__(self) -> None:
-        _check(self)
+        validate(self)
 
 
 @dataclass(frozen=True, kw_only=True)
 class DistributedConfig:
-    num_workers: int = _field(0, "Ray Train workers; 0 = run in this process without Ray", ge=0)
-    use_gpu: bool = _field(False, "one GPU per worker (DDP over NCCL); otherwise CPU workers over gloo")
-    cpus_per_worker: float = _field(1.0, "CPUs Ray reserves for each worker", gt=0.0)
-    storage_path: str | None = _field(None, "Ray storage for checkpoints: a folder or pyarrow.fs URI "
-                                            "(default: training.output_dir/ray)")  # fmt: skip
-    max_failures: int = _field(0, "restart from the last checkpoint this many times after a worker failure",
-                               ge=0)  # fmt: skip
-    keep_checkpoints: int = _field(2, "checkpoints kept in Ray storage (best by val_psnr)", ge=1)
+    num_workers: int = setting(0, "Ray Train workers; 0 = run in this process without Ray", ge=0)
+    use_gpu: bool = setting(False, "one GPU per worker (DDP over NCCL); otherwise CPU workers over gloo")
+    cpus_per_worker: float = setting(1.0, "CPUs Ray reserves for each worker", gt=0.0)
+    storage_path: str | None = setting(
+        None, "Ray storage for checkpoints: a folder or pyarrow.fs URI (default: training.output_dir/ray)"
+    )
+    max_failures: int = setting(0, "restart from the last checkpoint this many times after a worker failure", ge=0)
+    keep_checkpoints: int = setting(2, "checkpoints kept in Ray storage (best by val_psnr)", ge=1)
 
     def __post_init__(self) -> None:
-        _check(self)
+        validate(self)
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrackingConfig:
-    enabled: bool = _field(True, "log the run to MLflow")
-    tracking_uri: str = _field("sqlite:///mlflow.db", "MLflow tracking URI (a SQLite file or a server); "
-                                                      "MLFLOW_TRACKING_URI overrides it")  # fmt: skip
-    experiment: str = _field("sr_tune", "MLflow experiment name")
-    run_name: str | None = _field(None, "MLflow run name (default: model and scale)")
+    enabled: bool = setting(True, "log the run to MLflow")
+    tracking_uri: str = setting(
+        "sqlite:///mlflow.db", "MLflow tracking URI (a SQLite file or a server); MLFLOW_TRACKING_URI overrides it"
+    )
+    experiment: str = setting("sr_tune", "MLflow experiment name")
+    run_name: str | None = setting(None, "MLflow run name (default: model and scale)")
 
     def __post_init__(self) -> None:
-        _check(self)
+        validate(self)
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    model: ModelConfig = _field(ModelConfig, "the network")
-    data: DataConfig = _field(DataConfig, "images, patches and degradation")
-    loss: LossConfig = _field(LossConfig, "loss terms and weights")
-    optimizer: OptimizerConfig = _field(OptimizerConfig, "optimizer and its settings")
-    training: TrainingConfig = _field(TrainingConfig, "steps, evaluation, seed, device")
-    distributed: DistributedConfig = _field(DistributedConfig, "Ray Train workers and storage")
-    tracking: TrackingConfig = _field(TrackingConfig, "MLflow")
+    model: ModelConfig = setting(ModelConfig, "the network")
+    data: DataConfig = setting(DataConfig, "images, patches and degradation")
+    loss: LossConfig = setting(LossConfig, "loss terms and weights")
+    optimizer: OptimizerConfig = setting(OptimizerConfig, "optimizer and its settings")
+    training: TrainingConfig = setting(TrainingConfig, "steps, evaluation, seed, device")
+    distributed: DistributedConfig = setting(DistributedConfig, "Ray Train workers and storage")
+    tracking: TrackingConfig = setting(TrackingConfig, "MLflow")
 
     def __post_init__(self) -> None:
-        _check(self)
+        validate(self)
 
     @property
     def in_channels(self) -> int:
@@ -313,9 +328,13 @@ def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         return _INVALID
 
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path, problems)
+        built = _build(tp, value, path, problems)
+        return _INVALID if built is None else built
     if origin is Literal:
-        return value if value in args else bad()
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        return bad(f"{'did you mean ' + repr(close[0]) + '? ' if close else ''}{_type_name(tp)}")
     if origin in (types.UnionType, typing.Union):
         if value is None and type(None) in args:
             return None
@@ -335,7 +354,14 @@ def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         items = [_coerce(v, t, f"{path}[{i}]", problems) for i, (v, t) in enumerate(zip(value, element_types))]
         return _INVALID if any(i is _INVALID for i in items) else tuple(items)
     if origin is dict:
-        return dict(value) if isinstance(value, Mapping) else bad("a mapping")
+        if not isinstance(value, Mapping):
+            return bad("a mapping")
+        if args[1] is Any:
+            return dict(value)
+        # The valid items only (each bad one is a recorded problem): a caller checking relations between
+        # sections still sees the good entries of a mapping that has a bad one.
+        items = {key: _coerce(item, args[1], f"{path}.{key}", problems) for key, item in value.items()}
+        return {key: item for key, item in items.items() if item is not _INVALID}
     if tp is bool:
         return value if isinstance(value, bool) else bad()
     if tp is int:
@@ -358,30 +384,53 @@ def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
     raise TypeError(f"{path}: config type {tp!r} is not supported")
 
 
-def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
-    """Build dataclass ``cls`` from a mapping, adding every problem (prefixed with ``path``) to ``problems``."""
+def _required(cls: type, name: str) -> bool:
+    f = cls.__dataclass_fields__[name]
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def build_values(cls: type, data: Any, path: str, problems: list[str]) -> dict[str, Any] | None:
+    """The fields of dataclass ``cls`` that ``data`` sets validly, each coerced (sections built); every
+    problem (prefixed with ``path``) goes to ``problems``. Fields marked ``internal`` in their metadata are
+    set by loaders, never by a file: they are not offered as keys. None when ``data`` is not a mapping.
+
+    Callers that check relations between sections (a study's objective against its base config) use the
+    valid part to report those problems in the same round as the rest."""
     prefix = f"{path}." if path else ""
     if not isinstance(data, Mapping):
         problems.append(f"{path or '(top level)'}: expected a mapping of keys, got {data!r}")
         return None
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
     for key in data:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             problems.append(f"{prefix}{key}: unknown key ({hint}allowed: {', '.join(names)})")
+    problems.extend(f"{prefix}{name}: required" for name in names if _required(cls, name) and name not in data)
+    valid = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in names or f.name not in data:
+            continue
+        value = _coerce(data[f.name], hints[f.name], f"{prefix}{f.name}", problems)
+        problem = None if value is _INVALID else _field_problem(f, value)
+        if problem:
+            problems.append(f"{prefix}{problem}")
+        elif value is not _INVALID:
+            valid[f.name] = value
+    return valid
+
+
+def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
+    """Build dataclass ``cls`` from a mapping, adding every problem (prefixed with ``path``) to ``problems``."""
     before = len(problems)
-    values = {
-        name: _coerce(data[name], hints[name], f"{prefix}{name}", problems) for name in names if name in data
-    }
-    valid = {name: value for name, value in values.items() if value is not _INVALID}
-    problems.extend(f"{prefix}{p}" for p in _field_problems(cls, valid))
-    if len(problems) > before:  # a bad value here or inside a nested section
+    values = build_values(cls, data, path, problems)
+    if values is None or len(problems) > before:  # a bad value here or inside a nested section
         return None
     try:
         return cls(**values)
     except ConfigError as error:
+        prefix = f"{path}." if path else ""
         problems.extend(f"{prefix}{p}" for p in error.problems)
         return None
 

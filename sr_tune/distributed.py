@@ -9,26 +9,26 @@ this process, which is what quick runs and tests use.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
 import ray.train
-import torch
 import ray.train.torch
+import torch
+from mlflow import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from sr_tune.checkpoint import load_checkpoint
 from sr_tune.config import TrainConfig
 from sr_tune.engine import EvalResult, TrainResult, train
-from sr_tune.tracking import open_tracker, prepare_experiment, resolve_tracking_uri, run_tags
+from sr_tune.tracking import flatten, open_tracker, run_tags, start_run
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,25 @@ class FitResult:
     checkpoint: str | None  # the latest persisted checkpoint (Ray storage; local mode: the local folder)
     best_checkpoints: list[tuple[str, dict[str, Any]]]  # kept checkpoints with their metrics
     run_id: str | None  # the MLflow run
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerOptions:
+    """Everything a Ray Train worker needs besides Ray's own context: what crosses to it, typed."""
+
+    config: TrainConfig
+    checkpoint_dir: str  # rank 0's engine writes last/ and best/ here
+    resume: bool = False  # continue from checkpoint_dir/last (when there is no newer Train checkpoint)
+    start_checkpoint: ray.train.Checkpoint | None = None  # e.g. the one a Tune trial was restored or exploited with
+    tracking_uri: str | None = None  # the resolved MLflow store; None = no tracking
+    run_id: str | None = None  # the MLflow run rank 0 logs to
+    hyperparameters: dict[str, float] = field(default_factory=dict)  # logged as hp/<key> (PBT changes them)
+    close_run: bool = True  # log curves and model and end the run (a sweep's driver closes its trials' runs)
+    quiet: bool = False  # no progress lines or Train report logs: a sweep's console shows Tune's status instead
+    # A ``ray.util.queue.Queue``: after each report rank 0 waits for a token from a Tune trial's driver, which
+    # sends one only when Tune lets the trial continue; when the driver is gone (the scheduler stopped or
+    # paused the trial) every rank ends training there, so nothing is logged past what Tune saw.
+    report_gate: Any = None
 
 
 def run_name(config: TrainConfig) -> str:
@@ -52,57 +71,48 @@ def init_ray(num_cpus: float | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:
-        ray.init(num_cpus=int(num_cpus) if num_cpus else None, include_dashboard=True, dashboard_host="127.0.0.1",
-                 configure_logging=False)  # fmt: skip
+        ray.init(
+            num_cpus=int(num_cpus) if num_cpus else None,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            configure_logging=False,
+        )
 
 
 def progress_line(result: EvalResult, total_steps: int) -> str:
     eta = result.seconds / result.step * (total_steps - result.step)
-    return (f"step {result.step:>6}/{total_steps}  loss {result.loss:.5f}  "
-            f"val PSNR-Y {result.psnr:.2f} dB (bicubic {result.bicubic_psnr:.2f})  SSIM {result.ssim:.4f}  "
-            f"{result.patches_per_second:,.0f} patches/s  ETA {eta:,.0f}s")  # fmt: skip
+    return (
+        f"step {result.step:>6}/{total_steps}  loss {result.loss:.5f}  "
+        f"val PSNR-Y {result.psnr:.2f} dB (bicubic {result.bicubic_psnr:.2f})  SSIM {result.ssim:.4f}  "
+        f"{result.patches_per_second:,.0f} patches/s  ETA {eta:,.0f}s"
+    )
 
 
-def _worker(loop_config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker (or in-process in local mode).
-
-    ``loop_config``: the config dict; ``checkpoint_dir`` for rank 0's ``last``/``best``; ``resume`` (continue
-    from ``checkpoint_dir/last``); ``start_checkpoint`` (a ``ray.train.Checkpoint`` to continue from, e.g. the
-    one a Tune trial was restored or exploited with); MLflow ``tags``, ``parent_run_id`` and ``run_id`` (a run
-    to continue, which wins over the one a checkpoint names); ``hyperparameters`` logged as ``hp/<key>``
-    metrics at each evaluation (PBT changes them mid-run); ``close_run`` (log curves, model and end the run);
-    ``quiet`` (no progress lines or Ray Train report logs: a sweep's console shows Tune's status instead);
-    ``report_gate`` (a ``ray.util.queue.Queue``): after each report rank 0 waits for a token from a Tune trial's
-    driver, which sends one only when Tune lets the trial continue; when the driver is gone (the scheduler
-    stopped or paused the trial) every rank ends training there, so nothing is logged past what Tune saw.
-    """
-    config = TrainConfig.from_dict(loop_config["config"])
-    quiet = loop_config.get("quiet", False)
-    if quiet:
+def _worker(loop_config: dict[str, WorkerOptions]) -> None:
+    """Runs on every Ray Train worker (or in-process in local mode): ``engine.train`` on this rank's shard,
+    reporting each evaluation (and rank 0's checkpoint) to Ray Train and MLflow."""
+    options = loop_config["options"]
+    config = options.config
+    if options.quiet:
         logging.getLogger("ray.train").setLevel(logging.WARNING)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    checkpoint_dir = Path(loop_config["checkpoint_dir"])
+    checkpoint_dir = Path(options.checkpoint_dir)
 
     resume = None
-    start = ray.train.get_checkpoint() or loop_config.get("start_checkpoint")  # Train's own first: it is newer
+    start = ray.train.get_checkpoint() or options.start_checkpoint  # Train's own first: it is newer
     if start is not None:
         with start.as_directory() as folder:
             resume = load_checkpoint(folder)
-    elif loop_config["resume"] and (checkpoint_dir / "last").is_dir():
+    elif options.resume and (checkpoint_dir / "last").is_dir():
         resume = load_checkpoint(checkpoint_dir / "last")
-    run_id = loop_config.get("run_id") or (resume.state.get("mlflow_run_id") if resume else None)
-    tracker = open_tracker(config, rank, tags=loop_config["tags"], parent_run_id=loop_config["parent_run_id"],
-                           run_id=run_id)  # fmt: skip
-    hyperparameters = {f"hp/{key}": float(value) for key, value in loop_config.get("hyperparameters", {}).items()
-                       if isinstance(value, (int, float))}  # fmt: skip
-
-    gate = loop_config.get("report_gate")
+    tracker = open_tracker(options.tracking_uri, options.run_id, rank, config.in_channels)
+    hyperparameters = {f"hp/{key}": value for key, value in options.hyperparameters.items()}
 
     def report(result: EvalResult, checkpoint: Path | None) -> bool:
         patches_seen = result.step * config.data.batch_size * world_size
         tracker.log_eval(result, {"patches_seen": patches_seen, **hyperparameters})
-        if rank == 0 and not quiet:
+        if rank == 0 and not options.quiet:
             print(progress_line(result, config.training.steps), flush=True)
         metrics = {"step": result.step, "patches_seen": patches_seen, **result.metrics(), **hyperparameters}
         if checkpoint is None:
@@ -112,14 +122,19 @@ def _worker(loop_config: dict[str, Any]) -> None:
                 # Report a copy: the engine rewrites `last` at its next evaluation.
                 copy = shutil.copytree(checkpoint, Path(staging) / checkpoint.name)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(copy)))
-        return gate is not None and _gate_closed(gate, rank, world_size)
+        return options.report_gate is not None and _gate_closed(options.report_gate, rank, world_size)
 
     result: TrainResult = train(
-        config, on_eval=report, checkpoint_dir=checkpoint_dir if rank == 0 else None, resume=resume,
-        device=ray.train.torch.get_device(), rank=rank, world_size=world_size,
-        extra_state={"mlflow_run_id": tracker.run_id},
-    )  # fmt: skip
-    if loop_config.get("close_run", True):
+        config,
+        on_eval=report,
+        checkpoint_dir=checkpoint_dir if rank == 0 else None,
+        resume=resume,
+        device=ray.train.torch.get_device(),
+        rank=rank,
+        world_size=world_size,
+        extra_state={"mlflow_run_id": options.run_id},
+    )
+    if options.close_run:
         best_model = load_checkpoint(result.best_checkpoint).build_model() if result.best_checkpoint else None
         tracker.finish(result, best_model)
 
@@ -138,44 +153,42 @@ def _gate_closed(gate: Any, rank: int, world_size: int) -> bool:
 
 
 def build_trainer(
-    config: TrainConfig,
+    options: WorkerOptions,
     *,
     name: str,
     storage_path: str,
-    loop_config: dict[str, Any],
     driver_cpus: float = 0.0,
     callbacks: list[Any] | None = None,
     checkpoint_config: CheckpointConfig | None = None,
 ) -> TorchTrainer:
-    """A ``TorchTrainer`` running ``_worker`` over ``config.distributed.num_workers`` workers.
+    """A ``TorchTrainer`` running ``_worker`` with ``options`` over ``distributed.num_workers`` workers.
 
     ``driver_cpus``: what the calling process itself reserves (a Tune trial's driver); it is taken off the
     workers' requests so that one run asks for exactly ``num_workers * cpus_per_worker`` CPUs in all.
     ``checkpoint_config`` defaults to keeping ``distributed.keep_checkpoints``, best by ``val_psnr``.
     """
-    dist = config.distributed
+    dist = options.config.distributed
     worker_cpus = dist.cpus_per_worker - driver_cpus / max(dist.num_workers, 1)
     return TorchTrainer(
         _worker,
-        train_loop_config={"config": config.to_dict(), **loop_config},
+        train_loop_config={"options": options},
         torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=dist.num_workers, use_gpu=dist.use_gpu,
-                                     resources_per_worker={"CPU": worker_cpus, **({"GPU": 1} if dist.use_gpu else {})}),
+        scaling_config=ScalingConfig(
+            num_workers=dist.num_workers,
+            use_gpu=dist.use_gpu,
+            resources_per_worker={"CPU": worker_cpus, **({"GPU": 1} if dist.use_gpu else {})},
+        ),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=dist.max_failures),
-            checkpoint_config=checkpoint_config or CheckpointConfig(
-                num_to_keep=dist.keep_checkpoints, checkpoint_score_attribute="val_psnr", checkpoint_score_order="max"),
+            checkpoint_config=checkpoint_config
+            or CheckpointConfig(
+                num_to_keep=dist.keep_checkpoints, checkpoint_score_attribute="val_psnr", checkpoint_score_order="max"
+            ),
             callbacks=callbacks,
         ),
-    )  # fmt: skip
-
-
-def with_absolute_tracking_uri(config: TrainConfig) -> TrainConfig:
-    """The config with its tracking URI resolved (absolute SQLite path), for workers in other folders."""
-    uri = resolve_tracking_uri(config.tracking.tracking_uri)
-    return dataclasses.replace(config, tracking=dataclasses.replace(config.tracking, tracking_uri=uri))
+    )
 
 
 def fit(
@@ -183,32 +196,34 @@ def fit(
     *,
     config_path: str | None = None,
     resume: bool = False,
-    parent_run_id: str | None = None,
-    tags: dict[str, str] | None = None,
+    client: MlflowClient | None = None,
 ) -> FitResult:
-    """Train ``config`` through Ray Train and return what rank 0 reported."""
+    """Train ``config`` through Ray Train and return what rank 0 reported; logged to ``client``'s store (None:
+    not tracked). The MLflow run is created here, or continued when ``resume`` finds the run's last checkpoint."""
     dist = config.distributed
     name = run_name(config)
-    config = with_absolute_tracking_uri(config)
     output = Path(config.training.output_dir).resolve() / name
     storage = dist.storage_path or str(Path(config.training.output_dir).resolve() / "ray")
-    if config.tracking.enabled:
-        prepare_experiment(config)
+    run_id = None
+    if client is not None:
+        if resume and (output / "last").is_dir():
+            run_id = load_checkpoint(output / "last").state.get("mlflow_run_id")
+        run_id = run_id or start_run(
+            client, config.tracking.experiment, name=name, tags=run_tags(config_path), params=flatten(config.to_dict())
+        )
     if dist.num_workers > 0:
         init_ray()
-    trainer = build_trainer(config, name=name, storage_path=storage, loop_config={
-        "checkpoint_dir": str(output), "resume": resume, "tags": {**run_tags(config_path), **(tags or {})},
-        "parent_run_id": parent_run_id})  # fmt: skip
-    result = trainer.fit()
+    options = WorkerOptions(
+        config=config,
+        checkpoint_dir=str(output),
+        resume=resume,
+        run_id=run_id,
+        tracking_uri=client.tracking_uri if client is not None else None,
+    )
+    result = build_trainer(options, name=name, storage_path=storage).fit()
     if dist.num_workers == 0:  # local mode persists nothing to storage: the run's own folder holds it
         checkpoint, best = str(output / "last"), []
     else:
         checkpoint = result.checkpoint.path if result.checkpoint is not None else None
         best = [(c.path, m) for c, m in (result.best_checkpoints or [])]
-    run_id = None
-    if result.checkpoint is not None and dist.num_workers > 0:
-        with result.checkpoint.as_directory() as folder:
-            run_id = load_checkpoint(folder).state.get("mlflow_run_id")
-    elif (output / "last").is_dir():
-        run_id = load_checkpoint(output / "last").state.get("mlflow_run_id")
     return FitResult(metrics=dict(result.metrics or {}), checkpoint=checkpoint, best_checkpoints=best, run_id=run_id)

@@ -24,13 +24,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sr_tune.checkpoint import Checkpoint, load_checkpoint, restore_optimizer, save_checkpoint
-from sr_tune.config import OptimizerConfig, TrainConfig
+from sr_tune.config import LossConfig, OptimizerConfig, TrainConfig
 from sr_tune.data.augment import Augmenter
 from sr_tune.data.degrade import imresize
 from sr_tune.data.sampler import ImageBank, PatchSampler
 from sr_tune.data.sources import open_source
 from sr_tune.data.validation import ValidationPair, validation_pairs
-from sr_tune.losses import SRLoss, VGGDistance, discriminator_loss
+from sr_tune.losses import SRLoss, VGGDistance, discriminator_loss, loss_terms
 from sr_tune.metrics import psnr, ssim
 from sr_tune.models import create_model
 from sr_tune.models.srresnet import SRGANDiscriminator
@@ -68,15 +68,36 @@ class EvalResult:
 
     def metrics(self) -> dict[str, float]:
         """Flat metric names as reported to Ray and MLflow."""
-        values = {"loss": self.loss, "lr": self.lr, "val_psnr": self.psnr, "val_ssim": self.ssim,
-                  "bicubic_psnr": self.bicubic_psnr, "bicubic_ssim": self.bicubic_ssim,
-                  "psnr_gain": self.psnr - self.bicubic_psnr, "patches_per_second": self.patches_per_second}  # fmt: skip
+        values = {
+            "loss": self.loss,
+            "lr": self.lr,
+            "val_psnr": self.psnr,
+            "val_ssim": self.ssim,
+            "bicubic_psnr": self.bicubic_psnr,
+            "bicubic_ssim": self.bicubic_ssim,
+            "psnr_gain": self.psnr - self.bicubic_psnr,
+            "patches_per_second": self.patches_per_second,
+        }
         values.update({f"loss_{name}": value for name, value in self.losses.items()})
         values.update({f"val_{name}": value for name, value in self.vgg.items()})
         return values
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "preview"}
+
+
+# The metrics every evaluation reports (``EvalResult.metrics``) besides its loss terms and VGG distances.
+EVAL_METRICS = ("loss", "lr", "val_psnr", "val_ssim", "bicubic_psnr", "bicubic_ssim", "psnr_gain", "patches_per_second")
+VGG_DISTANCES = ("vgg22", "vgg54")
+
+
+def metric_names(loss: LossConfig) -> tuple[str, ...]:
+    """Every metric name ``EvalResult.metrics`` reports in runs with this loss config: the one list that study
+    objectives are checked against and sweep summaries read. GAN runs add the discriminator's loss and the
+    VGG feature distances of validation (computed only there)."""
+    gan = loss.adversarial != "none"
+    terms = (*loss_terms(loss), *(("discriminator",) if gan else ()))
+    return (*EVAL_METRICS, *(f"loss_{t}" for t in terms), *(f"val_{d}" for d in VGG_DISTANCES if gan))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,19 +130,24 @@ def parameter_groups(model: nn.Module, lr: float, last_layer_scale: float) -> li
     last = {id(p) for p in owners[-1].parameters(recurse=False)}
     body = [p for p in model.parameters() if id(p) not in last]
     head = [p for p in model.parameters() if id(p) in last]
-    return [{"params": body, "lr": lr, "initial_lr": lr},
-            {"params": head, "lr": lr * last_layer_scale, "initial_lr": lr * last_layer_scale}]  # fmt: skip
+    return [
+        {"params": body, "lr": lr, "initial_lr": lr},
+        {"params": head, "lr": lr * last_layer_scale, "initial_lr": lr * last_layer_scale},
+    ]
 
 
 def build_optimizer(config: OptimizerConfig, groups: Iterable[dict[str, Any]]) -> torch.optim.Optimizer:
     groups = list(groups)
+    decay = config.weight_decay
     if config.name == "adam":
-        return torch.optim.Adam(groups, betas=config.betas, weight_decay=config.weight_decay)
+        return torch.optim.Adam(groups, betas=config.betas, weight_decay=decay)
     if config.name == "adamw":
-        return torch.optim.AdamW(groups, betas=config.betas, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(groups, betas=config.betas, weight_decay=decay)
     if config.name == "sgd":
-        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=config.momentum, weight_decay=config.weight_decay)
-    return torch.optim.RMSprop(groups, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=config.momentum, weight_decay=decay)
+    if config.name == "rmsprop":
+        return torch.optim.RMSprop(groups, momentum=config.momentum, weight_decay=decay)
+    raise ValueError(f"optimizer.name: {config.name!r} is not an optimizer (allowed: adam, adamw, sgd, rmsprop)")
 
 
 def lr_factor(config: OptimizerConfig, step: int, total_steps: int) -> float:
@@ -132,11 +158,14 @@ def lr_factor(config: OptimizerConfig, step: int, total_steps: int) -> float:
     if config.schedule == "cosine":
         progress = min(1.0, max(0.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)))
         return warmup * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-    return warmup
+    if config.schedule == "constant":
+        return warmup
+    raise ValueError(f"optimizer.schedule: {config.schedule!r} is not a schedule (allowed: constant, step, cosine)")
 
 
-def _restore_state_keep_settings(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                                 meta: dict[str, Any]) -> None:  # fmt: skip
+def _restore_state_keep_settings(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
     """Moments and step counts from the checkpoint; lr, L2, momentum and betas from this run's config. A plain
     resume has the same settings either way; a run resumed under new ones (PBT's exploit and explore) must
     train with the new ones."""
@@ -155,8 +184,11 @@ def load_initial_weights(model: nn.Module, path: str | Path, reinit: Sequence[st
     """
     source = load_checkpoint(path).model_state
     target = model.state_dict()
-    mismatched = {k: f"{k}: checkpoint {tuple(v.shape)}, model {tuple(target[k].shape)}"
-                  for k, v in source.items() if k in target and v.shape != target[k].shape}  # fmt: skip
+    mismatched = {
+        k: f"{k}: checkpoint {tuple(v.shape)}, model {tuple(target[k].shape)}"
+        for k, v in source.items()
+        if k in target and v.shape != target[k].shape
+    }
     mismatched |= {k: f"{k}: not in the checkpoint" for k in target if k not in source}
     mismatched |= {k: f"{k}: in the checkpoint, not in the model" for k in source if k not in target}
     problems = [text for key, text in sorted(mismatched.items()) if not key.startswith(tuple(reinit))]
@@ -192,8 +224,14 @@ def evaluate(
                 distances[name] = distances.get(name, 0.0) + value.item() / len(pairs)
         if preview is None:
             nearest = pair.lr.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
-            preview = Preview(lr=nearest[0].cpu(), bicubic=bicubic[0].cpu(), sr=sr[0].cpu(), hr=pair.hr[0].cpu(),
-                              bicubic_psnr=scores["bicubic_psnr"], sr_psnr=scores["psnr"])  # fmt: skip
+            preview = Preview(
+                lr=nearest[0].cpu(),
+                bicubic=bicubic[0].cpu(),
+                sr=sr[0].cpu(),
+                hr=pair.hr[0].cpu(),
+                bicubic_psnr=scores["bicubic_psnr"],
+                sr_psnr=scores["psnr"],
+            )
     model.train(was_training)
     assert preview is not None, "validation needs at least one image"
     return {key: value / len(pairs) for key, value in totals.items()}, distances, preview
@@ -203,12 +241,155 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
 
 
-def _raise_if_not_finite(step: int, terms: dict[str, torch.Tensor]) -> None:
-    bad = {name: value.item() for name, value in terms.items() if not math.isfinite(value.item())}
-    if bad:
-        described = ", ".join(f"{name} = {value}" for name, value in bad.items())
-        raise FloatingPointError(f"step {step}: loss term {described} is not finite; lower optimizer.lr "
-                                 f"or set optimizer.grad_clip_norm")  # fmt: skip
+@dataclass(frozen=True)
+class Gan:
+    """The SRGAN side of an adversarial run, built once: the discriminator (DDP-wrapped under
+    ``torch.distributed``), its optimizer and loss, and the VGG distances reported at validation."""
+
+    discriminator: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_kind: str
+    vgg: VGGDistance
+
+
+def build_gan(config: TrainConfig, device: torch.device, memory_format: torch.memory_format) -> Gan | None:
+    if config.loss.adversarial == "none":
+        return None
+    discriminator = SRGANDiscriminator(in_channels=config.in_channels).to(device, memory_format=memory_format)
+    lr = config.optimizer.discriminator_lr or config.optimizer.lr
+    optimizer = build_optimizer(
+        config.optimizer, [{"params": list(discriminator.parameters()), "lr": lr, "initial_lr": lr}]
+    )
+    return Gan(discriminator, optimizer, config.loss.adversarial, VGGDistance().to(device))
+
+
+def discriminator_step(
+    gan: Gan, hr: torch.Tensor, sr: torch.Tensor, autocast: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One discriminator update on HR vs the generator's detached output (one forward for both halves),
+    then the logits the generator's adversarial loss needs: (D loss, D(HR) detached, D(SR)), each (B,)
+    but the scalar loss. Gradients of D(SR) flow into SR only: D's parameters are frozen meanwhile."""
+    with autocast:
+        logits = gan.discriminator(torch.cat([hr, sr.detach()])).float()  # (2B,)
+    loss = discriminator_loss(gan.loss_kind, *logits.chunk(2))
+    gan.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    gan.optimizer.step()
+    critic = _unwrap(gan.discriminator).requires_grad_(False)
+    with autocast:
+        d_fake = critic(sr).float()
+        d_real = critic(hr).float().detach()
+    critic.requires_grad_(True)
+    return loss.detach(), d_real, d_fake
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module | None, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model for parameters; buffers copied."""
+    if ema is None:
+        return
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)
+
+
+class LossWindow:
+    """The loss terms of the steps since the last evaluation, summed on the device (no host sync per step),
+    with the first step whose terms were not finite; read once per evaluation by ``close``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.bad_step = torch.zeros((), dtype=torch.int64, device=device)  # 0 = every term finite so far
+        self.bad_values: torch.Tensor | None = None  # the terms at bad_step, in the order of ``sums``
+        self.patches = 0
+        self.started = time.perf_counter()
+
+    def add(self, step: int, terms: dict[str, torch.Tensor], patches: int) -> None:
+        values = torch.stack([value.detach().double() for value in terms.values()])  # (T,)
+        for name, value in zip(terms, values):
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        first_bad = (self.bad_step == 0) & ~torch.isfinite(values).all()
+        self.bad_step.masked_fill_(first_bad, step)
+        self.bad_values = values if self.bad_values is None else torch.where(first_bad, values, self.bad_values)
+        self.patches += patches
+
+    def close(self, steps: int, world_size: int) -> tuple[dict[str, float], float]:
+        """Mean of each term per step (over every rank under ``torch.distributed``) and patches per second;
+        raises ``FloatingPointError`` naming the first step and term that was not finite on this rank."""
+        names = list(self.sums)
+        if int(self.bad_step) and self.bad_values is not None:
+            bad = {name: value for name, value in zip(names, self.bad_values.tolist()) if not math.isfinite(value)}
+            described = ", ".join(f"{name} = {value}" for name, value in bad.items())
+            raise FloatingPointError(
+                f"step {int(self.bad_step)}: loss term {described} is not finite; lower optimizer.lr or set "
+                f"optimizer.grad_clip_norm"
+            )
+        totals = torch.stack([self.sums[name] for name in names])
+        if world_size > 1 and dist.is_initialized():  # losses averaged over every rank's patches
+            dist.all_reduce(totals)
+            totals /= world_size
+        seconds = time.perf_counter() - self.started
+        return {name: total / steps for name, total in zip(names, totals.tolist())}, self.patches / seconds
+
+
+def _restore(
+    resume: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer, ema: nn.Module | None, gan: Gan | None
+) -> tuple[list[EvalResult], int]:
+    """Load a ``last`` checkpoint's weights, optimizer moments and RNG; returns its history and next step."""
+    model.load_state_dict(resume.group("model"))
+    _restore_state_keep_settings(optimizer, resume.group("optimizer"), resume.state["optimizers"]["optimizer"])
+    if ema is not None:
+        ema.load_state_dict(resume.group("ema"))
+    if gan is not None:
+        _unwrap(gan.discriminator).load_state_dict(resume.group("discriminator"))
+        _restore_state_keep_settings(
+            gan.optimizer, resume.group("d_optimizer"), resume.state["optimizers"]["d_optimizer"]
+        )
+    torch.set_rng_state(resume.group("rng")["torch"])
+    return [EvalResult(**entry) for entry in resume.state["history"]], resume.step + 1
+
+
+def _save_checkpoints(
+    folder: Path,
+    config: TrainConfig,
+    result: EvalResult,
+    history: list[EvalResult],
+    *,
+    model: nn.Module,
+    ema: nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    gan: Gan | None,
+    improved: bool,
+    extra_state: dict[str, Any],
+) -> tuple[Path, Path | None]:
+    """``folder/last`` (everything a resume needs) and, when validation improved, ``folder/best`` (the
+    weights used for evaluation)."""
+    modules = {"ema": ema} if ema is not None else {}
+    optimizers = {"optimizer": optimizer}
+    if gan is not None:
+        modules["discriminator"] = _unwrap(gan.discriminator)
+        optimizers["d_optimizer"] = gan.optimizer
+    last = save_checkpoint(
+        folder / "last",
+        model=model,
+        config=config,
+        step=result.step,
+        metrics=result.metrics(),
+        modules=modules,
+        optimizers=optimizers,
+        state={**extra_state, "history": [r.to_dict() for r in history]},
+    )
+    best = None
+    if improved:
+        best = save_checkpoint(
+            folder / "best",
+            model=ema if ema is not None else model,
+            config=config,
+            step=result.step,
+            metrics=result.metrics(),
+        )
+    return last, best
 
 
 def train(
@@ -226,9 +407,10 @@ def train(
 
     Every ``eval_interval`` steps (and at the end) it evaluates, writes ``checkpoint_dir/last`` (and
     ``best`` when validation PSNR improved) on rank 0, then calls ``on_eval(result, last_or_None)``; a true
-    return value ends training there (every rank must return the same). ``extra_state`` (JSON) is stored in each ``last`` checkpoint, e.g. the tracking run to continue.
+    return value ends training there (every rank must return the same). ``extra_state`` (JSON) is stored in
+    each ``last`` checkpoint, e.g. the tracking run to continue.
     """
-    data, training, scale, loss_config = config.data, config.training, config.model.scale, config.loss
+    data, training, opt_config, scale = config.data, config.training, config.optimizer, config.model.scale
     device = device or resolve_device(training.device)
     on_cuda = device.type == "cuda"
     torch.manual_seed(training.seed)  # the same initial weights on every rank
@@ -236,147 +418,114 @@ def train(
     # Data: this rank's shard of the training images on the device; validation pairs by the benchmark protocol.
     train_images = open_source(data.train, "train", skip_bad=data.skip_bad, rank=rank, world_size=world_size)
     augmenter = Augmenter(strength=data.augment_strength, flip_rot=data.flip_rot, color_jitter=data.color_jitter)
-    sampler = PatchSampler(ImageBank([image.hr for image in train_images], device), scale=scale,
-                           lr_patch_size=data.lr_patch_size, batch_size=data.batch_size, color=data.color,
-                           blur_sigma=data.blur_sigma, augmenter=augmenter, seed=training.seed, rank=rank)  # fmt: skip
-    val_pairs = validation_pairs(open_source(data.val, "val", skip_bad=data.skip_bad), scale=scale, color=data.color,
-                                 crop=data.val_crop, blur_sigma=data.blur_sigma, device=device)  # fmt: skip
+    sampler = PatchSampler(
+        ImageBank([image.hr for image in train_images], device),
+        scale=scale,
+        lr_patch_size=data.lr_patch_size,
+        batch_size=data.batch_size,
+        color=data.color,
+        blur_sigma=data.blur_sigma,
+        augmenter=augmenter,
+        seed=training.seed,
+        rank=rank,
+    )
+    val_pairs = validation_pairs(
+        open_source(data.val, "val", skip_bad=data.skip_bad),
+        scale=scale,
+        color=data.color,
+        crop=data.val_crop,
+        blur_sigma=data.blur_sigma,
+        device=device,
+    )
 
     # Networks, optimizers and losses.
     model = create_model(config.model.name, scale=scale, in_channels=config.in_channels, **config.model.kwargs)
     if training.init_from and resume is None:
         load_initial_weights(model, training.init_from, training.init_reinit)
-    memory_format = torch.channels_last if on_cuda and training.channels_last else torch.preserve_format
+    channels_last = on_cuda and training.channels_last
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
     model = model.to(device, memory_format=memory_format).train()
-    ema = copy.deepcopy(model).requires_grad_(False) if config.optimizer.ema_decay > 0 else None
-    optimizer = build_optimizer(config.optimizer, parameter_groups(model, config.optimizer.lr,
-                                                                   config.optimizer.last_layer_lr_scale))  # fmt: skip
-    loss_fn = SRLoss(loss_config).to(device)
-    discriminator = d_optimizer = vgg = None
-    if loss_fn.adversarial:
-        discriminator = SRGANDiscriminator(in_channels=config.in_channels).to(device, memory_format=memory_format)
-        d_lr = config.optimizer.discriminator_lr or config.optimizer.lr
-        d_optimizer = build_optimizer(config.optimizer, [{"params": list(discriminator.parameters()), "lr": d_lr,
-                                                          "initial_lr": d_lr}])  # fmt: skip
-        vgg = VGGDistance().to(device)
-
-    history: list[EvalResult] = []
-    first_step = 1
-    if resume is not None:
-        model.load_state_dict(resume.group("model"))
-        _restore_state_keep_settings(optimizer, resume.group("optimizer"), resume.state["optimizers"]["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(resume.group("ema"))
-        if discriminator is not None and d_optimizer is not None:
-            discriminator.load_state_dict(resume.group("discriminator"))
-            _restore_state_keep_settings(d_optimizer, resume.group("d_optimizer"),
-                                         resume.state["optimizers"]["d_optimizer"])
-        torch.set_rng_state(resume.group("rng")["torch"])
-        history = [EvalResult(**entry) for entry in resume.state["history"]]
-        first_step = resume.step + 1
-
-    net = model
+    ema = copy.deepcopy(model).requires_grad_(False) if opt_config.ema_decay > 0 else None
+    optimizer = build_optimizer(opt_config, parameter_groups(model, opt_config.lr, opt_config.last_layer_lr_scale))
+    loss_fn = SRLoss(config.loss).to(device)
+    gan = build_gan(config, device, memory_format)
+    history, first_step = _restore(resume, model, optimizer, ema, gan) if resume else ([], 1)
     if world_size > 1 and dist.is_initialized():  # gradients averaged across ranks
-        net = DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None)
-        if discriminator is not None:
-            discriminator = DistributedDataParallel(discriminator, device_ids=[device.index] if on_cuda else None)
+        wrap = lambda module: DistributedDataParallel(module, device_ids=[device.index] if on_cuda else None)  # noqa: E731
+        net = wrap(model)
+        gan = dataclasses.replace(gan, discriminator=wrap(gan.discriminator)) if gan else None
+    else:
+        net = model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda and training.bf16 else nullcontext()
-    optimizers = [o for o in (optimizer, d_optimizer) if o is not None]
+    optimizers = [optimizer, *([gan.optimizer] if gan else [])]
+    eval_model = ema if ema is not None else model
     best_psnr = max((r.psnr for r in history), default=-math.inf)
     last_path = best_path = None
-    sums: dict[str, torch.Tensor] = {}  # loss terms summed on the device: no host sync per step and term
-    window_start, window_patches = time.perf_counter(), 0
-    eval_model = ema if ema is not None else model
+    window = LossWindow(device)
 
     for step in range(first_step, training.steps + 1):
-        factor = lr_factor(config.optimizer, step, training.steps)
+        factor = lr_factor(opt_config, step, training.steps)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * factor
 
         lr_batch, hr = sampler.batch(step)  # (B, C, p, p), (B, C, p*s, p*s) on the device
-        if on_cuda and training.channels_last:
+        if channels_last:
             lr_batch = lr_batch.contiguous(memory_format=torch.channels_last)
         with autocast:
             sr = net(lr_batch).float()  # (B, C, p*s, p*s)
 
-        d_real = d_fake = None
-        if discriminator is not None and d_optimizer is not None:
-            # Discriminator step on HR vs the generator's detached output, one forward for both halves.
-            with autocast:
-                logits = discriminator(torch.cat([hr, sr.detach()])).float()  # (2B,)
-            d_loss = discriminator_loss(loss_config.adversarial, *logits.chunk(2))
-            _raise_if_not_finite(step, {"discriminator": d_loss})
-            d_optimizer.zero_grad(set_to_none=True)
-            d_loss.backward()
-            d_optimizer.step()
-            sums["discriminator"] = sums.get("discriminator", 0.0) + d_loss.detach().double()
-            # Generator step: gradients flow through D into SR only, so D's parameters are frozen meanwhile.
-            critic = _unwrap(discriminator).requires_grad_(False)
-            with autocast:
-                d_fake = critic(sr).float()
-                d_real = critic(hr).float().detach()
-            critic.requires_grad_(True)
+        d_loss = d_real = d_fake = None
+        if gan is not None:
+            d_loss, d_real, d_fake = discriminator_step(gan, hr, sr, autocast)
 
         terms = loss_fn(sr, hr, d_real, d_fake)
         loss = sum(terms.values())
-        if not math.isfinite(loss.item()):
-            _raise_if_not_finite(step, terms)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if config.optimizer.grad_clip_norm > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.grad_clip_norm)
+        if opt_config.grad_clip_norm > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), opt_config.grad_clip_norm)
         optimizer.step()
-        if ema is not None:
-            with torch.no_grad():
-                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - config.optimizer.ema_decay)
-                for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
-                    ema_buffer.copy_(buffer)
+        ema_update(ema, model, opt_config.ema_decay)
 
-        sums["total"] = sums.get("total", 0.0) + loss.detach().double()
-        for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + value.detach().double()
-        window_patches += data.batch_size
+        extra_terms = {"discriminator": d_loss} if d_loss is not None else {}
+        window.add(step, {"total": loss, **terms, **extra_terms}, data.batch_size)
         if step % training.eval_interval != 0 and step != training.steps:
             continue
 
-        steps_in_window = step - (history[-1].step if history else first_step - 1)
-        names = sorted(sums)
-        totals = torch.stack([sums[name] for name in names])
-        if world_size > 1 and dist.is_initialized():  # report losses averaged over every rank's patches
-            dist.all_reduce(totals)
-            totals /= world_size
-        window = dict(zip(names, totals.tolist()))
-        scores, distances, preview = evaluate(eval_model, val_pairs, scale, vgg)
-        now = time.perf_counter()
+        previous = history[-1] if history else None
+        losses, patches_per_second = window.close(step - (previous.step if previous else first_step - 1), world_size)
+        scores, distances, preview = evaluate(eval_model, val_pairs, scale, gan.vgg if gan else None)
         result = EvalResult(
             step=step,
-            loss=window.pop("total") / steps_in_window,
-            losses={name: value / steps_in_window for name, value in window.items()},
+            loss=losses.pop("total"),
+            losses=losses,
             lr=optimizer.param_groups[0]["lr"],
             vgg=distances,
-            patches_per_second=window_patches / (now - window_start),
-            seconds=(history[-1].seconds if history else 0.0) + now - window_start,
+            patches_per_second=patches_per_second,
+            seconds=(previous.seconds if previous else 0.0) + time.perf_counter() - window.started,
             preview=preview,
             **scores,
         )
         history.append(result)
         if checkpoint_dir is not None and rank == 0:
-            modules = {name: _unwrap(module) for name, module in (("ema", ema), ("discriminator", discriminator))
-                       if module is not None}  # fmt: skip
-            named_optimizers = {"optimizer": optimizer, **({"d_optimizer": d_optimizer} if d_optimizer else {})}
-            last_path = save_checkpoint(
-                Path(checkpoint_dir) / "last", model=model, config=config, step=step, metrics=result.metrics(),
-                modules=modules, optimizers=named_optimizers,
-                state={**(extra_state or {}), "history": [r.to_dict() for r in history]},
-            )  # fmt: skip
-            if result.psnr > best_psnr:
-                best_path = save_checkpoint(Path(checkpoint_dir) / "best", model=eval_model, config=config,
-                                            step=step, metrics=result.metrics())  # fmt: skip
+            last_path, best = _save_checkpoints(
+                Path(checkpoint_dir),
+                config,
+                result,
+                history,
+                model=model,
+                ema=ema,
+                optimizer=optimizer,
+                gan=gan,
+                improved=result.psnr > best_psnr,
+                extra_state=extra_state or {},
+            )
+            best_path = best or best_path
         best_psnr = max(best_psnr, result.psnr)
         if on_eval(result, last_path if rank == 0 else None):  # the caller stops the run (e.g. a sweep's scheduler)
             break
-        sums, window_start, window_patches = {}, time.perf_counter(), 0
+        window = LossWindow(device)
 
     if checkpoint_dir is not None and best_path is None and (Path(checkpoint_dir) / "best").is_dir():
         best_path = Path(checkpoint_dir) / "best"  # a resumed run whose best came before the resume

@@ -116,18 +116,25 @@ def generator_loss(kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.T
     return F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
 
 
+def loss_terms(config: LossConfig) -> tuple[str, ...]:
+    """The generator's loss terms that ``config`` switches on (a weight of 0 switches a term off)."""
+    switched_on = {
+        "pixel": config.pixel_weight > 0,
+        "perceptual": config.perceptual != "none" and config.perceptual_weight > 0,
+        "adversarial": config.adversarial != "none" and config.adversarial_weight > 0,
+    }
+    return tuple(name for name, on in switched_on.items() if on)
+
+
 class SRLoss(nn.Module):
     """Weighted loss terms for the generator: {'pixel', 'perceptual', 'adversarial'} (those switched on)."""
 
     def __init__(self, config: LossConfig) -> None:
         super().__init__()
         self.config = config
+        self.terms = loss_terms(config)
         self.pixel = pixel_loss(config.pixel, config.charbonnier_eps)
-        self.perceptual = PerceptualLoss(config.perceptual) if config.perceptual != "none" else None
-
-    @property
-    def adversarial(self) -> bool:
-        return self.config.adversarial != "none"
+        self.perceptual = PerceptualLoss(config.perceptual) if "perceptual" in self.terms else None
 
     def forward(
         self, sr: torch.Tensor, hr: torch.Tensor, d_real: torch.Tensor | None = None, d_fake: torch.Tensor | None = None
@@ -135,11 +142,11 @@ class SRLoss(nn.Module):
         """Weighted terms; ``d_real``/``d_fake`` are the discriminator's logits (B,) for adversarial runs."""
         c = self.config
         terms = {}
-        if c.pixel_weight > 0:
+        if "pixel" in self.terms:
             terms["pixel"] = c.pixel_weight * self.pixel(sr, hr)
-        if self.perceptual is not None and c.perceptual_weight > 0:
+        if self.perceptual is not None:
             terms["perceptual"] = c.perceptual_weight * self.perceptual(sr, hr)
-        if self.adversarial and c.adversarial_weight > 0:
+        if "adversarial" in self.terms:
             if d_real is None or d_fake is None:
                 raise ValueError("adversarial loss needs the discriminator's logits on HR and SR")
             terms["adversarial"] = c.adversarial_weight * generator_loss(c.adversarial, d_real, d_fake)

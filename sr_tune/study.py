@@ -1,10 +1,11 @@
 """Search-space files: one study per YAML file in ``search_spaces/``, loaded into a frozen ``Study``.
 
 A study names a base training config plus fixed overrides, the searched keys with their distributions,
-the objective, the sampler, the scheduler, the budget and the resources of one trial. Every problem in
-a file (unknown keys, bad ranges, search keys the training config does not have, values it refuses) is
-reported in one ``ConfigError`` naming the file. Nothing here imports Ray: ``sweep.py`` turns a ``Study``
-into a Tune run.
+the objective, the sampler, the scheduler, the budget and the resources of one trial. It is built by the
+same typed, frozen dataclasses and field machinery as ``TrainConfig``: one load reports every problem in a
+file at once (unknown keys with "did you mean", wrong types, out-of-range values, search keys the training
+config does not have or values it refuses, an objective its runs do not report), naming the file and key.
+Nothing here imports Ray: ``sweep.py`` turns a ``Study`` into a Tune run.
 
 Steps in a study (``budget.max_steps``, ASHA's ``grace_period``, PBT's ``perturbation_interval``) are counted
 at the base config's batch size; a trial that samples another batch size runs the same number of patches,
@@ -13,54 +14,101 @@ so trials compare at equal data seen.
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from sr_tune.config import ConfigError, TrainConfig, with_values
+from sr_tune.config import ConfigError, TrainConfig, build_values, setting, validate, with_values
+from sr_tune.engine import EVAL_METRICS, VGG_DISTANCES, metric_names
 
-DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
-SAMPLERS = ("tpe", "qmc", "random", "grid")
-SCHEDULERS = ("asha", "pbt", "none")
-# Metrics each evaluation reports (``EvalResult.metrics``); VGG distances only in runs with a perceptual loss.
-OBJECTIVES = ("val_psnr", "val_ssim", "psnr_gain", "loss", "val_vgg22", "val_vgg54")
 # What PBT may change in a running trial: numbers the engine reads afresh after a restore. Structure
 # (model, optimizer type, batch size, patch size) would not fit the copied checkpoint.
-PBT_MUTABLE = ("optimizer.lr", "optimizer.weight_decay", "optimizer.momentum", "optimizer.discriminator_lr",
-               "optimizer.grad_clip_norm", "data.augment_strength", "loss.pixel_weight",
-               "loss.perceptual_weight", "loss.adversarial_weight")  # fmt: skip
+PBT_MUTABLE = (
+    "optimizer.lr",
+    "optimizer.weight_decay",
+    "optimizer.momentum",
+    "optimizer.discriminator_lr",
+    "optimizer.grad_clip_norm",
+    "data.augment_strength",
+    "loss.pixel_weight",
+    "loss.perceptual_weight",
+    "loss.adversarial_weight",
+)
+# Every name a run can report: each study's objective is then checked against what its own runs report.
+_ANY_METRIC = (*EVAL_METRICS, *(f"val_{d}" for d in VGG_DISTANCES), "patches_seen")
+
+
+def _any_metric(name: str) -> str | None:
+    if name in _ANY_METRIC or name.startswith("loss_"):
+        return None
+    close = difflib.get_close_matches(name, _ANY_METRIC, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"is not a metric runs report ({hint}allowed: {', '.join(_ANY_METRIC)}, loss_<term>)"
+
+
+def _zero_or_one(gpus: float) -> str | None:
+    return None if gpus in (0, 1) else "is not supported (allowed: 0 or 1: one GPU per DDP worker)"
 
 
 @dataclass(frozen=True, kw_only=True)
 class Distribution:
-    key: str  # dotted training-config key, e.g. "optimizer.lr"
-    kind: str  # one of DISTRIBUTIONS
-    low: float | None = None
-    high: float | None = None
-    step: float | None = None  # grid spacing for uniform/int (and the grid sampler)
-    values: tuple[Any, ...] = ()  # choice
+    type: Literal["loguniform", "uniform", "int", "choice"] = setting(..., "how the key is drawn")
+    low: int | float | None = setting(None, "lower end of the range (loguniform: > 0)")
+    high: int | float | None = setting(None, "upper end of the range")
+    step: int | float | None = setting(None, "grid spacing for uniform and int (and the grid sampler)", gt=0.0)
+    values: tuple[Any, ...] = setting((), "the choices (type: choice)")
+
+    def __post_init__(self) -> None:
+        validate(self, self._problems())
+
+    def _problems(self) -> list[str]:
+        if self.type == "choice":
+            return [] if self.values else ["values: a choice needs a non-empty list of values"]
+        problems = [f"{end}: required for type {self.type}" for end in ("low", "high") if getattr(self, end) is None]
+        if self.values:
+            problems.append(f"values: only for type choice (this one is {self.type})")
+        if problems or self.low is None or self.high is None:
+            return problems
+        if self.low >= self.high:
+            problems.append(f"low: {self.low!r} must be below high {self.high!r}")
+        if self.type == "loguniform" and self.low <= 0:
+            problems.append(f"low: {self.low!r} must be > 0 for loguniform")
+        if self.type == "int":
+            problems.extend(
+                f"{end}: {value!r} is not an integer"
+                for end, value in (("low", self.low), ("high", self.high), ("step", self.step))
+                if value is not None and value != int(value)
+            )
+        return problems
+
+    def extremes(self) -> tuple[Any, ...]:
+        """The values every trial config must accept: each choice, or both ends of the range."""
+        if self.type == "choice":
+            return self.values
+        return (int(self.low), int(self.high)) if self.type == "int" else (self.low, self.high)
 
     def grid(self) -> list[Any]:
         """Every value the grid sampler visits."""
-        if self.kind == "choice":
+        if self.type == "choice":
             return list(self.values)
         assert self.low is not None and self.high is not None
-        if self.kind == "loguniform" and not self.step:
+        if self.type == "loguniform" and not self.step:
             return [self.low, math.sqrt(self.low * self.high), self.high]
-        step = self.step or (1 if self.kind == "int" else (self.high - self.low) / 2)
+        step = self.step or (1 if self.type == "int" else (self.high - self.low) / 2)
         count = int(round((self.high - self.low) / step)) + 1
         values = [self.low + i * step for i in range(count)]
-        return [int(v) for v in values] if self.kind == "int" else values
+        return [int(v) for v in values] if self.type == "int" else values
 
     def edge(self, value: Any, margin: float = 0.1) -> str | None:
         """'low'/'high' when ``value`` lies within ``margin`` of the range (log scale for loguniform)."""
-        if self.kind == "choice" or self.low is None or self.high is None:
+        if self.type == "choice" or self.low is None or self.high is None:
             return None
-        scale = math.log if self.kind == "loguniform" else float
+        scale = math.log if self.type == "loguniform" else float
         low, high, at = scale(self.low), scale(self.high), scale(value)
         if at <= low + margin * (high - low):
             return "low"
@@ -71,59 +119,71 @@ class Distribution:
 
 @dataclass(frozen=True, kw_only=True)
 class Objective:
-    metric: str = "val_psnr"
-    mode: str = "max"
+    metric: str = setting("val_psnr", "the reported metric to optimise", check=_any_metric)
+    mode: Literal["max", "min"] = setting("max", "maximise or minimise it")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Sampler:
-    name: str = "tpe"
-    seed: int = 0
-    startup_trials: int = 4  # TPE: random trials before the model-based ones
+    name: Literal["tpe", "qmc", "random", "grid"] = setting("tpe", "Optuna sampler (PBT: random)")
+    seed: int = setting(0, "sampler seed", ge=0)
+    startup_trials: int = setting(4, "TPE: random trials before the model-based ones", ge=0)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Scheduler:
-    name: str = "asha"
-    grace_period: int = 0  # ASHA: steps before a trial can be stopped (0 = one evaluation interval)
-    reduction_factor: float = 2.0  # ASHA: keep the top 1/reduction_factor at each rung
-    perturbation_interval: int = 0  # PBT: steps between exploit/explore (0 = one evaluation interval)
-    quantile_fraction: float = 0.25  # PBT: bottom fraction copies the top fraction
-    resample_probability: float = 0.25  # PBT: chance to resample instead of perturbing by 0.8x/1.2x
-    synch: bool = False  # PBT: wait for the whole population at each interval (exploits on time, slower)
+    name: Literal["asha", "pbt", "none"] = setting("asha", "trial scheduler")
+    grace_period: int = setting(0, "ASHA: steps before a trial can be stopped (0 = one evaluation interval)", ge=0)
+    reduction_factor: float = setting(2.0, "ASHA: keep the top 1/reduction_factor at each rung", gt=1.0)
+    perturbation_interval: int = setting(0, "PBT: steps between exploit/explore (0 = one evaluation interval)", ge=0)
+    quantile_fraction: float = setting(0.25, "PBT: bottom fraction copies the top fraction", gt=0.0, le=0.5)
+    resample_probability: float = setting(
+        0.25, "PBT: chance to resample instead of perturbing by 0.8x/1.2x", ge=0.0, le=1.0
+    )
+    synch: bool = setting(False, "PBT: wait for the whole population at each interval (exploits on time, slower)")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Budget:
-    num_samples: int = 8
-    max_steps: int = 1000  # at the base config's batch size
-    max_concurrent: int = 0  # 0 = as many as the cluster's CPUs/GPUs fit
-    time_limit_s: float = 0.0  # 0 = none
+    num_samples: int = setting(8, "trials (the grid sampler: the grid's size)", ge=1)
+    max_steps: int = setting(1000, "steps per trial at the base config's batch size", ge=1)
+    max_concurrent: int = setting(0, "trials at once (0 = as many as the cluster's CPUs/GPUs fit)", ge=0)
+    time_limit_s: float = setting(0.0, "wall-clock limit of the sweep in seconds (0 = none)", ge=0.0)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Resources:
-    workers: int = 1  # Ray Train workers per trial
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
+    workers: int = setting(1, "Ray Train workers per trial (a Tune trial drives Ray Train workers)", ge=1)
+    cpus_per_worker: float = setting(1.0, "CPUs each worker reserves", gt=0.0)
+    gpus_per_worker: float = setting(0.0, "GPUs each worker reserves: 0 or 1", check=_zero_or_one)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Study:
-    name: str
-    description: str
-    path: Path  # the study file
-    text: str  # its contents, logged to MLflow as written
-    base: Path  # the base training config
-    base_data: Mapping[str, Any]  # its contents, read once: trials on other cluster nodes need no file
-    fixed: Mapping[str, Any]
-    search: tuple[Distribution, ...]
-    objective: Objective = field(default_factory=Objective)
-    sampler: Sampler = field(default_factory=Sampler)
-    scheduler: Scheduler = field(default_factory=Scheduler)
-    budget: Budget = field(default_factory=Budget)
-    resources: Resources = field(default_factory=Resources)
-    keep_checkpoints: int = 2  # per trial, best by the objective
+    name: str = setting(..., "the study's name: the sweep's folder and MLflow run are named after it")
+    description: str = setting("", "what the study searches, shown with its runs")
+    base: str = setting(..., "the base training config, relative to the study file")
+    fixed: dict[str, Any] = setting({}, "section.key: value overrides of the base config for every trial")
+    search: dict[str, Distribution] = setting(..., "section.key: {type, low, high, step | values} per searched key")
+    objective: Objective = setting(Objective, "what the search optimises")
+    sampler: Sampler = setting(Sampler, "how trials' values are drawn")
+    scheduler: Scheduler = setting(Scheduler, "early stopping (ASHA) or population-based training")
+    budget: Budget = setting(Budget, "trials, steps and time")
+    resources: Resources = setting(Resources, "what one trial reserves")
+    keep_checkpoints: int = setting(2, "checkpoints kept per trial, best by the objective", ge=1)
+    # Set by ``load_study``, never by the file.
+    path: Path = setting(Path("study.yaml"), "the study file", internal=True)
+    text: str = setting("", "the file's contents, logged to MLflow as written", internal=True)
+    base_data: dict[str, Any] = setting(
+        {}, "the base config's contents (trials on other nodes read no file)", internal=True
+    )
+
+    def __post_init__(self) -> None:
+        validate(self, _cross_problems(vars(self)))
+
+    @property
+    def base_path(self) -> Path:
+        return self.path.parent / self.base
 
     def base_config(self) -> TrainConfig:
         return self.trial_config({})
@@ -131,40 +191,116 @@ class Study:
     def trial_config(self, sampled: Mapping[str, Any]) -> TrainConfig:
         """The base config with the fixed overrides, the sampled values, and the trial's length and
         evaluation interval rescaled to its batch size (same patches seen as the base batch size)."""
-        data, problems = with_values(self.base_data, {**self.fixed, **sampled})
-        config = _build_config(data, problems, str(self.path))
-        base_batch = _base_batch(self)
-        batch = config.data.batch_size  # rounded up, so every trial reaches each budget point
-        steps, interval = (-(-count * base_batch // batch) for count in (self.budget.max_steps, config.training.eval_interval))
-        scaled = {"training.steps": steps, "training.eval_interval": interval,
-                  "distributed.num_workers": self.resources.workers,
-                  "distributed.cpus_per_worker": self.resources.cpus_per_worker,
-                  "distributed.use_gpu": self.resources.gpus_per_worker > 0}  # fmt: skip
-        data, problems = with_values(data, scaled)
-        return _build_config(data, problems, str(self.path))
+        return _trial_config(self.base_data, self.fixed, sampled, self.budget, self.resources, str(self.path))
 
     def patches(self, steps: int) -> int:
         """Patches seen in ``steps`` steps at the base batch size over all of a trial's workers."""
-        return steps * _base_batch(self) * self.resources.workers
+        return steps * _base_batch(self.base_data, self.fixed, str(self.path)) * self.resources.workers
 
     def eval_interval_steps(self) -> int:
         return self.base_config().training.eval_interval
 
 
-def _base_batch(study: Study) -> int:
-    data, problems = with_values(study.base_data, {k: v for k, v in study.fixed.items() if k == "data.batch_size"})
-    return _build_config(data, problems, str(study.path)).data.batch_size
-
-
-def _build_config(data: Mapping[str, Any], problems: list[str], source: str) -> TrainConfig:
+def _config(data: Mapping[str, Any], values: Mapping[str, Any], source: str) -> TrainConfig:
+    merged, problems = with_values(data, values)
     if problems:
         raise ConfigError(problems, source)
-    return TrainConfig.from_dict(data, source)
+    return TrainConfig.from_dict(merged, source)
 
 
-_SECTIONS = {"objective": Objective, "sampler": Sampler, "scheduler": Scheduler, "budget": Budget,
-             "resources": Resources}  # fmt: skip
-_TOP_KEYS = ("name", "description", "base", "fixed", "search", "keep_checkpoints", *_SECTIONS)
+def _base_batch(base_data: Mapping[str, Any], fixed: Mapping[str, Any], source: str) -> int:
+    return _config(base_data, {k: v for k, v in fixed.items() if k == "data.batch_size"}, source).data.batch_size
+
+
+def _trial_config(
+    base_data: Mapping[str, Any],
+    fixed: Mapping[str, Any],
+    sampled: Mapping[str, Any],
+    budget: Budget,
+    resources: Resources,
+    source: str,
+) -> TrainConfig:
+    config = _config(base_data, {**fixed, **sampled}, source)
+    base_batch, batch = _base_batch(base_data, fixed, source), config.data.batch_size
+    # Rounded up, so every trial reaches each budget point.
+    steps, interval = (-(-count * base_batch // batch) for count in (budget.max_steps, config.training.eval_interval))
+    return _config(
+        config.to_dict(),
+        {
+            "training.steps": steps,
+            "training.eval_interval": interval,
+            "distributed.num_workers": resources.workers,
+            "distributed.cpus_per_worker": resources.cpus_per_worker,
+            "distributed.use_gpu": resources.gpus_per_worker > 0,
+        },
+        source,
+    )
+
+
+def _cross_problems(values: Mapping[str, Any]) -> list[str]:
+    """Problems between the study's parts, on whatever parts are valid (a partial study reports these in the
+    same round as its own bad keys): base + fixed must make a config, each searched key must accept each of
+    its extremes, the objective must be a metric those runs report, and PBT's rules."""
+    problems: list[str] = []
+    base_data, fixed, search = values.get("base_data"), values.get("fixed", {}), values.get("search") or {}
+    budget, resources = values.get("budget", Budget()), values.get("resources", Resources())
+    sampler, scheduler, objective = values.get("sampler"), values.get("scheduler"), values.get("objective")
+    source = str(values.get("path", "study"))
+    if base_data is not None and fixed is not None:
+        try:
+            configs = [("base", _trial_config(base_data, fixed, {}, budget, resources, source))]
+        except ConfigError as error:
+            configs = []
+            problems.extend(f"fixed (on base {values.get('base')}): {p}" for p in error.problems)
+        for key, dist in search.items() if configs else ():
+            for value in dist.extremes():
+                try:
+                    config = _trial_config(base_data, fixed, {key: value}, budget, resources, source)
+                except ConfigError as error:
+                    problems.extend(f"search.{key} = {value!r}: {p}" for p in error.problems)
+                    break
+                configs.append((f"search.{key} = {value!r}", config))
+        if objective is not None:
+            for where, config in configs:
+                if objective.metric not in (*metric_names(config.loss), "patches_seen"):
+                    problems.append(
+                        f"objective.metric: {objective.metric!r} is not reported by the runs of this study ({where}: "
+                        f"loss.adversarial = {config.loss.adversarial!r}); they report "
+                        f"{', '.join(metric_names(config.loss))}"
+                    )
+                    break
+    if scheduler is not None and scheduler.name == "pbt":
+        problems.extend(
+            f"search.{key}: PBT can only change {', '.join(PBT_MUTABLE)} in a running trial"
+            for key in search
+            if key not in PBT_MUTABLE
+        )
+        if sampler is not None and sampler.name != "random":
+            problems.append(
+                "sampler.name: PBT draws its start points at random (Ray refuses PBT with a search algorithm); "
+                "set sampler.name: random"
+            )
+    if "search" in values and not search:
+        problems.append("search: name at least one key to search")
+    return problems
+
+
+_SECTIONS = {
+    "objective": Objective,
+    "sampler": Sampler,
+    "scheduler": Scheduler,
+    "budget": Budget,
+    "resources": Resources,
+}
+
+
+def _valid_part(section: type, raw: Any) -> Any:
+    """``section`` built from the keys of ``raw`` that are valid on their own (None when that fails too)."""
+    valid = build_values(section, raw, "", []) if isinstance(raw, Mapping) else None
+    try:
+        return section(**valid) if valid is not None else None
+    except ConfigError:
+        return None
 
 
 def load_study(path: str | Path) -> Study:
@@ -172,141 +308,30 @@ def load_study(path: str | Path) -> Study:
     path = Path(path)
     try:
         text = path.read_text()
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.safe_load(text)
     except (OSError, yaml.YAMLError) as error:
         raise ConfigError([f"cannot read the study: {error}"], str(path)) from None
-    if not isinstance(raw, dict):
-        raise ConfigError(["(top level): expected a mapping"], str(path))
-    problems = [f"{key}: unknown key (allowed: {', '.join(_TOP_KEYS)})" for key in raw if key not in _TOP_KEYS]
-    for key in ("name", "base", "search"):
-        if key not in raw:
-            problems.append(f"{key}: required")
-
-    sections = {name: _section(cls, raw.get(name) or {}, name, problems) for name, cls in _SECTIONS.items()}
-    search = tuple(_distribution(key, spec, problems) for key, spec in (raw.get("search") or {}).items())
-    fixed = raw.get("fixed") or {}
-    if not isinstance(fixed, dict):
-        problems.append(f"fixed: expected a mapping of section.key: value, got {fixed!r}")
-        fixed = {}
-    base = path.parent / str(raw.get("base", ""))
-    if "base" in raw and not base.is_file():
-        problems.append(f"base: {raw['base']!r} is not a file (resolved to {base})")
-    base_data: Any = {}
-    if "base" in raw and base.is_file():
+    problems: list[str] = []
+    values = build_values(Study, {} if raw is None else raw, "", problems)
+    if values is None:
+        raise ConfigError(problems, str(path))
+    values.update(path=path, text=text)
+    if "base" in values:
+        base = path.parent / values["base"]
         try:
-            base_data = yaml.safe_load(base.read_text()) or {}
+            base_data = yaml.safe_load(base.read_text())
+        except OSError as error:
+            problems.append(f"base: {values['base']!r} cannot be read (resolved to {base}): {error.strerror}")
         except yaml.YAMLError as error:
             problems.append(f"base: {base} is not valid YAML: {error}")
-        if not isinstance(base_data, dict):
-            problems.append(f"base: {base} is not a mapping of config sections")
-    keep = raw.get("keep_checkpoints", 2)
-    if not isinstance(keep, int) or keep < 1:
-        problems.append(f"keep_checkpoints: {keep!r} must be an integer >= 1")
+        else:
+            if isinstance(base_data, dict):
+                values["base_data"] = base_data
+            else:
+                problems.append(f"base: {base} is not a mapping of config sections")
+    # A section with a bad key still takes part in the checks between sections, with its valid keys.
+    partial = {name: _valid_part(section, raw.get(name)) for name, section in _SECTIONS.items() if name not in values}
+    problems.extend(_cross_problems({**values, **{k: v for k, v in partial.items() if v is not None}}))
     if problems:
-        raise ConfigError(problems, str(path))
-
-    study = Study(name=str(raw["name"]), description=str(raw.get("description", "")).strip(), path=path,
-                  text=text, base=base, base_data=base_data, fixed=fixed, search=search, keep_checkpoints=keep,
-                  **{k: v for k, v in sections.items() if v is not None})  # fmt: skip
-    problems = _study_problems(study)
-    if problems:
-        raise ConfigError(problems, str(path))
-    return study
-
-
-def _section(cls: type, values: Any, name: str, problems: list[str]) -> Any:
-    if not isinstance(values, dict):
-        problems.append(f"{name}: expected a mapping, got {values!r}")
-        return None
-    known = cls.__dataclass_fields__
-    unknown = [key for key in values if key not in known]
-    problems.extend(f"{name}.{key}: unknown key (allowed: {', '.join(known)})" for key in unknown)
-    if unknown:
-        return None
-    for key, value in values.items():
-        expected = type(known[key].default)
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            continue
-        if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
-            problems.append(f"{name}.{key}: {value!r} is not a {expected.__name__}")
-            return None
-    return cls(**values)
-
-
-def _distribution(key: str, spec: Any, problems: list[str]) -> Distribution:
-    where = f"search.{key}"
-    if not isinstance(spec, dict) or spec.get("type") not in DISTRIBUTIONS:
-        problems.append(f"{where}: expected {{type: {' | '.join(DISTRIBUTIONS)}, ...}}, got {spec!r}")
-        return Distribution(key=key, kind="choice", values=(None,))
-    kind = spec["type"]
-    allowed = ("type", "values") if kind == "choice" else ("type", "low", "high", "step")
-    problems.extend(f"{where}.{extra}: unknown key (allowed: {', '.join(allowed)})" for extra in spec
-                    if extra not in allowed)  # fmt: skip
-    if kind == "choice":
-        values = spec.get("values")
-        if not isinstance(values, list) or not values:
-            problems.append(f"{where}.values: expected a non-empty list, got {values!r}")
-            values = [None]
-        return Distribution(key=key, kind=kind, values=tuple(values))
-    low, high, step = spec.get("low"), spec.get("high"), spec.get("step")
-    number = int if kind == "int" else (int, float)
-    for name, value in (("low", low), ("high", high), ("step", step)):
-        if (value is not None or name != "step") and (not isinstance(value, number) or isinstance(value, bool)):
-            problems.append(f"{where}.{name}: {value!r} is not {'an integer' if kind == 'int' else 'a number'}")
-            return Distribution(key=key, kind=kind, low=1.0, high=2.0)
-    if low >= high:
-        problems.append(f"{where}: low {low!r} must be below high {high!r}")
-    if kind == "loguniform" and low <= 0:
-        problems.append(f"{where}.low: {low!r} must be > 0 for loguniform")
-    if step is not None and step <= 0:
-        problems.append(f"{where}.step: {step!r} must be > 0")
-    return Distribution(key=key, kind=kind, low=low, high=high, step=step)
-
-
-def _study_problems(study: Study) -> list[str]:
-    """Cross-checks against the training config: base + fixed must load, and each searched key must
-    exist there and accept both ends of its range (or every choice)."""
-    problems = []
-    try:
-        study.base_config()
-    except ConfigError as error:
-        return [f"base {study.base} with fixed overrides: {p}" for p in error.problems]
-    for dist in study.search:
-        for value in dist.values if dist.kind == "choice" else (dist.low, dist.high):
-            try:
-                study.trial_config({dist.key: value})
-            except ConfigError as error:
-                problems.extend(f"search.{dist.key} = {value!r}: {p}" for p in error.problems)
-                break
-    if study.objective.metric not in OBJECTIVES:
-        problems.append(f"objective.metric: {study.objective.metric!r} is not reported (allowed: {', '.join(OBJECTIVES)})")
-    if study.objective.mode not in ("max", "min"):
-        problems.append(f"objective.mode: {study.objective.mode!r} must be max or min")
-    if study.sampler.name not in SAMPLERS:
-        problems.append(f"sampler.name: {study.sampler.name!r} (allowed: {', '.join(SAMPLERS)})")
-    if study.scheduler.name not in SCHEDULERS:
-        problems.append(f"scheduler.name: {study.scheduler.name!r} (allowed: {', '.join(SCHEDULERS)})")
-    if study.scheduler.name == "pbt":
-        problems.extend(f"search.{d.key}: PBT can only change {', '.join(PBT_MUTABLE)} in a running trial"
-                        for d in study.search if d.key not in PBT_MUTABLE)  # fmt: skip
-        if study.sampler.name != "random":
-            problems.append("sampler.name: PBT draws its start points at random (Ray refuses PBT with a search "
-                            "algorithm); set sampler.name: random")  # fmt: skip
-    budget, resources = study.budget, study.resources
-    if budget.num_samples < 1:
-        problems.append(f"budget.num_samples: {budget.num_samples} must be >= 1")
-    if budget.max_steps < 1:
-        problems.append(f"budget.max_steps: {budget.max_steps} must be >= 1")
-    if budget.max_concurrent < 0 or budget.time_limit_s < 0:
-        problems.append("budget: max_concurrent and time_limit_s must be >= 0")
-    if resources.workers < 1:
-        problems.append(f"resources.workers: {resources.workers} must be >= 1 (a Tune trial drives Ray Train workers)")
-    if resources.cpus_per_worker <= 0:
-        problems.append(f"resources.cpus_per_worker: {resources.cpus_per_worker} must be > 0")
-    if resources.gpus_per_worker not in (0, 1):
-        problems.append(f"resources.gpus_per_worker: {resources.gpus_per_worker} must be 0 or 1 (one GPU per DDP worker)")
-    if study.scheduler.reduction_factor <= 1:
-        problems.append(f"scheduler.reduction_factor: {study.scheduler.reduction_factor} must be > 1")
-    if not 0 < study.scheduler.quantile_fraction <= 0.5:
-        problems.append(f"scheduler.quantile_fraction: {study.scheduler.quantile_fraction} must be in (0, 0.5]")
-    return problems
+        raise ConfigError(list(dict.fromkeys(problems)), str(path))
+    return Study(**values)

@@ -26,8 +26,12 @@ def _to_pil(image: torch.Tensor) -> Image.Image:
 
 def preview_grid(preview: Preview) -> Image.Image:
     """LR (nearest) | bicubic | SR | HR side by side, each captioned (PSNR-Y where it applies)."""
-    panels = [("LR (nearest)", preview.lr), (f"bicubic {preview.bicubic_psnr:.2f} dB", preview.bicubic),
-              (f"SR {preview.sr_psnr:.2f} dB", preview.sr), ("HR", preview.hr)]  # fmt: skip
+    panels = [
+        ("LR (nearest)", preview.lr),
+        (f"bicubic {preview.bicubic_psnr:.2f} dB", preview.bicubic),
+        (f"SR {preview.sr_psnr:.2f} dB", preview.sr),
+        ("HR", preview.hr),
+    ]
     height, width = preview.hr.shape[1:]
     grid = Image.new("RGB", (4 * width, height + CAPTION_HEIGHT), "white")
     draw = ImageDraw.Draw(grid)
@@ -66,8 +70,7 @@ def best_so_far_figure(points: Sequence[tuple[float, float]], metric: str, mode:
     return figure
 
 
-def parameter_figure(key: str, values: Sequence[float], objectives: Sequence[float], metric: str,
-                     log: bool) -> Figure:  # fmt: skip
+def parameter_figure(key: str, values: Sequence[float], objectives: Sequence[float], metric: str, log: bool) -> Figure:
     """One searched parameter against each trial's best objective."""
     figure, axis = plt.subplots(figsize=(5, 4))
     axis.scatter(values, objectives)

@@ -72,10 +72,10 @@ def write_sweep_study(tmp_path: Path, body: str) -> Path:
     """A tiny SRCNN study on the sample photographs, writing under ``tmp_path``."""
     path = tmp_path / "study.yaml"
     path.write_text(f"""
-base: {REPO / 'configs' / 'smoke.yaml'}
+base: {REPO / "configs" / "smoke.yaml"}
 fixed:
-  training.output_dir: {tmp_path / 'runs'}
-  tracking.tracking_uri: sqlite:///{tmp_path / 'mlflow.db'}
+  training.output_dir: {tmp_path / "runs"}
+  tracking.tracking_uri: sqlite:///{tmp_path / "mlflow.db"}
   training.device: cpu
   training.eval_interval: 20
   data.batch_size: 8

@@ -25,7 +25,9 @@ def sampler(bank: ImageBank, augmenter: Augmenter, **overrides) -> PatchSampler:
 
 def source_corners(matrices: torch.Tensor) -> torch.Tensor:
     """Where the patch corners (+-1, +-1) are read from: (B, 4, 2) in half-patch units."""
-    corners = torch.tensor([[-1.0, -1.0, 1.0], [1.0, -1.0, 1.0], [1.0, 1.0, 1.0], [-1.0, 1.0, 1.0]], dtype=matrices.dtype)
+    corners = torch.tensor(
+        [[-1.0, -1.0, 1.0], [1.0, -1.0, 1.0], [1.0, 1.0, 1.0], [-1.0, 1.0, 1.0]], dtype=matrices.dtype
+    )
     mapped = corners @ matrices.transpose(1, 2)
     return mapped[..., :2] / mapped[..., 2:]
 
@@ -96,8 +98,14 @@ def test_warps_never_sample_outside_the_image(lr_patch_size):
         _, hr = s.batch(step)
         torch.testing.assert_close(hr, torch.full_like(hr, 200 / 255), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match=f"smaller than the {side}px crop .* at augmentation strength 1.0"):
-        PatchSampler(ImageBank([torch.zeros(3, side - 1, 500, dtype=torch.uint8)]), scale=2,
-                     lr_patch_size=lr_patch_size, batch_size=1, color="y", augmenter=augmenter)  # fmt: skip
+        PatchSampler(
+            ImageBank([torch.zeros(3, side - 1, 500, dtype=torch.uint8)]),
+            scale=2,
+            lr_patch_size=lr_patch_size,
+            batch_size=1,
+            color="y",
+            augmenter=augmenter,
+        )
 
 
 def test_augmented_pairs_are_consistent_and_repeatable(images):

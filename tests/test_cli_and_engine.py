@@ -47,8 +47,16 @@ def test_config_reference_documents_every_key():
 
 
 def test_train_command_runs_through_ray_local_mode_and_mlflow(tmp_path: Path):
-    result = run(str(SR_TUNE), "train", str(REPO / "configs" / "smoke.yaml"), "training.steps=30",
-                 "training.eval_interval=15", "tracking.run_name=cli", "data.val_crop=48", cwd=tmp_path)  # fmt: skip
+    result = run(
+        str(SR_TUNE),
+        "train",
+        str(REPO / "configs" / "smoke.yaml"),
+        "training.steps=30",
+        "training.eval_interval=15",
+        "tracking.run_name=cli",
+        "data.val_crop=48",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert "step     30/30" in result.stdout and "patches/s" in result.stdout and "ETA" in result.stdout
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in result.stdout
@@ -67,8 +75,9 @@ def test_bad_config_exits_2_listing_every_problem():
 
 
 def test_training_improves_and_is_deterministic_for_a_seed():
-    config = load_config(REPO / "configs" / "smoke.yaml",
-                         ["training.steps=150", "training.eval_interval=50", "training.device=cpu"])  # fmt: skip
+    config = load_config(
+        REPO / "configs" / "smoke.yaml", ["training.steps=150", "training.eval_interval=50", "training.device=cpu"]
+    )
     first = train(config)
     again = train(config)
     assert [r.loss for r in first.history] == [r.loss for r in again.history]
@@ -81,6 +90,7 @@ def test_training_improves_and_is_deterministic_for_a_seed():
 
 def test_other_seeds_draw_other_runs():
     config = load_config(REPO / "configs" / "smoke.yaml", ["training.steps=5", "training.eval_interval=5"])
-    other = load_config(REPO / "configs" / "smoke.yaml", ["training.steps=5", "training.eval_interval=5",
-                                                         "training.seed=1"])  # fmt: skip
+    other = load_config(
+        REPO / "configs" / "smoke.yaml", ["training.steps=5", "training.eval_interval=5", "training.seed=1"]
+    )
     assert train(config).final.loss != train(other).final.loss

@@ -25,8 +25,10 @@ def test_every_shipped_yaml_loads(path):
 
 
 def test_overrides_are_typed_and_nested():
-    config = load_config(REPO / "configs" / "smoke.yaml", ["optimizer.lr=1e-4", "model.name=vdsr",
-                                                          "model.kwargs.depth=10", "data.color=rgb"])  # fmt: skip
+    config = load_config(
+        REPO / "configs" / "smoke.yaml",
+        ["optimizer.lr=1e-4", "model.name=vdsr", "model.kwargs.depth=10", "data.color=rgb"],
+    )
     assert config.optimizer.lr == 1e-4 and isinstance(config.optimizer.lr, float)
     assert config.model.kwargs == {"depth": 10}
     assert config.in_channels == 3

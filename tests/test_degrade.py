@@ -58,8 +58,10 @@ def test_float32_matches_matlab_on_image_range(case):
     assert np.abs(to_numpy(result) * peak - expected).max() / peak < 1e-5
 
 
-@pytest.mark.parametrize(("case", "scale"), [("down_down_x2_aa", 1 / 2), ("down_down_x3_aa", 1 / 3),
-                                             ("down_down_x4_aa", 1 / 4), ("down_down_x5_aa", 1 / 5)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("case", "scale"),
+    [("down_down_x2_aa", 1 / 2), ("down_down_x3_aa", 1 / 3), ("down_down_x4_aa", 1 / 4), ("down_down_x5_aa", 1 / 5)],
+)
 def test_scale_argument_matches_matlab(case, scale):
     x, expected, _, antialias = golden(case)
     result = imresize(x, scale=scale, antialias=antialias)
@@ -104,9 +106,13 @@ def test_fractional_upscale_size_is_matlab_ceil():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({}, "exactly one"), ({"scale": 2, "size": (4, 4)}, "exactly one"), ({"scale": -1}, "positive"),
-     ({"size": (0, 3)}, "positive")],
-)  # fmt: skip
+    [
+        ({}, "exactly one"),
+        ({"scale": 2, "size": (4, 4)}, "exactly one"),
+        ({"scale": -1}, "positive"),
+        ({"size": (0, 3)}, "positive"),
+    ],
+)
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         imresize(torch.rand(4, 4, dtype=torch.float64), **kwargs)

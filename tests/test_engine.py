@@ -23,9 +23,17 @@ class Interrupted(Exception):
 
 def test_srcnn_beats_bicubic_on_the_sample_photographs():
     # 500 steps of 32 patches; an EMA of the weights smooths the last steps' noise (+0.10 dB measured).
-    config = load_config(REPO / "configs" / "smoke.yaml", ["training.steps=500", "training.eval_interval=250",
-                         "optimizer.lr=2e-3", "data.batch_size=32", "optimizer.ema_decay=0.98",
-                         "training.device=cpu"])  # fmt: skip
+    config = load_config(
+        REPO / "configs" / "smoke.yaml",
+        [
+            "training.steps=500",
+            "training.eval_interval=250",
+            "optimizer.lr=2e-3",
+            "data.batch_size=32",
+            "optimizer.ema_decay=0.98",
+            "training.device=cpu",
+        ],
+    )
     result = train(config)
     assert result.final.psnr > result.final.bicubic_psnr + 0.05, result.final
     assert result.history[0].loss > result.final.loss
@@ -45,22 +53,38 @@ def test_the_last_layer_gets_its_own_learning_rate():
     assert [p is q for p, q in zip(head["params"], model.reconstruct.parameters())] == [True, True]
     assert len(body["params"]) == 4 and head["lr"] == pytest.approx(1e-5)
     seen: list[float] = []
-    config = load_config(None, [*QUICK, "training.steps=3", "training.eval_interval=3", "optimizer.name=sgd",
-                                "optimizer.lr=1e-4", "optimizer.last_layer_lr_scale=0.1"])  # fmt: skip
+    config = load_config(
+        None,
+        [
+            *QUICK,
+            "training.steps=3",
+            "training.eval_interval=3",
+            "optimizer.name=sgd",
+            "optimizer.lr=1e-4",
+            "optimizer.last_layer_lr_scale=0.1",
+        ],
+    )
     train(config, on_eval=lambda result, _: seen.append(result.lr))
     assert seen == [pytest.approx(1e-4)]
 
 
 def test_a_diverging_run_names_the_step_and_the_loss_term():
-    config = load_config(None, [*QUICK, "training.steps=200", "optimizer.name=sgd", "optimizer.lr=10",
-                                "optimizer.momentum=0.99"])  # fmt: skip
+    config = load_config(
+        None, [*QUICK, "training.steps=200", "optimizer.name=sgd", "optimizer.lr=10", "optimizer.momentum=0.99"]
+    )
     with pytest.raises(FloatingPointError, match=r"step \d+: loss term pixel = (nan|inf)"):
         train(config)
 
 
 def test_resume_after_a_stop_continues_exactly(tmp_path: Path):
-    overrides = [*QUICK, "training.steps=40", "training.eval_interval=10", "optimizer.schedule=cosine",
-                 "optimizer.ema_decay=0.9", "data.augment_strength=0.5"]  # fmt: skip
+    overrides = [
+        *QUICK,
+        "training.steps=40",
+        "training.eval_interval=10",
+        "optimizer.schedule=cosine",
+        "optimizer.ema_decay=0.9",
+        "data.augment_strength=0.5",
+    ]
     config = load_config(REPO / "configs" / "smoke.yaml", overrides)
     uninterrupted = train(config).history
 
@@ -81,11 +105,16 @@ def test_resume_after_a_stop_continues_exactly(tmp_path: Path):
 def test_on_eval_can_stop_a_run_and_a_resume_takes_new_hyperparameters_keeping_the_state(tmp_path: Path):
     """What PBT needs: stop at an evaluation; continue from that state under a new lr and L2."""
     overrides = [*QUICK, "training.steps=30", "training.eval_interval=10", "optimizer.lr=1e-3"]
-    stopped = train(load_config(REPO / "configs" / "smoke.yaml", overrides), checkpoint_dir=tmp_path,
-                    on_eval=lambda result, checkpoint: result.step == 10)  # fmt: skip
+    stopped = train(
+        load_config(REPO / "configs" / "smoke.yaml", overrides),
+        checkpoint_dir=tmp_path,
+        on_eval=lambda result, checkpoint: result.step == 10,
+    )
     assert [r.step for r in stopped.history] == [10]
     checkpoint = load_checkpoint(tmp_path / "last")
-    explored = load_config(REPO / "configs" / "smoke.yaml", [*overrides, "optimizer.lr=3e-4", "optimizer.weight_decay=1e-5"])
+    explored = load_config(
+        REPO / "configs" / "smoke.yaml", [*overrides, "optimizer.lr=3e-4", "optimizer.weight_decay=1e-5"]
+    )
     resumed = train(explored, resume=checkpoint)
     assert [r.step for r in resumed.history] == [10, 20, 30]
     assert resumed.history[0] == stopped.history[0]  # the inherited history
@@ -99,13 +128,30 @@ def test_init_from_fine_tunes_and_reports_layers_that_do_not_fit(tmp_path: Path)
     pretrain = load_config(None, [*QUICK, "model.name=espcn", "training.steps=60", "training.eval_interval=60"])
     trained = train(pretrain, checkpoint_dir=tmp_path / "x3")
     scratch = load_config(None, [*QUICK, "model.name=espcn", "training.steps=1", "training.eval_interval=1"])
-    fine_tuned = train(load_config(None, [*QUICK, "model.name=espcn", "training.steps=1", "training.eval_interval=1",
-                                          "optimizer.lr=1e-6", f"training.init_from={tmp_path / 'x3' / 'best'}"]))  # fmt: skip
+    fine_tuned = train(
+        load_config(
+            None,
+            [
+                *QUICK,
+                "model.name=espcn",
+                "training.steps=1",
+                "training.eval_interval=1",
+                "optimizer.lr=1e-6",
+                f"training.init_from={tmp_path / 'x3' / 'best'}",
+            ],
+        )
+    )
     assert fine_tuned.final.psnr > train(scratch).final.psnr + 1.0
     assert fine_tuned.final.psnr == pytest.approx(trained.best.psnr, abs=0.05)  # it starts where pretraining ended
 
-    x2 = [*QUICK, "model.name=espcn", "model.scale=2", "training.steps=1", "training.eval_interval=1",
-          f"training.init_from={tmp_path / 'x3' / 'best'}"]  # fmt: skip
+    x2 = [
+        *QUICK,
+        "model.name=espcn",
+        "model.scale=2",
+        "training.steps=1",
+        "training.eval_interval=1",
+        f"training.init_from={tmp_path / 'x3' / 'best'}",
+    ]
     with pytest.raises(ValueError, match=r"2 weight\(s\) do not fit") as error:
         train(load_config(None, x2))
     assert "to_subpixels.weight: checkpoint (9, 32, 3, 3), model (4, 32, 3, 3)" in str(error.value)
@@ -122,12 +168,29 @@ def test_pickle_files_are_refused_for_init_from(tmp_path: Path):
 
 
 def test_srresnet_then_srgan_end_to_end(tmp_path: Path, vgg_cache: Path):
-    small = [*QUICK, "model.name=srresnet", "model.scale=4", "model.kwargs={num_blocks: 2}", "data.color=rgb",
-             "data.lr_patch_size=8", "data.batch_size=4"]  # fmt: skip
+    small = [
+        *QUICK,
+        "model.name=srresnet",
+        "model.scale=4",
+        "model.kwargs={num_blocks: 2}",
+        "data.color=rgb",
+        "data.lr_patch_size=8",
+        "data.batch_size=4",
+    ]
     train(load_config(None, [*small, "training.steps=4", "training.eval_interval=4"]), checkpoint_dir=tmp_path / "g")
-    gan = load_config(None, [*small, "training.steps=4", "training.eval_interval=2", "loss.perceptual=vgg54",
-                             "loss.adversarial=bce", "loss.pixel_weight=0", "optimizer.lr=1e-4",
-                             f"training.init_from={tmp_path / 'g' / 'last'}"])  # fmt: skip
+    gan = load_config(
+        None,
+        [
+            *small,
+            "training.steps=4",
+            "training.eval_interval=2",
+            "loss.perceptual=vgg54",
+            "loss.adversarial=bce",
+            "loss.pixel_weight=0",
+            "optimizer.lr=1e-4",
+            f"training.init_from={tmp_path / 'g' / 'last'}",
+        ],
+    )
     result = train(gan, checkpoint_dir=tmp_path / "gan")
     assert set(result.final.losses) == {"perceptual", "adversarial", "discriminator"}
     assert set(result.final.vgg) == {"vgg22", "vgg54"} and result.final.vgg["vgg54"] > 0

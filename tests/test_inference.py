@@ -55,11 +55,28 @@ def test_upscale_command_writes_every_image(tmp_path: Path):
         path = tmp_path / f"{name}.png"
         Image.fromarray(skimage_photo(name)[:, :h, :w].permute(1, 2, 0).numpy()).save(path)
         inputs.append(path)
-    result = subprocess.run([str(SR_TUNE), "upscale", *map(str, inputs), "--checkpoint", str(checkpoint),
-                             "--out", str(tmp_path / "out"), "--tile", "64"], capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [
+            str(SR_TUNE),
+            "upscale",
+            *map(str, inputs),
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(tmp_path / "out"),
+            "--tile",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     coffee = np.asarray(Image.open(tmp_path / "out" / "coffee_x2.png"))
-    assert coffee.shape == (246, 602, 3) and np.asarray(Image.open(tmp_path / "out" / "rocket_x2.png")).shape == (600, 154, 3)
+    assert coffee.shape == (246, 602, 3) and np.asarray(Image.open(tmp_path / "out" / "rocket_x2.png")).shape == (
+        600,
+        154,
+        3,
+    )
     # Tiles of 64 give what one whole-image pass gives (up to 8-bit rounding).
     image = skimage_photo("coffee")[:, :123, :301]
     expected = Upscaler(create_model("fsrcnn_s", scale=2, in_channels=1), scale=2, color="y", tile=1000)
@@ -73,8 +90,11 @@ def test_eval_command_prints_the_paper_table(tmp_path: Path):
         folder = tmp_path / "Set2" / "HR"
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(skimage_photo(name)[:, :101, :90].permute(1, 2, 0).numpy()).save(folder / f"{name}.png")
-    result = subprocess.run([str(SR_TUNE), "eval", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "Set2")],
-                            capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [str(SR_TUNE), "eval", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "Set2")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     row = next(line for line in result.stdout.splitlines() if line.startswith("Set2"))
     fields = row.split()

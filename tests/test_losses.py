@@ -10,8 +10,14 @@ import torch
 
 from sr_tune.config import LossConfig
 from sr_tune.losses import (
-    PerceptualLoss, SRLoss, VGGDistance, discriminator_loss, generator_loss, load_vgg19_features, pixel_loss,
-)  # fmt: skip
+    PerceptualLoss,
+    SRLoss,
+    VGGDistance,
+    discriminator_loss,
+    generator_loss,
+    load_vgg19_features,
+    pixel_loss,
+)
 
 
 def test_pixel_losses_by_value():
@@ -58,8 +64,16 @@ def test_adversarial_losses():
 
 def test_sr_loss_weights_each_term(vgg_cache: Path):
     sr, hr = torch.rand(2, 1, 24, 24), torch.rand(2, 1, 24, 24)
-    terms = SRLoss(LossConfig(pixel="l1", pixel_weight=2.0, perceptual="vgg22", perceptual_weight=0.5,
-                              adversarial="bce", adversarial_weight=1e-3))(sr, hr, torch.zeros(2), torch.zeros(2))  # fmt: skip
+    terms = SRLoss(
+        LossConfig(
+            pixel="l1",
+            pixel_weight=2.0,
+            perceptual="vgg22",
+            perceptual_weight=0.5,
+            adversarial="bce",
+            adversarial_weight=1e-3,
+        )
+    )(sr, hr, torch.zeros(2), torch.zeros(2))
     assert set(terms) == {"pixel", "perceptual", "adversarial"}
     torch.testing.assert_close(terms["pixel"], 2.0 * (sr - hr).abs().mean())
     torch.testing.assert_close(terms["adversarial"], torch.tensor(1e-3 * math.log(2)))

@@ -23,8 +23,9 @@ def reference(sr: torch.Tensor, hr: torch.Tensor) -> tuple[float, float]:
     if a.shape[2] == 1:
         a, b = a[:, :, 0], b[:, :, 0]
     channel = {"channel_axis": 2} if a.ndim == 3 else {}
-    s = structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-                              data_range=1.0, **channel)  # fmt: skip
+    s = structural_similarity(
+        a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0, **channel
+    )
     return peak_signal_noise_ratio(a, b, data_range=1.0), s
 
 

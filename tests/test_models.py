@@ -22,10 +22,24 @@ def parameter_count(module: nn.Module) -> int:
 
 
 def test_registry_lists_every_family():
-    assert list_models() == sorted([
-        "cnn_deep", "cnn_medium", "cnn_small", "edsr_baseline", "espcn", "fsrcnn", "fsrcnn_s", "srcnn_915",
-        "srcnn_955", "srcnn_ex", "srresnet", "vdsr", "waifu2x_cnn", "waifu2x_vgg7",
-    ])  # fmt: skip
+    assert list_models() == sorted(
+        [
+            "cnn_deep",
+            "cnn_medium",
+            "cnn_small",
+            "edsr_baseline",
+            "espcn",
+            "fsrcnn",
+            "fsrcnn_s",
+            "srcnn_915",
+            "srcnn_955",
+            "srcnn_ex",
+            "srresnet",
+            "vdsr",
+            "waifu2x_cnn",
+            "waifu2x_vgg7",
+        ]
+    )
 
 
 @pytest.mark.parametrize("name", list_models())

@@ -33,7 +33,8 @@ from sr_tune.study import load_study
 from sr_tune.sweep import max_concurrent_trials, run_sweep
 from sr_tune.tracking import TRIAL_TAG
 
-from .conftest import REPO, mlflow_runs, write_sweep_study as write_study
+from .conftest import REPO, mlflow_runs
+from .conftest import write_sweep_study as write_study
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -59,21 +60,25 @@ def _tune_snapshot(experiment: Path) -> dict[str, tuple[str, int | None]]:
 
 
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials_or_duplicating_runs(tmp_path: Path):
-    path = write_study(tmp_path, """
+    path = write_study(
+        tmp_path,
+        """
 name: resumable
 search:
   optimizer.lr: {type: loguniform, low: 3.0e-4, high: 3.0e-3}
 sampler: {name: random, seed: 0}
 scheduler: {name: none}
 budget: {num_samples: 4, max_steps: 120}
-""")
+""",
+    )
     experiment = tmp_path / "runs" / "sweeps" / "resumable"
     # A user's shell: a Ray of its own, and the store the study names (MLflow calls in this test process set
     # MLFLOW_TRACKING_URI, which a child process would take as the user's choice).
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     command = [sys.executable, "-m", "sr_tune", "tune", str(path)]
-    driver = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    driver = subprocess.Popen(
+        command, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     finished, in_flight = {}, {}
     deadline = time.monotonic() + 400
     try:
@@ -82,18 +87,23 @@ budget: {num_samples: 4, max_steps: 120}
             # What Tune itself has persisted: a trial counts as finished once its snapshot says TERMINATED
             # (one that reported its last step a moment before the kill is still RUNNING, and is resumed).
             statuses = _tune_snapshot(experiment)
-            finished = {name: len(_reports(experiment / name)) for name, (status, _) in statuses.items()
-                        if status == "TERMINATED"}  # fmt: skip
-            in_flight = {name: step for name, (status, step) in statuses.items()
-                         if status == "RUNNING" and step and any((experiment / name).glob("checkpoint_*"))}  # fmt: skip
+            finished = {
+                name: len(_reports(experiment / name))
+                for name, (status, _) in statuses.items()
+                if status == "TERMINATED"
+            }
+            in_flight = {
+                name: step
+                for name, (status, step) in statuses.items()
+                if status == "RUNNING" and step and any((experiment / name).glob("checkpoint_*"))
+            }
         assert finished and in_flight, "the sweep never had a finished and a running trial at once"
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver, its local Ray and every trial, mid-flight
         driver.wait()
     interrupted = in_flight
 
-    resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                             timeout=600)  # fmt: skip
+    resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "best 4 of 4 trial(s) of resumable" in resumed.stdout and "mlflow ui --backend-store-uri" in resumed.stdout
 
@@ -128,11 +138,19 @@ def local_ray():
 
 
 def config(tmp_path: Path, *overrides: str):
-    return load_config(REPO / "configs" / "smoke.yaml", [
-        "training.steps=60", "training.eval_interval=30", "training.device=cpu", "data.val_crop=48",
-        f"training.output_dir={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "distributed.cpus_per_worker=1", *overrides,
-    ])  # fmt: skip
+    return load_config(
+        REPO / "configs" / "smoke.yaml",
+        [
+            "training.steps=60",
+            "training.eval_interval=30",
+            "training.device=cpu",
+            "data.val_crop=48",
+            f"training.output_dir={tmp_path / 'runs'}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "distributed.cpus_per_worker=1",
+            *overrides,
+        ],
+    )
 
 
 def test_two_gloo_workers_match_one_worker_at_double_batch_and_log_to_mlflow(tmp_path: Path, local_ray):
@@ -171,7 +189,9 @@ def test_two_gloo_workers_match_one_worker_at_double_batch_and_log_to_mlflow(tmp
 
 
 def test_concurrency_follows_the_cluster_and_bad_resources_are_named(tmp_path: Path, local_ray):
-    one_cpu = load_study(write_study(tmp_path, "name: c\nsearch: {optimizer.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}}"))
+    one_cpu = load_study(
+        write_study(tmp_path, "name: c\nsearch: {optimizer.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}}")
+    )
     assert max_concurrent_trials(one_cpu) == 2  # 2 CPUs, 1 worker x 1 CPU per trial
     two_workers = replace(one_cpu, resources=replace(one_cpu.resources, workers=2))
     assert max_concurrent_trials(two_workers) == 1
@@ -182,7 +202,10 @@ def test_concurrency_follows_the_cluster_and_bad_resources_are_named(tmp_path: P
 
 
 def test_tpe_asha_sweep_logs_a_parent_and_a_nested_run_per_trial_and_registers_the_best(tmp_path: Path, local_ray):
-    study = load_study(write_study(tmp_path, """
+    study = load_study(
+        write_study(
+            tmp_path,
+            """
 name: asha
 search:
   optimizer.lr: {type: loguniform, low: 1.0e-5, high: 3.0e-2}
@@ -190,7 +213,9 @@ search:
 sampler: {name: tpe, seed: 0, startup_trials: 3}
 scheduler: {name: asha, grace_period: 20, reduction_factor: 2}
 budget: {num_samples: 6, max_steps: 80}
-"""))
+""",
+        )
+    )
     result = run_sweep(study)
 
     trials = {t.trial_id: t for t in result.trials}
@@ -247,7 +272,10 @@ budget: {num_samples: 6, max_steps: 80}
 
 
 def test_pbt_copies_the_better_trials_weights_and_perturbs_hyperparameters(tmp_path: Path, local_ray):
-    study = load_study(write_study(tmp_path, """
+    study = load_study(
+        write_study(
+            tmp_path,
+            """
 name: pbt
 search:
   optimizer.lr: {type: loguniform, low: 1.0e-5, high: 3.0e-2}
@@ -255,7 +283,9 @@ search:
 sampler: {name: random, seed: 3}
 scheduler: {name: pbt, perturbation_interval: 40, quantile_fraction: 0.5, resample_probability: 0.0, synch: true}
 budget: {num_samples: 2, max_steps: 100}
-"""))
+""",
+        )
+    )
     result = run_sweep(study)
     assert len(result.trials) == 2 and all(t.error is None for t in result.trials)
 

@@ -13,8 +13,10 @@ from sr_tune.data.sources import shard_for_rank, skimage_photo
 @pytest.fixture(scope="module")
 def images() -> list[torch.Tensor]:
     # Different sizes and aspect ratios, so offsets and row strides matter.
-    return [skimage_photo(n)[:, :h, :w].contiguous()
-            for n, h, w in (("astronaut", 120, 97), ("coffee", 64, 200), ("rocket", 151, 151))]  # fmt: skip
+    return [
+        skimage_photo(n)[:, :h, :w].contiguous()
+        for n, h, w in (("astronaut", 120, 97), ("coffee", 64, 200), ("rocket", 151, 151))
+    ]
 
 
 def sampler(bank: ImageBank, **overrides) -> PatchSampler:

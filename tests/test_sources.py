@@ -13,8 +13,15 @@ from PIL import Image
 
 from sr_tune.cli import main
 from sr_tune.data.sources import (
-    MANIFEST, BadImageError, iter_folder, open_source, read_benchmark, read_div2k, read_shards, skimage_photo,
-)  # fmt: skip
+    MANIFEST,
+    BadImageError,
+    iter_folder,
+    open_source,
+    read_benchmark,
+    read_div2k,
+    read_shards,
+    skimage_photo,
+)
 
 
 def save(image: torch.Tensor, path: Path, **options) -> Path:

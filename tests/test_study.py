@@ -16,8 +16,16 @@ STUDIES = sorted((REPO / "search_spaces").glob("*.yaml"))
 
 def test_the_shipped_studies_cover_the_product():
     names = {load_study(path).name for path in STUDIES}
-    assert names == {"quickstart", "srcnn_optimizer", "fsrcnn", "vdsr", "srresnet", "srgan_loss_weights",
-                     "augmentation_l2", "batch_size"}  # fmt: skip
+    assert names == {
+        "quickstart",
+        "srcnn_optimizer",
+        "fsrcnn",
+        "vdsr",
+        "srresnet",
+        "srgan_loss_weights",
+        "augmentation_l2",
+        "batch_size",
+    }
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
@@ -41,7 +49,9 @@ def write_study(tmp_path: Path, body: str) -> Path:
 
 
 def test_unknown_keys_and_bad_ranges_are_all_reported_with_their_names(tmp_path: Path):
-    path = write_study(tmp_path, """
+    path = write_study(
+        tmp_path,
+        """
 name: broken
 colour: red
 search:
@@ -51,23 +61,31 @@ search:
   loss.pixel: {type: choice, values: [mse, l3]}
 scheduler: {name: hyperband}
 budget: {num_samples: 4, max_step: 100}
-""")
+""",
+    )
     with pytest.raises(ConfigError) as raised:
         load_study(path)
     message = str(raised.value)
     assert str(path) in message
-    for expected in ("colour: unknown key", "budget.max_step: unknown key",
-                     "search.optimizer.weight_decay.low: 0.0 must be > 0", "search.data.batch_size: low 64 must be below"):  # fmt: skip
+    for expected in (
+        "colour: unknown key",
+        "budget.max_step: unknown key",
+        "search.optimizer.weight_decay.low: 0.0 must be > 0",
+        "search.data.batch_size: low 64 must be below",
+    ):
         assert expected in message, expected
     # Problems with the study's own keys come first; once those are fixed, the training-config checks
     # name the search key the config does not have, and the value it refuses.
-    path = write_study(tmp_path, """
+    path = write_study(
+        tmp_path,
+        """
 name: broken
 search:
   optimizer.lrr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}
   loss.pixel: {type: choice, values: [mse, l3]}
 scheduler: {name: hyperband}
-""")
+""",
+    )
     with pytest.raises(ConfigError) as raised:
         load_study(path)
     message = str(raised.value)
@@ -77,13 +95,16 @@ scheduler: {name: hyperband}
 
 
 def test_pbt_refuses_structural_keys_and_model_based_samplers(tmp_path: Path):
-    path = write_study(tmp_path, """
+    path = write_study(
+        tmp_path,
+        """
 name: pbt
 search:
   optimizer.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}
   data.batch_size: {type: choice, values: [8, 16]}
 scheduler: {name: pbt}
-""")
+""",
+    )
     with pytest.raises(ConfigError) as raised:
         load_study(path)
     assert "search.data.batch_size: PBT can only change" in str(raised.value)
@@ -91,14 +112,19 @@ scheduler: {name: pbt}
 
 
 def test_trials_of_other_batch_sizes_see_the_same_patches(tmp_path: Path):
-    study = load_study(write_study(tmp_path, """
+    study = load_study(
+        write_study(
+            tmp_path,
+            """
 name: batch
 fixed: {data.batch_size: 16, training.eval_interval: 50}
 search:
   data.batch_size: {type: choice, values: [16, 48, 64]}
 budget: {max_steps: 200}
 resources: {workers: 2}
-"""))
+""",
+        )
+    )
     for batch, steps, interval in ((16, 200, 50), (64, 50, 13), (48, 67, 17)):
         config = study.trial_config({"data.batch_size": batch})
         assert (config.training.steps, config.training.eval_interval) == (steps, interval)

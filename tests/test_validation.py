@@ -62,7 +62,7 @@ def test_centre_crops_keep_shipped_lr_and_hr_in_register(benchmark):
 
 def test_ranks_decode_disjoint_shards_of_a_folder(tmp_path: Path):
     for k, name in enumerate(("astronaut", "coffee", "rocket", "chelsea", "camera")):
-        save(skimage_photo(name)[:, :40 + k, :50], tmp_path / "train" / f"img{k}.png")
+        save(skimage_photo(name)[:, : 40 + k, :50], tmp_path / "train" / f"img{k}.png")
     shards = [open_source(str(tmp_path / "train"), "train", rank=r, world_size=2) for r in range(2)]
     assert [[i.name for i in shard] for shard in shards] == [["img0", "img2", "img4"], ["img1", "img3"]]
     heights = sorted(i.hr.shape[1] for shard in shards for i in shard)

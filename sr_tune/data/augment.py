@@ -73,6 +73,7 @@ def warp(images: torch.Tensor, matrices: torch.Tensor, size: int) -> torch.Tenso
 
 def dihedral(images: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
     """Apply one of the 8 flips/rotations per sample: ``choice`` (B,) in 0..7 on square (B, C, P, P)."""
+
     def where(bit: int, transformed: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
         return torch.where((choice & bit).bool()[:, None, None, None], transformed, current)
 
@@ -115,7 +116,11 @@ class Augmenter:
         rotation = math.radians(MAX_ROTATION_DEGREES * s)
         # |A v|_inf <= zoom * ||R||_inf * ||shear||_inf * |v|_inf, and the perspective quad lies within
         # 1 + corner shift of the centre; translation adds its own offset.
-        linear = MAX_ZOOM**s * (math.cos(rotation) + math.sin(rotation)) * (1 + math.tan(math.radians(MAX_SHEAR_DEGREES * s)))
+        linear = (
+            MAX_ZOOM**s
+            * (math.cos(rotation) + math.sin(rotation))
+            * (1 + math.tan(math.radians(MAX_SHEAR_DEGREES * s)))
+        )
         return linear * (1 + MAX_CORNER_SHIFT * s) + 2 * MAX_TRANSLATE * s
 
     def crop_size(self, patch: int) -> int:

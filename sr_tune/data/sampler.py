@@ -55,9 +55,7 @@ class ImageBank:
         rows = top[:, None] + span[None, :]  # (B, P)
         cols = left[:, None] + span[None, :]  # (B, P)
         flat = (
-            self.offsets[index, None, None]
-            + rows[:, :, None] * self.widths[index, None, None]
-            + cols[:, None, :]
+            self.offsets[index, None, None] + rows[:, :, None] * self.widths[index, None, None] + cols[:, None, :]
         )  # (B, P, P) positions in the flat buffer
         patches = self.pixels[:, flat]  # (3, B, P, P)
         return patches.permute(1, 0, 2, 3).contiguous()  # (B, 3, P, P)

@@ -27,21 +27,45 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 # PIL modes that hold 8-bit samples; 16-bit and float modes (I;16, I, F) are refused.
-_EIGHT_BIT_MODES = {"L": "RGB", "LA": "RGB", "P": "RGB", "PA": "RGB", "RGB": "RGB", "RGBA": "RGB", "CMYK": "RGB",
-                    "YCbCr": "RGB", "1": "RGB"}  # fmt: skip
+_EIGHT_BIT_MODES = {
+    "L": "RGB",
+    "LA": "RGB",
+    "P": "RGB",
+    "PA": "RGB",
+    "RGB": "RGB",
+    "RGBA": "RGB",
+    "CMYK": "RGB",
+    "YCbCr": "RGB",
+    "1": "RGB",
+}
 
 # Fixed split of the built-in sample set. ``chelsea`` and ``cat`` are the same photograph: only one is used.
 SAMPLE_TRAIN = (
-    "stereo_motorcycle", "hubble_deep_field", "immunohistochemistry", "retina", "camera",
-    "coins", "moon", "grass", "gravel", "brick", "page", "clock",
-)  # fmt: skip
+    "stereo_motorcycle",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "camera",
+    "coins",
+    "moon",
+    "grass",
+    "gravel",
+    "brick",
+    "page",
+    "clock",
+)
 SAMPLE_VAL = ("astronaut", "coffee", "chelsea", "rocket")
 
 MANIFEST = "manifest.json"
-PARQUET_SCHEMA = pa.schema([
-    ("name", pa.string()), ("height", pa.int32()), ("width", pa.int32()), ("channels", pa.int8()),
-    ("png", pa.binary()),
-])  # fmt: skip
+PARQUET_SCHEMA = pa.schema(
+    [
+        ("name", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("channels", pa.int8()),
+        ("png", pa.binary()),
+    ]
+)
 
 
 class BadImageError(ValueError):
@@ -225,14 +249,22 @@ def write_shards(
         payload = buffer.getvalue()
         with fs.open_output_stream(f"{root}/{name}") as stream:
             stream.write(payload)
-        shards.append({"file": name, "images": len(rows), "bytes": len(payload),
-                       "sha256": hashlib.sha256(payload).hexdigest()})  # fmt: skip
+        shards.append(
+            {"file": name, "images": len(rows), "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+        )
         rows, pending = [], 0
 
     for image in images:
         png = encode_png(image.hr)
-        rows.append({"name": image.name, "height": image.hr.shape[1], "width": image.hr.shape[2],
-                     "channels": image.hr.shape[0], "png": png})  # fmt: skip
+        rows.append(
+            {
+                "name": image.name,
+                "height": image.hr.shape[1],
+                "width": image.hr.shape[2],
+                "channels": image.hr.shape[0],
+                "png": png,
+            }
+        )
         pending += len(png)
         if pending >= shard_bytes:
             flush()

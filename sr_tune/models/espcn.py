@@ -18,9 +18,7 @@ class ESPCN(nn.Module):
         super().__init__()
         check_scale("ESPCN", scale)
         n1, n2 = widths
-        self.features = nn.Sequential(
-            conv(in_channels, n1, 5), nn.Tanh(), conv(n1, n2, 3), nn.Tanh()
-        )
+        self.features = nn.Sequential(conv(in_channels, n1, 5), nn.Tanh(), conv(n1, n2, 3), nn.Tanh())
         self.to_subpixels = conv(n2, in_channels * scale * scale, 3)
         self.shuffle = nn.PixelShuffle(scale)
 

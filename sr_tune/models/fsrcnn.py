@@ -24,9 +24,7 @@ class FSRCNN(nn.Module):
         layers += [conv(s, d, 1), nn.PReLU(d)]
         self.body = nn.Sequential(*layers)
         # Output size (h - 1) * scale - 2 * 4 + 9 + (scale - 1) = h * scale.
-        self.deconv = nn.ConvTranspose2d(
-            d, in_channels, 9, stride=scale, padding=4, output_padding=scale - 1
-        )
+        self.deconv = nn.ConvTranspose2d(d, in_channels, 9, stride=scale, padding=4, output_padding=scale - 1)
 
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
         return self.deconv(self.body(lr))  # (B, d, h, w) -> (B, C, h*s, w*s)

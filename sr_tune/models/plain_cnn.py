@@ -62,14 +62,10 @@ def cnn_medium(scale: int, in_channels: int = 1, out_channels: int | None = None
 @register_model
 def cnn_deep(scale: int, in_channels: int = 1, out_channels: int | None = None) -> PlainCNN:
     """CNN_DEEP: 3x3 convs C-32-64-128-128-64-32-C with ReLU on the bicubic upscale."""
-    return PlainCNN(
-        scale=scale, hidden=(32, 64, 128, 128, 64, 32), in_channels=in_channels, out_channels=out_channels
-    )
+    return PlainCNN(scale=scale, hidden=(32, 64, 128, 128, 64, 32), in_channels=in_channels, out_channels=out_channels)
 
 
 @register_model
 def waifu2x_cnn(scale: int, in_channels: int = 1, out_channels: int | None = None) -> PlainCNN:
     """The report's "waifu2x CNN": vgg_7's widths, but padded, ReLU and bicubic input (see waifu2x.py)."""
-    return PlainCNN(
-        scale=scale, hidden=(32, 32, 64, 64, 128, 128), in_channels=in_channels, out_channels=out_channels
-    )
+    return PlainCNN(scale=scale, hidden=(32, 32, 64, 64, 128, 128), in_channels=in_channels, out_channels=out_channels)

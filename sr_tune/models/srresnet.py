@@ -18,9 +18,12 @@ class ResidualBlock(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            conv(width, width, 3), nn.BatchNorm2d(width), nn.PReLU(width),
-            conv(width, width, 3), nn.BatchNorm2d(width),
-        )  # fmt: skip
+            conv(width, width, 3),
+            nn.BatchNorm2d(width),
+            nn.PReLU(width),
+            conv(width, width, 3),
+            nn.BatchNorm2d(width),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
@@ -62,8 +65,16 @@ class SRGANDiscriminator(nn.Module):
 
     def __init__(self, *, in_channels: int = 3, base_width: int = 64) -> None:
         super().__init__()
-        widths = [base_width, base_width, 2 * base_width, 2 * base_width,
-                  4 * base_width, 4 * base_width, 8 * base_width, 8 * base_width]  # fmt: skip
+        widths = [
+            base_width,
+            base_width,
+            2 * base_width,
+            2 * base_width,
+            4 * base_width,
+            4 * base_width,
+            8 * base_width,
+            8 * base_width,
+        ]
         layers: list[nn.Module] = []
         previous = in_channels
         for index, width in enumerate(widths):

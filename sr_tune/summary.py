@@ -1,0 +1,168 @@
+"""A finished sweep read back: per-trial summaries, the closing table, edge warnings, the results CSV and
+plots. No Ray here: ``sweep.py`` turns Tune's results into ``TrialRecord``s, and everything below is
+tested on records built by hand.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from sr_tune.engine import metric_names
+from sr_tune.study import Study
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialRecord:
+    """What Tune kept of one trial."""
+
+    trial_id: str
+    params: dict[str, Any]  # the searched values (PBT: the last ones it switched to)
+    last: dict[str, Any]  # the metrics of its last report
+    reports: pd.DataFrame | None = field(default=None, compare=False)  # one row per report, Tune's columns
+    error: str | None = None
+    checkpoints: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (path, metrics) Tune holds
+    latest_checkpoint: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialSummary:
+    trial_id: str
+    params: dict[str, Any]
+    best: dict[str, Any]  # metrics at the trial's best report by the objective
+    patches_seen: int  # at its last report
+    stopped_early: bool  # stopped by the scheduler before the budget
+    error: str | None
+    run_id: str | None
+    best_checkpoint: str | None  # Tune's copy
+
+
+def ranked_checkpoints(study: Study, record: TrialRecord) -> list[str]:
+    """The trial's checkpoints that Tune holds, best first by the objective."""
+    metric = study.objective.metric
+    scored = [(path, metrics[metric]) for path, metrics in record.checkpoints if metric in metrics]
+    scored.sort(key=lambda item: item[1], reverse=study.objective.mode == "max")
+    return [path for path, _ in scored]
+
+
+def _best_row(frame: pd.DataFrame | None, metric: str, mode: str) -> dict[str, Any]:
+    if frame is None or frame.empty or metric not in frame:
+        return {}
+    index = frame[metric].idxmax() if mode == "max" else frame[metric].idxmin()
+    return frame.loc[index].to_dict()
+
+
+def summarize(study: Study, records: list[TrialRecord]) -> list[TrialSummary]:
+    """One summary per trial, best first by the objective (trials without it last)."""
+    objective, budget = study.objective, study.patches(study.budget.max_steps)
+    summaries = []
+    for record in records:
+        ranked = ranked_checkpoints(study, record)
+        patches = int(record.last.get("patches_seen", 0))
+        summaries.append(
+            TrialSummary(
+                trial_id=record.trial_id,
+                params=record.params,
+                best=_best_row(record.reports, objective.metric, objective.mode),
+                patches_seen=patches,
+                stopped_early=record.error is None and 0 < patches < budget,
+                error=record.error,
+                run_id=record.last.get("mlflow_run_id") or None,
+                best_checkpoint=ranked[0] if ranked else None,
+            )
+        )
+    sign = -1 if objective.mode == "max" else 1
+    return sorted(summaries, key=lambda s: sign * s.best.get(objective.metric, -sign * math.inf))
+
+
+def best_metrics(study: Study, best: TrialSummary) -> dict[str, float]:
+    """The best trial's metrics under the names its runs report (and the patches it had seen)."""
+    names = (*metric_names(study.base_config().loss), "patches_seen")
+    return {f"best_{key}": float(value) for key, value in best.best.items() if key in names}
+
+
+def edge_warnings(study: Study, best: TrialSummary) -> list[str]:
+    """A line per searched parameter whose best value lies in the outer 10% of its range."""
+    warnings = []
+    for key, dist in study.search.items():
+        side = dist.edge(best.params[key])
+        if side:
+            bound = dist.low if side == "low" else dist.high
+            warnings.append(
+                f"{key} = {best.params[key]:.4g} in the best trial lies near the {side} edge of its range "
+                f"({dist.low:g} .. {dist.high:g}); the optimum may be beyond {bound:g}"
+            )
+    return warnings
+
+
+def results_csv(study: Study, summaries: list[TrialSummary]) -> str:
+    metric = study.objective.metric
+    rows = [
+        {
+            "trial_id": s.trial_id,
+            **{f"param.{k}": v for k, v in s.params.items()},
+            f"best_{metric}": s.best.get(metric),
+            "psnr_gain": s.best.get("psnr_gain"),
+            "patches_seen": s.patches_seen,
+            "stopped_early": s.stopped_early,
+            "error": s.error or "",
+            "mlflow_run_id": s.run_id or "",
+        }
+        for s in summaries
+    ]
+    return pd.DataFrame(rows).to_csv(index=False)
+
+
+def summary_figures(study: Study, records: list[TrialRecord], summaries: list[TrialSummary]) -> dict[str, Any]:
+    """Best-so-far against the patches the sweep trained on, each searched range against the objective, and
+    PBT's schedules."""
+    from sr_tune.visualize import best_so_far_figure, parameter_figure, schedule_figure
+
+    metric = study.objective.metric
+    frames = [r.reports for r in records if r.reports is not None and metric in r.reports]
+    reports = pd.concat(frames).sort_values("timestamp", kind="stable") if frames else pd.DataFrame()
+    figures = {}
+    if not reports.empty:
+        # Patches the sweep has trained on when each report came: each report adds what its trial trained since
+        # its previous one (a PBT restart from another trial's checkpoint counts only the new patches).
+        steps = reports.groupby("trial_id")["patches_seen"].diff().fillna(reports["patches_seen"]).clip(lower=0)
+        figures["plots/best_so_far.png"] = best_so_far_figure(
+            list(zip(steps.cumsum(), reports[metric])), metric, study.objective.mode
+        )
+    scored = [s for s in summaries if metric in s.best]
+    for key, dist in study.search.items():
+        if dist.type != "choice":
+            values, objectives = [s.params[key] for s in scored], [s.best[metric] for s in scored]
+            figures[f"plots/param_{key}.png"] = parameter_figure(
+                key, values, objectives, metric, log=dist.type == "loguniform"
+            )
+    if study.scheduler.name == "pbt" and not reports.empty:
+        for key in study.search:
+            if f"hp/{key}" in reports:
+                schedules = {
+                    trial: list(zip(group["patches_seen"], group[f"hp/{key}"]))
+                    for trial, group in reports.groupby("trial_id")
+                }
+                figures[f"plots/pbt_schedule_{key}.png"] = schedule_figure(key, schedules)
+    return figures
+
+
+def sweep_table(study: Study, summaries: list[TrialSummary], top: int = 5) -> str:
+    """The best trials: objective, PSNR gain over bicubic, data seen and the searched values."""
+    metric = study.objective.metric
+    keys = list(study.search)
+    header = f"{'rank':<5}{'trial':<14}{metric:>11}{'vs bicubic':>12}{'patches':>10}  " + "  ".join(keys)
+    lines = [f"best {min(top, len(summaries))} of {len(summaries)} trial(s) of {study.name}:", header]
+    for rank, trial in enumerate(summaries[:top], 1):
+        value, gain = trial.best.get(metric, float("nan")), trial.best.get("psnr_gain", float("nan"))
+        values = "  ".join(
+            f"{trial.params[k]:.4g}" if isinstance(trial.params[k], float) else str(trial.params[k]) for k in keys
+        )
+        status = " (stopped early)" if trial.stopped_early else (" (failed)" if trial.error else "")
+        lines.append(
+            f"{rank:<5}{trial.trial_id:<14}{value:>11.4f}{gain:>+9.2f} dB{trial.patches_seen:>10,}  {values}{status}"
+        )
+    return "\n".join(lines)
