@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import operator
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -67,8 +68,8 @@ def _field_problem(f: dataclasses.Field, value: Any) -> str | None:
     bounds = {k: v for k, v in f.metadata.items() if k in _BOUND_TEXT}
     if not bounds or not isinstance(value, (int, float)) or isinstance(value, bool):
         return None
-    within = {"ge": value.__ge__, "gt": value.__gt__, "le": value.__le__, "lt": value.__lt__}
-    if all(within[kind](bound) for kind, bound in bounds.items()):
+    within = {"ge": operator.ge, "gt": operator.gt, "le": operator.le, "lt": operator.lt}
+    if all(within[kind](value, bound) for kind, bound in bounds.items()):
         return None
     allowed = " and ".join(f"{_BOUND_TEXT[k]} {b}" for k, b in bounds.items())
     return f"{f.name}: {value!r} is out of range (allowed: {allowed})"

@@ -319,7 +319,9 @@ class LossWindow:
         raises ``FloatingPointError`` naming the first step and term that was not finite on this rank."""
         names = list(self.sums)
         if int(self.bad_step) and self.bad_values is not None:
-            bad = {name: value for name, value in zip(names, self.bad_values.tolist()) if not math.isfinite(value)}
+            values = dict(zip(names, self.bad_values.tolist()))
+            bad = {name: value for name, value in values.items() if name != "total" and not math.isfinite(value)}
+            bad = bad or {"total": values["total"]}  # finite terms whose sum overflowed
             described = ", ".join(f"{name} = {value}" for name, value in bad.items())
             raise FloatingPointError(
                 f"step {int(self.bad_step)}: loss term {described} is not finite; lower optimizer.lr or set "

@@ -244,7 +244,8 @@ def _cross_problems(values: Mapping[str, Any]) -> list[str]:
     problems: list[str] = []
     base_data, fixed, search = values.get("base_data"), values.get("fixed", {}), values.get("search") or {}
     budget, resources = values.get("budget", Budget()), values.get("resources", Resources())
-    sampler, scheduler, objective = values.get("sampler"), values.get("scheduler"), values.get("objective")
+    sampler, scheduler = values.get("sampler", Sampler()), values.get("scheduler", Scheduler())
+    objective = values.get("objective", Objective())
     source = str(values.get("path", "study"))
     if base_data is not None and fixed is not None:
         try:

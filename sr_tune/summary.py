@@ -5,7 +5,6 @@ tested on records built by hand.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,7 +74,7 @@ def summarize(study: Study, records: list[TrialRecord]) -> list[TrialSummary]:
             )
         )
     sign = -1 if objective.mode == "max" else 1
-    return sorted(summaries, key=lambda s: sign * s.best.get(objective.metric, -sign * math.inf))
+    return sorted(summaries, key=lambda s: (objective.metric not in s.best, sign * s.best.get(objective.metric, 0)))
 
 
 def best_metrics(study: Study, best: TrialSummary) -> dict[str, float]:

@@ -167,22 +167,26 @@ def log_summary(
 
 
 @contextmanager
-def _model_logging_store(uri: str) -> Iterator[None]:
-    """``mlflow.pytorch.log_model`` reads MLflow's process-wide store: set it for that one call, then put
-    back the store and ``MLFLOW_TRACKING_URI`` (which ``set_tracking_uri`` rewrites) exactly as they were."""
+def _model_logging_store(uri: str, experiment: str) -> Iterator[None]:
+    """``mlflow.pytorch.log_model`` reads MLflow's process-wide store and experiment: set them for that one
+    call, then put back the store and the variables (``set_tracking_uri`` rewrites ``MLFLOW_TRACKING_URI``)
+    exactly as they were."""
     import mlflow
     from mlflow.tracking._tracking_service import utils
 
-    saved_uri, saved_variable = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    variables = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_ID": experiment}
+    saved_uri, saved = utils._tracking_uri, {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
         utils._tracking_uri = saved_uri
-        if saved_variable is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved_variable
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def log_model(
@@ -199,7 +203,7 @@ def log_model(
     import mlflow
 
     example = torch.rand(1, in_channels, 48, 48).numpy()
-    with _model_logging_store(client.tracking_uri):
+    with _model_logging_store(client.tracking_uri, client.get_run(run_id).info.experiment_id):
         info = mlflow.pytorch.log_model(
             model.cpu().eval(),
             name=name,

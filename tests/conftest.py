@@ -11,7 +11,8 @@ from mlflow.tracking import MlflowClient
 from sr_tune.data.sources import skimage_photo
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = REPO.parent / "shared" / "golden" / "matlab_imresize.npz"
+ASSETS = REPO / "tests" / "assets"
+GOLDEN = ASSETS / "matlab_imresize.npz"  # real MATLAB imresize answers (see matlab_imresize.md)
 WAIFU2X_WHEEL = "waifu2x-2024.0.1-py3-none-any.whl"
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 

@@ -36,7 +36,7 @@ from sr_tune.tracking import TRIAL_TAG
 from .conftest import REPO, mlflow_runs
 from .conftest import write_sweep_study as write_study
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 
 def _reports(trial_dir: Path) -> list[dict]:
@@ -154,8 +154,13 @@ def config(tmp_path: Path, *overrides: str):
 
 
 def test_two_gloo_workers_match_one_worker_at_double_batch_and_log_to_mlflow(tmp_path: Path, local_ray):
-    two = fit(config(tmp_path, "distributed.num_workers=2", "data.batch_size=16", "tracking.run_name=two"))
-    one = fit(config(tmp_path, "distributed.num_workers=1", "data.batch_size=32", "tracking.run_name=one"))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    two = fit(
+        config(tmp_path, "distributed.num_workers=2", "data.batch_size=16", "tracking.run_name=two"), client=client
+    )
+    one = fit(
+        config(tmp_path, "distributed.num_workers=1", "data.batch_size=32", "tracking.run_name=one"), client=client
+    )
 
     # Same effective batch, same seed: the loss curves agree (different patches, so not bit for bit).
     assert two.metrics["step"] == one.metrics["step"] == 60
@@ -216,7 +221,7 @@ budget: {num_samples: 6, max_steps: 80}
 """,
         )
     )
-    result = run_sweep(study)
+    result = run_sweep(study, client=MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"))
 
     trials = {t.trial_id: t for t in result.trials}
     assert len(trials) == 6 and all(t.error is None for t in trials.values())
@@ -286,7 +291,7 @@ budget: {num_samples: 2, max_steps: 100}
 """,
         )
     )
-    result = run_sweep(study)
+    result = run_sweep(study, client=MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"))
     assert len(result.trials) == 2 and all(t.error is None for t in result.trials)
 
     reports = {}

@@ -32,12 +32,12 @@ def test_the_shipped_studies_cover_the_product():
 def test_every_study_file_loads_and_each_extreme_makes_a_valid_config(path: Path):
     study = load_study(path)
     assert study.search and study.text == path.read_text()
-    for dist in study.search:
-        for value in dist.values if dist.kind == "choice" else (dist.low, dist.high):
-            config = study.trial_config({dist.key: value})
-            section, _, key = dist.key.partition(".")
+    for key, dist in study.search.items():
+        for value in dist.extremes():
+            config = study.trial_config({key: value})
+            section, _, name = key.partition(".")
             got = getattr(config, section)
-            for part in key.split("."):
+            for part in name.split("."):
                 got = got[part] if isinstance(got, dict) else getattr(got, part)
             assert got == value
 
@@ -48,10 +48,11 @@ def write_study(tmp_path: Path, body: str) -> Path:
     return path
 
 
-def test_unknown_keys_and_bad_ranges_are_all_reported_with_their_names(tmp_path: Path):
-    path = write_study(
-        tmp_path,
-        """
+def test_one_load_reports_every_problem_of_a_study_with_did_you_mean(tmp_path: Path):
+    # Fifteen problems across every part of the file: unknown keys, wrong types, bad bounds, names that are
+    # not the allowed ones, search keys the training config does not have or values it refuses, and an
+    # objective (VGG54) that a run without an adversarial loss never reports. One load names them all.
+    path = write_study(tmp_path, """
 name: broken
 colour: red
 search:
@@ -59,39 +60,58 @@ search:
   optimizer.weight_decay: {type: loguniform, low: 0.0, high: 1.0e-2}
   data.batch_size: {type: int, low: 64, high: 16}
   loss.pixel: {type: choice, values: [mse, l3]}
-scheduler: {name: hyperband}
-budget: {num_samples: 4, max_step: 100}
-""",
-    )
+objective: {metric: val_vgg54, mode: maximum}
+sampler: {name: tpee, seed: -1}
+scheduler: {name: hyperband, reduction_factor: "two"}
+budget: {num_samples: 0, max_step: 100}
+resources: {workers: 0, gpus_per_worker: 2}
+""")
     with pytest.raises(ConfigError) as raised:
         load_study(path)
     message = str(raised.value)
-    assert str(path) in message
-    for expected in (
+    expected = [
         "colour: unknown key",
-        "budget.max_step: unknown key",
-        "search.optimizer.weight_decay.low: 0.0 must be > 0",
-        "search.data.batch_size: low 64 must be below",
-    ):
-        assert expected in message, expected
-    # Problems with the study's own keys come first; once those are fixed, the training-config checks
-    # name the search key the config does not have, and the value it refuses.
-    path = write_study(
-        tmp_path,
-        """
-name: broken
-search:
-  optimizer.lrr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}
-  loss.pixel: {type: choice, values: [mse, l3]}
-scheduler: {name: hyperband}
-""",
-    )
+        "search.optimizer.lrr = 0.0001: optimizer.lrr: unknown key (did you mean 'lr'?",
+        "search.optimizer.weight_decay.low: 0.0 must be > 0 for loguniform",
+        "search.data.batch_size.low: 64 must be below high 16",
+        "search.loss.pixel = 'l3': loss.pixel: 'l3' is not valid",
+        "objective.metric: 'val_vgg54' is not reported by the runs of this study",
+        "objective.mode: 'maximum' is not valid (expected did you mean 'max'?",
+        "sampler.name: 'tpee' is not valid (expected did you mean 'tpe'?",
+        "sampler.seed: -1 is out of range (allowed: >= 0)",
+        "scheduler.name: 'hyperband' is not valid",
+        "scheduler.reduction_factor: 'two' is not valid",
+        "budget.max_step: unknown key (did you mean 'max_steps'?",
+        "budget.num_samples: 0 is out of range (allowed: >= 1)",
+        "resources.workers: 0 is out of range (allowed: >= 1)",
+        "resources.gpus_per_worker: 2",
+    ]
+    missing = [line for line in expected if line not in message]
+    assert not missing, message
+    assert str(path) in message and raised.value.problems == list(dict.fromkeys(raised.value.problems))
+    assert len(raised.value.problems) == len(expected)
+
+
+def test_an_objective_is_accepted_only_where_its_runs_report_it(tmp_path: Path, vgg_cache: Path):
+    # VGG distances are computed in adversarial runs only: the same objective is fine on an SRGAN base.
+    body = "name: gan\nsearch: {optimizer.lr: {type: loguniform, low: 1.0e-5, high: 1.0e-4}}\n"
+    body += "objective: {metric: val_vgg54, mode: min}\n"
+    gan = tmp_path / "gan.yaml"
+    gan.write_text(f"base: {REPO / 'configs' / 'srgan_x4.yaml'}\n{body}")
+    assert load_study(gan).objective.metric == "val_vgg54"
+    with pytest.raises(ConfigError, match="'val_vgg54' is not reported by the runs of this study"):
+        load_study(write_study(tmp_path, body))
+    with pytest.raises(ConfigError, match="did you mean 'val_psnr'"):
+        load_study(write_study(tmp_path, body.replace("val_vgg54", "val_pnsr")))
+
+
+def test_a_missing_base_and_required_keys_are_named(tmp_path: Path):
+    path = tmp_path / "study.yaml"
+    path.write_text("base: nowhere.yaml\nfixed: {optimizer.lr: -1}\n")
     with pytest.raises(ConfigError) as raised:
         load_study(path)
-    message = str(raised.value)
-    assert "search.optimizer.lrr = 0.0001: optimizer.lrr: unknown key" in message
-    assert "search.loss.pixel = 'l3': loss.pixel" in message
-    assert "scheduler.name: 'hyperband'" in message
+    assert "name: required" in str(raised.value) and "search: required" in str(raised.value)
+    assert "base: 'nowhere.yaml' cannot be read" in str(raised.value)
 
 
 def test_pbt_refuses_structural_keys_and_model_based_samplers(tmp_path: Path):
@@ -134,9 +154,9 @@ resources: {workers: 2}
 
 
 def test_edges_and_grids():
-    lr = Distribution(key="optimizer.lr", kind="loguniform", low=1e-4, high=1e-2)
+    lr = Distribution(type="loguniform", low=1e-4, high=1e-2)
     assert lr.edge(1.2e-4) == "low" and lr.edge(1e-3) is None and lr.edge(0.009) == "high"
-    strength = Distribution(key="data.augment_strength", kind="uniform", low=0.0, high=1.0, step=0.25)
+    strength = Distribution(type="uniform", low=0.0, high=1.0, step=0.25)
     assert strength.grid() == [0.0, 0.25, 0.5, 0.75, 1.0] and strength.edge(0.95) == "high"
-    assert Distribution(key="m", kind="int", low=2, high=5).grid() == [2, 3, 4, 5]
+    assert Distribution(type="int", low=2, high=5).grid() == [2, 3, 4, 5]
     assert lr.grid() == pytest.approx([1e-4, 1e-3, 1e-2])

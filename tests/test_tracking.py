@@ -1,0 +1,84 @@
+"""MLflow one way: a client for a URI resolved once, a tracker per run, and no process-wide state left
+behind (a real SQLite store, no Ray)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from sr_tune.engine import EvalResult, TrainResult
+from sr_tune.models import create_model
+from sr_tune.tracking import NullTracker, log_model, open_tracker, resolve_tracking_uri, start_run
+
+
+def result(step: int, psnr: float) -> EvalResult:
+    return EvalResult(
+        step=step,
+        loss=0.01,
+        losses={"pixel": 0.01},
+        lr=1e-3,
+        psnr=psnr,
+        ssim=0.9,
+        bicubic_psnr=29.0,
+        bicubic_ssim=0.85,
+        patches_per_second=100.0,
+        seconds=1.0,
+    )
+
+
+def test_the_users_variable_wins_and_relative_sqlite_paths_become_absolute(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_tracking_uri("sqlite:///mlflow.db") == "http://127.0.0.1:5000"
+
+
+def test_a_run_is_logged_through_its_client_and_leaves_mlflows_global_store_alone(tmp_path: Path, monkeypatch):
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)  # the user's shell points at another store
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(store)
+    run_id = start_run(client, "sr_tune", name="run", tags={"command": "test"}, params={"model.scale": 2})
+    assert isinstance(open_tracker(store, run_id, rank=1, in_channels=1), NullTracker)
+    assert isinstance(open_tracker(None, run_id, rank=0, in_channels=1), NullTracker)
+    tracker = open_tracker(store, run_id, rank=0, in_channels=1)
+    history = [result(10, 29.5), result(20, 29.8)]
+    for evaluation in history:
+        tracker.log_eval(evaluation, {"patches_seen": evaluation.step * 16})
+    model = create_model("srcnn_915", scale=2)
+    tracker.finish(TrainResult(history=history, last_checkpoint=None, best_checkpoint=None), model)
+
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["model.scale"] == "2"
+    assert [m.value for m in client.get_metric_history(run_id, "val_psnr")] == [29.5, 29.8]
+    assert client.get_metric_history(run_id, "patches_seen")[-1].step == 20
+    assert run.data.tags["best_val_psnr"] == "29.8000"
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"curves.png"}
+    # The model logging call put MLflow's process-wide store and the variable back as the user had them.
+    assert mlflow.get_tracking_uri() == elsewhere
+    assert os.environ["MLFLOW_TRACKING_URI"] == elsewhere
+    lr = torch.rand(1, 1, 48, 48)  # the export example's size
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", store)
+        reloaded = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    torch.testing.assert_close(reloaded(lr), model(lr), atol=1e-5, rtol=0)
+
+
+def test_a_registered_model_gets_a_version(tmp_path: Path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = start_run(client, "sr_tune", name="parent", tags={}, params={})
+    version = log_model(
+        client,
+        run_id,
+        create_model("fsrcnn", scale=2),
+        in_channels=1,
+        name="best_model",
+        registered_name="sr_tune-test",
+    )
+    assert version == "1" and client.get_model_version("sr_tune-test", "1").run_id == run_id
