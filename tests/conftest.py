@@ -3,10 +3,10 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
 from sr_tune.data.sources import skimage_photo
 
@@ -85,7 +85,9 @@ fixed:
     return path
 
 
-def mlflow_runs(tmp_path: Path) -> tuple[MlflowClient, list]:
+def mlflow_runs(tmp_path: Path) -> tuple[Any, list]:
+    from mlflow import MlflowClient  # here, so the CUDA-only tests also run where MLflow is not installed
+
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("sr_tune")
     return client, client.search_runs([experiment.experiment_id], max_results=1000)

@@ -11,7 +11,6 @@ from sr_tune.data.degrade import degrade, gaussian_blur, imresize
 
 from .conftest import GOLDEN
 
-
 _ARCHIVE = np.load(GOLDEN)
 CASES = sorted({key.split("__")[0] for key in _ARCHIVE.files})
 

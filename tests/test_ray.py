@@ -182,11 +182,11 @@ def test_two_gloo_workers_match_one_worker_at_double_batch_and_log_to_mlflow(tmp
     assert [m.step for m in history] == [30, 60] and history[-1].value == pytest.approx(two.metrics["val_psnr"])
     grids = [a.path for a in client.list_artifacts(two.run_id, "grids")]
     assert grids == ["grids/step_0000030.png", "grids/step_0000060.png"]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")  # this test's own fluent reads
     grid = mlflow.artifacts.load_image(f"runs:/{two.run_id}/grids/step_0000060.png")
     assert grid.size == (4 * 48, 48 + 14)  # LR | bicubic | SR | HR, with a caption strip
     assert {a.path for a in client.list_artifacts(two.run_id)} >= {"curves.png", "best_checkpoint", "grids"}
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     model = mlflow.pytorch.load_model(f"runs:/{two.run_id}/model")
     lr = torch.rand(1, 1, 48, 48)
     expected = load_checkpoint(tmp_path / "runs" / "two" / "best").build_model()(lr)

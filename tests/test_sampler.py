@@ -81,5 +81,6 @@ def test_images_smaller_than_a_patch_are_refused(images):
 def test_cuda_bank_gives_the_cpu_batch(images):
     cpu = sampler(ImageBank(images)).batch(4)
     cuda = sampler(ImageBank(images, "cuda")).batch(4)
-    torch.testing.assert_close(cuda[1].cpu(), cpu[1], rtol=0, atol=0)
+    # The same pixels; the float conversion to Y may differ in the last bit (fused multiply-add on the GPU).
+    torch.testing.assert_close(cuda[1].cpu(), cpu[1], rtol=0, atol=1e-6)
     torch.testing.assert_close(cuda[0].cpu(), cpu[0], rtol=1e-5, atol=1e-6)

@@ -60,7 +60,7 @@ def warp(images: torch.Tensor, matrices: torch.Tensor, size: int) -> torch.Tenso
     from the centre. Bilinear; outside the crop reads zeros, which the crop size rules out.
     """
     crop = images.shape[-1]
-    matrices = matrices.to(images.device, images.dtype)
+    matrices = upload(matrices.to(images.dtype), images.device)
     centres = (torch.arange(size, device=images.device, dtype=images.dtype) + 0.5) / size * 2 - 1  # (size,)
     grid_y, grid_x = torch.meshgrid(centres, centres, indexing="ij")
     points = torch.stack([grid_x, grid_y, torch.ones_like(grid_x)], dim=-1).reshape(-1, 3)  # (size^2, 3)
@@ -69,6 +69,14 @@ def warp(images: torch.Tensor, matrices: torch.Tensor, size: int) -> torch.Tenso
     # Half-patch units -> grid_sample's units of half the crop side.
     grid = (source * (size / crop)).reshape(-1, size, size, 2)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def upload(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Random draws made on the CPU -> ``device`` without a host sync: a CUDA copy goes asynchronously from
+    pinned memory (PyTorch's caching host allocator keeps the buffer until the copy has run)."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
 
 
 def dihedral(images: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
@@ -82,14 +90,17 @@ def dihedral(images: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
     return where(1, images.flip(-1), images)
 
 
+_GREY_WEIGHTS = torch.tensor([0.299, 0.587, 0.114])  # BT.601 luma
+
+
 def jitter_colors(
     rgb: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor, saturation: torch.Tensor
 ) -> torch.Tensor:
     """Brightness, contrast and saturation factors (each (B,)) applied to RGB (B, 3, P, P) in [0, 1]."""
-    weights = torch.tensor([0.299, 0.587, 0.114], device=rgb.device, dtype=rgb.dtype)[None, :, None, None]
+    weights = upload(_GREY_WEIGHTS.to(rgb.dtype), rgb.device)[None, :, None, None]
 
     def factor(values: torch.Tensor) -> torch.Tensor:
-        return values.to(rgb.device, rgb.dtype)[:, None, None, None]
+        return upload(values.to(rgb.dtype), rgb.device)[:, None, None, None]
 
     rgb = (rgb * factor(brightness)).clamp(0, 1)
     mean_grey = (rgb * weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)  # (B, 1, 1, 1)
@@ -155,7 +166,7 @@ class Augmenter:
         if self.strength > 0:
             rgb = warp(rgb, self.warp_matrices(batch, generator), patch).clamp(0, 1)
         if self.flip_rot:
-            rgb = dihedral(rgb, torch.randint(8, (batch,), generator=generator).to(device))
+            rgb = dihedral(rgb, upload(torch.randint(8, (batch,), generator=generator), device))
         if self.color_jitter and self.strength > 0:
             s = self.strength
             factors = [1 + _uniform(generator, batch, r * s) for r in (MAX_BRIGHTNESS, MAX_CONTRAST, MAX_SATURATION)]

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from sr_tune.data.augment import Augmenter
+from sr_tune.data.augment import Augmenter, upload
 from sr_tune.data.degrade import degrade
 from sr_tune.metrics import rgb_to_y
 
@@ -94,8 +94,7 @@ class PatchSampler:
         room_w = self.bank.cpu_widths[index] - self.crop_size + 1
         top = (torch.rand(self.batch_size, generator=generator, dtype=torch.float64) * room_h).long()
         left = (torch.rand(self.batch_size, generator=generator, dtype=torch.float64) * room_w).long()
-        device = self.bank.device
-        return index.to(device), top.to(device), left.to(device)
+        return upload(index, self.bank.device), upload(top, self.bank.device), upload(left, self.bank.device)
 
     def draw(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Image index, top and left of every crop of ``step`` (each (B,), on the bank's device)."""
