@@ -52,7 +52,9 @@ def test_one_load_reports_every_problem_of_a_study_with_did_you_mean(tmp_path: P
     # Fifteen problems across every part of the file: unknown keys, wrong types, bad bounds, names that are
     # not the allowed ones, search keys the training config does not have or values it refuses, and an
     # objective (VGG54) that a run without an adversarial loss never reports. One load names them all.
-    path = write_study(tmp_path, """
+    path = write_study(
+        tmp_path,
+        """
 name: broken
 colour: red
 search:
@@ -65,7 +67,8 @@ sampler: {name: tpee, seed: -1}
 scheduler: {name: hyperband, reduction_factor: "two"}
 budget: {num_samples: 0, max_step: 100}
 resources: {workers: 0, gpus_per_worker: 2}
-""")
+""",
+    )
     with pytest.raises(ConfigError) as raised:
         load_study(path)
     message = str(raised.value)
