@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import inspect
 import operator
 import types
@@ -81,10 +82,23 @@ def _field_problems(cls: type, values: Mapping[str, Any]) -> list[str]:
     return [problem for problem in problems if problem]
 
 
+@functools.cache
+def _literal_fields(cls: type) -> dict[str, tuple[Any, ...]]:
+    """{field name: allowed values} for the ``Literal`` fields of section ``cls``."""
+    hints = typing.get_type_hints(cls)
+    return {name: typing.get_args(tp) for name, tp in hints.items() if typing.get_origin(tp) is Literal}
+
+
 def validate(instance: Any, extra: Sequence[str] = ()) -> None:
-    """Raise one ``ConfigError`` for the section's per-field problems and its cross-field ``extra`` ones."""
+    """Raise one ``ConfigError`` for the section's per-field problems and its cross-field ``extra`` ones. A
+    section built in code is held to the same names as one read from a file (``Literal`` fields)."""
     values = {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance)}
-    problems = _field_problems(type(instance), values) + list(extra)
+    problems = [
+        f"{name}: {values[name]!r} is not valid (expected one of {', '.join(map(repr, allowed))})"
+        for name, allowed in _literal_fields(type(instance)).items()
+        if values[name] not in allowed
+    ]
+    problems += _field_problems(type(instance), values) + list(extra)
     if problems:
         raise ConfigError(problems)
 

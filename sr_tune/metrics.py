@@ -28,8 +28,8 @@ def rgb_to_y(rgb: torch.Tensor) -> torch.Tensor:
     """BT.601 luma of (..., 3, H, W) RGB in [0, 1], as MATLAB ``rgb2ycbcr``: (..., 1, H, W) in [16/255, 235/255]."""
     if rgb.shape[-3] != 3:
         raise ValueError(f"rgb_to_y needs 3 channels in dim -3, got shape {tuple(rgb.shape)}")
-    weights = torch.tensor(_BT601_Y, dtype=rgb.dtype, device=rgb.device).view(3, 1, 1)
-    return ((rgb * weights).sum(dim=-3, keepdim=True) + _BT601_OFFSET) / 255.0
+    red, green, blue = rgb.split(1, dim=-3)  # Python-number weights: no host-to-device copy per call
+    return (red * _BT601_Y[0] + green * _BT601_Y[1] + blue * _BT601_Y[2] + _BT601_OFFSET) / 255.0
 
 
 # MATLAB rgb2ycbcr chroma rows; Cb and Cr are offset by 128 (in [0, 255] before the /255).

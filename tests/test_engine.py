@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from sr_tune.checkpoint import load_checkpoint
-from sr_tune.config import load_config
-from sr_tune.engine import EvalResult, lr_factor, parameter_groups, train
+from sr_tune.config import ConfigError, OptimizerConfig, load_config
+from sr_tune.engine import EvalResult, build_optimizer, lr_factor, parameter_groups, train
 from sr_tune.models import create_model
 
 from .conftest import REPO
@@ -45,6 +46,19 @@ def test_schedules_and_warmup():
     assert factors == pytest.approx([0.1, 0.5, 1.0, 0.55, 0.1])
     step = load_config(None, ["optimizer.schedule=step", "optimizer.step_size=100", "optimizer.gamma=0.1"]).optimizer
     assert [lr_factor(step, s, 1000) for s in (1, 100, 101, 250)] == pytest.approx([1, 1, 0.1, 0.01])
+
+
+def test_unknown_optimizer_and_schedule_names_raise_instead_of_falling_back():
+    with pytest.raises(ConfigError, match="name: 'lamb' is not valid"):
+        OptimizerConfig(name="lamb")
+    with pytest.raises(ConfigError, match="schedule: 'linear' is not valid"):
+        OptimizerConfig(schedule="linear")
+    # The builders refuse them too, whatever hands them a name (no silent RMSprop or constant schedule).
+    unchecked = SimpleNamespace(**{**vars(OptimizerConfig()), "name": "lamb", "schedule": "linear"})
+    with pytest.raises(ValueError, match="optimizer.name: 'lamb' is not an optimizer"):
+        build_optimizer(unchecked, parameter_groups(create_model("fsrcnn", scale=2), 1e-3, 1.0))
+    with pytest.raises(ValueError, match="optimizer.schedule: 'linear' is not a schedule"):
+        lr_factor(unchecked, 1, 10)
 
 
 def test_the_last_layer_gets_its_own_learning_rate():
