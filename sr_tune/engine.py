@@ -335,6 +335,43 @@ class LossWindow:
         return {name: total / steps for name, total in zip(names, totals.tolist())}, self.patches / seconds
 
 
+def build_data(
+    config: TrainConfig, device: torch.device, rank: int, world_size: int
+) -> tuple[PatchSampler, list[ValidationPair]]:
+    """This rank's shard of the training images on the device behind a patch sampler, and the validation
+    pairs by the benchmark protocol."""
+    data, scale = config.data, config.model.scale
+    train_images = open_source(data.train, "train", skip_bad=data.skip_bad, rank=rank, world_size=world_size)
+    augmenter = Augmenter(strength=data.augment_strength, flip_rot=data.flip_rot, color_jitter=data.color_jitter)
+    sampler = PatchSampler(
+        ImageBank([image.hr for image in train_images], device),
+        scale=scale,
+        lr_patch_size=data.lr_patch_size,
+        batch_size=data.batch_size,
+        color=data.color,
+        blur_sigma=data.blur_sigma,
+        augmenter=augmenter,
+        seed=config.training.seed,
+        rank=rank,
+    )
+    val_pairs = validation_pairs(
+        open_source(data.val, "val", skip_bad=data.skip_bad),
+        scale=scale,
+        color=data.color,
+        crop=data.val_crop,
+        blur_sigma=data.blur_sigma,
+        device=device,
+    )
+    return sampler, val_pairs
+
+
+def _ddp(module: nn.Module, device: torch.device, world_size: int) -> nn.Module:
+    """``module`` wrapped in DDP when this is one of several ranks, else as it is."""
+    if world_size > 1 and dist.is_initialized():
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    return module
+
+
 def _restore(
     resume: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer, ema: nn.Module | None, gan: Gan | None
 ) -> tuple[list[EvalResult], int]:
@@ -417,28 +454,7 @@ def train(
     on_cuda = device.type == "cuda"
     torch.manual_seed(training.seed)  # the same initial weights on every rank
 
-    # Data: this rank's shard of the training images on the device; validation pairs by the benchmark protocol.
-    train_images = open_source(data.train, "train", skip_bad=data.skip_bad, rank=rank, world_size=world_size)
-    augmenter = Augmenter(strength=data.augment_strength, flip_rot=data.flip_rot, color_jitter=data.color_jitter)
-    sampler = PatchSampler(
-        ImageBank([image.hr for image in train_images], device),
-        scale=scale,
-        lr_patch_size=data.lr_patch_size,
-        batch_size=data.batch_size,
-        color=data.color,
-        blur_sigma=data.blur_sigma,
-        augmenter=augmenter,
-        seed=training.seed,
-        rank=rank,
-    )
-    val_pairs = validation_pairs(
-        open_source(data.val, "val", skip_bad=data.skip_bad),
-        scale=scale,
-        color=data.color,
-        crop=data.val_crop,
-        blur_sigma=data.blur_sigma,
-        device=device,
-    )
+    sampler, val_pairs = build_data(config, device, rank, world_size)
 
     # Networks, optimizers and losses.
     model = create_model(config.model.name, scale=scale, in_channels=config.in_channels, **config.model.kwargs)
@@ -452,12 +468,8 @@ def train(
     loss_fn = SRLoss(config.loss).to(device)
     gan = build_gan(config, device, memory_format)
     history, first_step = _restore(resume, model, optimizer, ema, gan) if resume else ([], 1)
-    if world_size > 1 and dist.is_initialized():  # gradients averaged across ranks
-        wrap = lambda module: DistributedDataParallel(module, device_ids=[device.index] if on_cuda else None)  # noqa: E731
-        net = wrap(model)
-        gan = dataclasses.replace(gan, discriminator=wrap(gan.discriminator)) if gan else None
-    else:
-        net = model
+    net = _ddp(model, device, world_size)  # gradients averaged across ranks under torch.distributed
+    gan = dataclasses.replace(gan, discriminator=_ddp(gan.discriminator, device, world_size)) if gan else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda and training.bf16 else nullcontext()
     optimizers = [optimizer, *([gan.optimizer] if gan else [])]
     eval_model = ema if ema is not None else model
