@@ -21,6 +21,8 @@ and a line per result to the console; the ratios come last.
    bicubic on the CPU) feeding the same model, batch and precision.
 4. Host syncs per training step of ``engine.train`` (``torch.cuda.set_sync_debug_mode('warn')``), from the
    difference of two runs of different lengths, so set-up and evaluation cancel.
+5. A profile of the best settings (GPU busy time against wall time, the top kernels), and
+   ``training.compile`` on and off through ``engine.train``.
 """
 
 from __future__ import annotations
@@ -420,12 +422,86 @@ def host_syncs(device: torch.device, quick: bool, record: Recorder) -> None:
         )
 
 
+# --- 5. what bounds a step, and torch.compile through the engine ----------------------------------------------
+
+
+def profile(device: torch.device, quick: bool, record: Recorder) -> None:
+    """GPU busy time against wall time per step, and the kernels that take it, for the best settings."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    images = [image.hr for image in sample_images("train") if min(image.hr.shape[1:]) >= 400]
+    bank = ImageBank(images, device)
+    cases = [("srresnet", 4, 24, 4)] if quick else [("srresnet", 4, 48, 64), ("edsr_baseline", 2, 96, 64)]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for name, scale, lr_patch, batch in cases:
+        loop = Loop(name, scale, lr_patch, batch, "bf16_cl", bank)
+        for step in range(5):
+            loop.step(*loop.sampler.batch(step))
+        synchronize(device)
+        steps = 2 if quick else 10
+        with profiler(activities=activities) as prof:
+            start = time.perf_counter()
+            for step in range(steps):
+                loop.step(*loop.sampler.batch(100 + step))
+            synchronize(device)
+            wall = (time.perf_counter() - start) / steps
+        events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or e.self_device_time_total > 0]
+        kernel = sum(e.self_device_time_total for e in events) / 1e6 / steps  # microseconds -> seconds
+        top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:8]
+        table = [(e.key[:90], e.self_device_time_total / 1e3 / steps, e.count // steps) for e in top]
+        key = f"profile_{name}_x{scale}_p{lr_patch}_b{batch}_bf16_cl"
+        record(
+            key,
+            {
+                "wall_ms": wall * 1e3,
+                "gpu_busy_ms": kernel * 1e3,
+                "gpu_busy_share": kernel / wall,
+                "kernels_per_step": sum(e.count for e in events) // steps,
+                "top": table,
+            },
+            f"{key}: {wall * 1e3:.1f} ms/step wall, GPU busy {kernel * 1e3:.1f} ms ({kernel / wall:.0%}), "
+            f"{sum(e.count for e in events) // steps} kernels/step; top: "
+            + "; ".join(f"{k} {ms:.2f} ms x{n}" for k, ms, n in table[:5]),
+        )
+
+
+def engine_compile(device: torch.device, quick: bool, record: Recorder) -> None:
+    """``training.compile`` on and off through ``engine.train``: patches/s of the last evaluation window."""
+    steps, patch, batch = (6, 16, 4) if quick else (300, 48, 64)
+    for compiled in (False, True):
+        config = load_config(
+            None,
+            [
+                "model.name=edsr_baseline",
+                "model.scale=2",
+                "data.color=rgb",
+                f"data.lr_patch_size={patch}",
+                f"data.batch_size={batch}",
+                "data.val_crop=48",
+                f"training.steps={steps}",
+                f"training.eval_interval={steps // 3}",
+                f"training.compile={str(compiled).lower()}",
+            ],
+        )
+        started = time.perf_counter()
+        history = train(config, device=device).history
+        rate = history[-1].patches_per_second
+        record(
+            f"engine_edsr_x2_p48_b64_compile_{compiled}",
+            {"patches_per_s_last_window": rate, "wall_s": time.perf_counter() - started, "psnr": history[-1].psnr},
+            f"engine.train EDSR x2 LR48 b64 bf16+CL compile={compiled}: {rate:,.0f} patches/s (last window), "
+            f"{time.perf_counter() - started:.0f} s in all, PSNR {history[-1].psnr:.2f} dB",
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check the code paths, not the speed")
     parser.add_argument("--out", type=Path, default=None, help="folder for gpu.json")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["correctness", "throughput", "classic", "syncs"])
+    parts = ["correctness", "throughput", "classic", "syncs", "profile", "compile"]
+    parser.add_argument("--skip", nargs="*", default=[], choices=parts)
     args = parser.parse_args()
     device = torch.device(args.device)
     record = Recorder(args.out)
@@ -439,6 +515,10 @@ def main() -> None:
         classic(device, args.quick, record, ours)
     if "syncs" not in args.skip:
         host_syncs(device, args.quick, record)
+    if "profile" not in args.skip:
+        profile(device, args.quick, record)
+    if "compile" not in args.skip:
+        engine_compile(device, args.quick, record)
     record("seconds", time.perf_counter() - started, f"done in {time.perf_counter() - started:.0f} s")
 
 

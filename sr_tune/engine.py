@@ -469,6 +469,7 @@ def train(
     gan = build_gan(config, device, memory_format)
     history, first_step = _restore(resume, model, optimizer, ema, gan) if resume else ([], 1)
     net = _ddp(model, device, world_size)  # gradients averaged across ranks under torch.distributed
+    net = torch.compile(net) if on_cuda and training.compile else net
     gan = dataclasses.replace(gan, discriminator=_ddp(gan.discriminator, device, world_size)) if gan else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda and training.bf16 else nullcontext()
     optimizers = [optimizer, *([gan.optimizer] if gan else [])]
