@@ -17,8 +17,8 @@ and a line per result to the console; the ratios come last.
    channels-last, bf16 + channels-last + torch.compile. Model FLOPs per step (``torch.utils.flop_counter``),
    achieved TFLOP/s against the card's bf16 matmul peak measured here, the sampler's share of a step, and
    peak memory.
-3. The classic pipeline (DataLoader, 8 workers, PIL decode, random crop and flips per sample, MATLAB-style
-   bicubic on the CPU) feeding the same model, batch and precision.
+3. The classic pipeline (``benchmarks/sampler.py``'s: DataLoader, here 8 workers, PIL decode, random crop and
+   flips per sample, MATLAB-style bicubic on the CPU) feeding the same model, batch and precision.
 4. Host syncs per training step of ``engine.train`` (``torch.cuda.set_sync_debug_mode('warn')``), from the
    difference of two runs of different lengths, so set-up and evaluation cancel.
 5. A profile of the best settings (GPU busy time against wall time, the top kernels), and
@@ -39,16 +39,16 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.sampler import ClassicPatches
 from sr_tune.config import LossConfig, load_config
 from sr_tune.data.augment import Augmenter
-from sr_tune.data.degrade import degrade, imresize
-from sr_tune.data.sampler import ImageBank, PatchSampler, to_model_space
+from sr_tune.data.degrade import imresize
+from sr_tune.data.sampler import ImageBank, PatchSampler
 from sr_tune.data.sources import sample_images, skimage_photo
 from sr_tune.engine import train
 from sr_tune.losses import SRLoss
@@ -309,28 +309,6 @@ def throughput(device: torch.device, quick: bool, record: Recorder) -> dict[str,
 # --- 3. the classic pipeline -------------------------------------------------------------------------------
 
 
-class ClassicRGB(Dataset):
-    """BasicSR-style: per sample, open and decode the PNG with PIL, random crop, random flips and rot90,
-    MATLAB-style bicubic to LR on the CPU."""
-
-    def __init__(self, files: list[Path], hr_size: int, scale: int, length: int) -> None:
-        self.files, self.hr_size, self.scale, self.length = files, hr_size, scale, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng(item)
-        with Image.open(self.files[rng.integers(len(self.files))]) as image:
-            rgb = np.asarray(image.convert("RGB"))
-        top = rng.integers(rgb.shape[0] - self.hr_size + 1)
-        left = rng.integers(rgb.shape[1] - self.hr_size + 1)
-        crop = rgb[top : top + self.hr_size, left : left + self.hr_size]
-        patch = np.rot90(crop, rng.integers(4))[:, :: rng.choice([-1, 1])]
-        hr = to_model_space(torch.from_numpy(patch.copy()).permute(2, 0, 1)[None], "rgb")  # (1, 3, P, P)
-        return degrade(hr, self.scale)[0], hr[0]
-
-
 def classic(device: torch.device, quick: bool, record: Recorder, ours: dict[str, float]) -> None:
     images = [image for image in sample_images("train") if min(image.hr.shape[1:]) >= 400]
     cases = (
@@ -347,7 +325,7 @@ def classic(device: torch.device, quick: bool, record: Recorder, ours: dict[str,
         for name, scale, lr_patch, batch in cases:
             loop = Loop(name, scale, lr_patch, batch, mode, ImageBank([i.hr for i in images], device))
             steps = 4 if quick else 150
-            dataset = ClassicRGB(files, lr_patch * scale, scale, (steps + 20) * batch)
+            dataset = ClassicPatches(files, lr_patch * scale, scale, (steps + 20) * batch, strength=0.0, color="rgb")
             loader = DataLoader(
                 dataset,
                 batch_size=batch,

@@ -32,8 +32,10 @@ from sr_tune.data.sources import list_image_files, read_image, sample_images
 class ClassicPatches(Dataset):
     """One random patch per item: PIL open + decode + crop + augment, per sample, in a worker process."""
 
-    def __init__(self, files: list[Path], hr_size: int, scale: int, length: int, strength: float) -> None:
-        self.files, self.hr_size, self.scale, self.length = files, hr_size, scale, length
+    def __init__(
+        self, files: list[Path], hr_size: int, scale: int, length: int, strength: float, color: str = "y"
+    ) -> None:
+        self.files, self.hr_size, self.scale, self.length, self.color = files, hr_size, scale, length, color
         self.crop_size = Augmenter(strength=strength).crop_size(hr_size)
         self.warps = None
         if strength > 0:  # the same ranges as ours, in torchvision's terms
@@ -63,7 +65,7 @@ class ClassicPatches(Dataset):
         if self.warps is not None:
             crop = np.asarray(self.warps(Image.fromarray(crop)))
         patch = np.rot90(crop, rng.integers(4))[:, :: rng.choice([-1, 1])]
-        hr = to_model_space(torch.from_numpy(patch.copy()).permute(2, 0, 1)[None], "y")[0]  # (1, P, P)
+        hr = to_model_space(torch.from_numpy(patch.copy()).permute(2, 0, 1)[None], self.color)[0]  # (C, P, P)
         return degrade(hr, self.scale), hr
 
 
