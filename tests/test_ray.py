@@ -266,6 +266,7 @@ budget: {num_samples: 6, max_steps: 80}
     assert plots == {"plots/best_so_far.png", "plots/param_optimizer.lr.png", "plots/param_optimizer.weight_decay.png"}
     versions = client.search_model_versions("name='sr_tune-asha'")
     assert [v.run_id for v in versions] == [parent.info.run_id]
+    mlflow.set_tracking_uri(client.tracking_uri)  # this test's own fluent read of the registry
     registered = mlflow.pytorch.load_model("models:/sr_tune-asha/1")
     lr = torch.rand(1, 1, 48, 48)
     expected = load_checkpoint(best.best_checkpoint).build_model()(lr)
