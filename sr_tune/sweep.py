@@ -419,14 +419,18 @@ def _fit_tuner(study: Study, paths: SweepPaths, context: TrialContext, restoring
 
 
 def _publish(
-    study: Study, client: MlflowClient, parent_run_id: str, records: list[TrialRecord], summaries: list[TrialSummary]
+    study: Study,
+    client: MlflowClient,
+    parent_run_id: str,
+    records: list[TrialRecord],
+    summaries: list[TrialSummary],
+    warnings: list[str],
 ) -> str | None:
     """Step 3: close the trials' runs, then the parent's summary (best params and metrics, results table,
     plots, edge warnings) and the best model in the registry; returns its version."""
     _close_trial_runs(client, study, parent_run_id, summaries)
     scored = [s for s in summaries if study.objective.metric in s.best]
     best = scored[0] if scored else None
-    warnings = edge_warnings(study, best) if best else []
     files = {"results.csv": results_csv(study, summaries)}
     if warnings:
         files["warnings.txt"] = "\n".join(warnings) + "\n"
@@ -485,15 +489,16 @@ def run_sweep(
     if study.scheduler.name == "pbt":
         _prune_checkpoints(study, records)
     scored = [s for s in summaries if study.objective.metric in s.best]
+    warnings = edge_warnings(study, scored[0]) if scored else []
     version = None
     # A finished sweep resumed again (a second `make run`) only shows its results: nothing is logged twice.
     if client and parent_run_id and client.get_run(parent_run_id).info.status != "FINISHED":
-        version = _publish(study, client, parent_run_id, records, summaries)
+        version = _publish(study, client, parent_run_id, records, summaries, warnings)
     return SweepResult(
         study=study,
         trials=summaries,
         parent_run_id=parent_run_id,
         model_version=version,
-        warnings=edge_warnings(study, scored[0]) if scored else [],
+        warnings=warnings,
         experiment=paths.experiment,
     )
