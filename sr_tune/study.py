@@ -261,22 +261,21 @@ def _cross_problems(values: Mapping[str, Any]) -> list[str]:
                     problems.extend(f"search.{key} = {value!r}: {p}" for p in error.problems)
                     break
                 configs.append((f"search.{key} = {value!r}", config))
-        if objective is not None:
-            for where, config in configs:
-                if objective.metric not in (*metric_names(config.loss), "patches_seen"):
-                    problems.append(
-                        f"objective.metric: {objective.metric!r} is not reported by the runs of this study ({where}: "
-                        f"loss.adversarial = {config.loss.adversarial!r}); they report "
-                        f"{', '.join(metric_names(config.loss))}"
-                    )
-                    break
-    if scheduler is not None and scheduler.name == "pbt":
+        for where, config in configs:
+            if objective.metric not in (*metric_names(config.loss), "patches_seen"):
+                problems.append(
+                    f"objective.metric: {objective.metric!r} is not reported by the runs of this study ({where}: "
+                    f"loss.adversarial = {config.loss.adversarial!r}); they report "
+                    f"{', '.join(metric_names(config.loss))}"
+                )
+                break
+    if scheduler.name == "pbt":
         problems.extend(
             f"search.{key}: PBT can only change {', '.join(PBT_MUTABLE)} in a running trial"
             for key in search
             if key not in PBT_MUTABLE
         )
-        if sampler is not None and sampler.name != "random":
+        if sampler.name != "random":
             problems.append(
                 "sampler.name: PBT draws its start points at random (Ray refuses PBT with a search algorithm); "
                 "set sampler.name: random"
