@@ -47,23 +47,25 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tracking_client(config: TrainConfig) -> MlflowClient | None:
+def _tracking_uri(config: TrainConfig) -> str | None:
     """The run's MLflow store, resolved here once (``MLFLOW_TRACKING_URI`` wins over the config); None when
     tracking is off."""
-    from mlflow import MlflowClient
-
     from sr_tune.tracking import resolve_tracking_uri
 
-    if not config.tracking.enabled:
-        return None
-    return MlflowClient(resolve_tracking_uri(config.tracking.tracking_uri))
+    return resolve_tracking_uri(config.tracking.tracking_uri) if config.tracking.enabled else None
+
+
+def _tracking_client(uri: str | None) -> MlflowClient | None:
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri) if uri else None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from sr_tune.distributed import fit, run_name
 
     config = load_config(args.config, args.overrides)
-    client = _tracking_client(config)
+    client = _tracking_client(_tracking_uri(config))
     workers = config.distributed.num_workers
     where = f"{workers} Ray Train worker(s)" if workers else "this process (Ray local mode)"
     print(
@@ -85,33 +87,47 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    import ray
+
+    from sr_tune.console import SweepView, ray_output_to
     from sr_tune.study import load_study
     from sr_tune.summary import sweep_table
-    from sr_tune.sweep import run_sweep
+    from sr_tune.sweep import run_sweep, sweep_paths
 
     study = load_study(args.study)
-    client = _tracking_client(study.base_config())
-    print(
-        f"study {study.name}: {len(study.search)} searched parameter(s), sampler {study.sampler.name}, "
-        f"scheduler {study.scheduler.name}, {study.budget.num_samples} trial(s) of up to "
-        f"{study.budget.max_steps} steps",
-        flush=True,
-    )
-    result = run_sweep(study, client=client, resume=args.resume)
+    uri = _tracking_uri(study.base_config())
+    paths = sweep_paths(study, uri)
+    if args.verbose:  # Ray's and Tune's output on the console, the view as plain lines between it
+        client = _tracking_client(uri)
+        result = run_sweep(study, client=client, resume=args.resume, view=SweepView(study, sys.stdout, live=False))
+    else:
+        print(f"Ray and Tune log to {paths.log} (--verbose shows them here)", flush=True)
+        with ray_output_to(paths.log) as console:
+            view = SweepView(study, console, live=console.isatty())
+            try:
+                client = _tracking_client(uri)  # opening a new store logs its table creation
+                result = run_sweep(study, client=client, resume=args.resume, view=view)
+            finally:
+                view.close()
+                ray.shutdown()
     print(sweep_table(study, result.trials, top=args.top))
     for warning in result.warnings:
         print(f"warning: {warning}")
     if result.parent_run_id and client is not None:
         version = result.model_version
         registered = f"; best model registered as sr_tune-{study.name} v{version}" if version else ""
+        experiment = client.get_run(result.parent_run_id).info.experiment_id
         print(f"MLflow parent run {result.parent_run_id}{registered}")
-        print(f"browse with: mlflow ui --backend-store-uri {client.tracking_uri}")
+        print(
+            f"browse with: mlflow ui --backend-store-uri {client.tracking_uri}\n"
+            f"  runs table: http://127.0.0.1:5000/#/experiments/{experiment}?workflowType=machine_learning"
+        )
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from sr_tune.checkpoint import load_checkpoint
-    from sr_tune.data.degrade import imresize
+    from sr_tune.data.degrade import imresize, to_8bit
     from sr_tune.data.sources import open_source
     from sr_tune.data.validation import validation_pairs
     from sr_tune.inference import Upscaler
@@ -120,17 +136,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     checkpoint = load_checkpoint(args.checkpoint)
     config, scale = checkpoint.config, checkpoint.config.model.scale
     upscaler = Upscaler(checkpoint.build_model(), scale=scale, color=config.data.color, tile=args.tile)
+    eight_bit = not args.float
+    protocol = "8-bit LR and outputs (--float: unrounded)" if eight_bit else "floating point (not rounded to 8 bits)"
     print(
         f"{checkpoint.config.model.name} x{scale} ({config.data.color}), step {checkpoint.step}; "
-        f"PSNR-Y / SSIM-Y with a {scale}-pixel border crop"
+        f"PSNR-Y / SSIM-Y with a {scale}-pixel border crop; {protocol}"
     )
     print(f"{'dataset':<24}{'scale':>6}{'images':>8}{'bicubic':>18}{'model':>18}{'gain':>8}")
     for folder in args.data:
-        pairs = validation_pairs(open_source(folder, "val"), scale=scale, color=config.data.color)
+        source = open_source(folder, "val")
+        pairs = validation_pairs(source, scale=scale, color=config.data.color, quantize_lr=eight_bit)
         sums = [0.0, 0.0, 0.0, 0.0]
         for pair in pairs:
             sr = upscaler.model_space(pair.lr.cpu())
             bicubic = imresize(pair.lr.cpu(), scale=scale).clamp(0, 1)
+            if eight_bit:  # as the published numbers: outputs saved as 8-bit images, then measured
+                sr, bicubic = to_8bit(sr), to_8bit(bicubic)
             for index, (metric, output) in enumerate(((psnr, bicubic), (ssim, bicubic), (psnr, sr), (ssim, sr))):
                 sums[index] += metric(output, pair.hr, crop_border=scale, y_channel=True).item() / len(pairs)
         name = Path(folder).name or folder
@@ -215,12 +236,18 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("study", help="YAML study, e.g. search_spaces/quickstart.yaml")
     tune.add_argument("--resume", action="store_true", help="continue the study's interrupted sweep")
     tune.add_argument("--top", type=int, default=5, help="trials in the closing table (default 5)")
+    tune.add_argument("--verbose", action="store_true", help="show Ray's and Tune's own output instead of the log file")
     tune.set_defaults(run=cmd_tune)
 
     evaluate = sub.add_parser("eval", help="PSNR/SSIM-Y of a checkpoint vs bicubic on benchmark folders")
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint folder")
     evaluate.add_argument("--data", nargs="+", required=True, help="image folders (HR/ + LR_bicubic/ layouts too)")
     evaluate.add_argument("--tile", type=int, default=256, help="LR tile side for inference (default 256)")
+    evaluate.add_argument(
+        "--float",
+        action="store_true",
+        help="measure in floating point: LR and outputs not rounded to 8 bits (default: the paper protocol)",
+    )
     evaluate.set_defaults(run=cmd_eval)
 
     upscale = sub.add_parser("upscale", help="upscale image files of any size with a checkpoint")

@@ -152,6 +152,11 @@ class DataConfig:
     lr_patch_size: int = setting(11, "LR patch side; the HR patch is lr_patch_size * scale", ge=4)
     batch_size: int = setting(16, "patches per optimizer step (per worker)", ge=1)
     blur_sigma: float = setting(0.0, "Gaussian blur sigma before bicubic downscaling (0 = none)", ge=0.0)
+    quantize_lr: bool = setting(
+        True,
+        "round LR to 8-bit levels, as images stored on disk are; validation then also rounds outputs to 8 bits "
+        "before PSNR/SSIM (the paper protocol of `sr-tune eval`)",
+    )
     augment_strength: float = setting(
         0.0, "scales every warp and colour-jitter range: 0 = off, 1 = widest", ge=0.0, le=1.0
     )

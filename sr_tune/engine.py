@@ -26,19 +26,20 @@ from torch.nn.parallel import DistributedDataParallel
 from sr_tune.checkpoint import Checkpoint, load_checkpoint, restore_optimizer, save_checkpoint
 from sr_tune.config import LossConfig, OptimizerConfig, TrainConfig
 from sr_tune.data.augment import Augmenter
-from sr_tune.data.degrade import imresize
+from sr_tune.data.degrade import imresize, to_8bit
 from sr_tune.data.sampler import ImageBank, PatchSampler
 from sr_tune.data.sources import open_source
 from sr_tune.data.validation import ValidationPair, validation_pairs
 from sr_tune.losses import SRLoss, VGGDistance, discriminator_loss, loss_terms
-from sr_tune.metrics import psnr, ssim
+from sr_tune.metrics import psnr, ssim, ycbcr_to_rgb
 from sr_tune.models import create_model
 from sr_tune.models.srresnet import SRGANDiscriminator
 
 
 @dataclass(frozen=True)
 class Preview:
-    """The first validation image at one evaluation, each (C, H, W) in [0, 1] at HR size (LR repeated)."""
+    """The first validation image at one evaluation, each RGB (3, H, W) in [0, 1] at HR size (LR repeated).
+    Y models' tiles carry the LR's chroma (bicubic-upscaled), so the tiles differ only where the model works."""
 
     lr: torch.Tensor
     bicubic: torch.Tensor
@@ -88,6 +89,8 @@ class EvalResult:
 
 # The metrics every evaluation reports (``EvalResult.metrics``) besides its loss terms and VGG distances.
 EVAL_METRICS = ("loss", "lr", "val_psnr", "val_ssim", "bicubic_psnr", "bicubic_ssim", "psnr_gain", "patches_per_second")
+# The same at every evaluation of a run (bicubic on a fixed validation set): logged once, not as flat curves.
+CONSTANT_METRICS = ("bicubic_psnr", "bicubic_ssim")
 VGG_DISTANCES = ("vgg22", "vgg54")
 
 
@@ -203,9 +206,15 @@ def load_initial_weights(model: nn.Module, path: str | Path, reinit: Sequence[st
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, pairs: Sequence[ValidationPair], scale: int, vgg: VGGDistance | None = None
+    model: nn.Module,
+    pairs: Sequence[ValidationPair],
+    scale: int,
+    vgg: VGGDistance | None = None,
+    *,
+    eight_bit: bool = False,
 ) -> tuple[dict[str, float], dict[str, float], Preview]:
-    """Mean PSNR/SSIM on Y (border crop = scale) of the model and of bicubic; VGG distances when given."""
+    """Mean PSNR/SSIM on Y (border crop = scale) of the model and of bicubic; VGG distances when given.
+    ``eight_bit``: both outputs rounded to 8-bit levels first, as a saved image would be."""
     was_training = model.training
     model.eval()
     totals = {"psnr": 0.0, "ssim": 0.0, "bicubic_psnr": 0.0, "bicubic_ssim": 0.0}
@@ -214,6 +223,8 @@ def evaluate(
     for pair in pairs:  # lr (1, C, h, w), hr (1, C, h*s, w*s)
         sr = model(pair.lr).float().clamp(0, 1)
         bicubic = imresize(pair.lr, scale=scale).clamp(0, 1)
+        if eight_bit:
+            sr, bicubic = to_8bit(sr), to_8bit(bicubic)
         scores = {}
         for prefix, output in (("", sr), ("bicubic_", bicubic)):
             scores[f"{prefix}psnr"] = psnr(output, pair.hr, crop_border=scale, y_channel=True).item()
@@ -223,18 +234,31 @@ def evaluate(
             for name, value in vgg(sr, pair.hr).items():
                 distances[name] = distances.get(name, 0.0) + value.item() / len(pairs)
         if preview is None:
-            nearest = pair.lr.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
-            preview = Preview(
-                lr=nearest[0].cpu(),
-                bicubic=bicubic[0].cpu(),
-                sr=sr[0].cpu(),
-                hr=pair.hr[0].cpu(),
-                bicubic_psnr=scores["bicubic_psnr"],
-                sr_psnr=scores["psnr"],
-            )
+            preview = _preview(pair, sr, bicubic, scale, scores)
     model.train(was_training)
     assert preview is not None, "validation needs at least one image"
     return {key: value / len(pairs) for key, value in totals.items()}, distances, preview
+
+
+def _preview(pair: ValidationPair, sr: torch.Tensor, bicubic: torch.Tensor, scale: int, scores: dict) -> Preview:
+    """The pair's tiles in colour, on the CPU: (1, C, H, W) outputs -> RGB (3, H, W)."""
+
+    def nearest(image: torch.Tensor) -> torch.Tensor:
+        return image.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
+
+    def colour(image: torch.Tensor, chroma: torch.Tensor | None) -> torch.Tensor:
+        rgb = image if chroma is None else ycbcr_to_rgb(torch.cat([image, chroma], dim=1))
+        return rgb[0].clamp(0, 1).cpu()
+
+    chroma = imresize(pair.chroma, scale=scale) if pair.chroma is not None else None
+    return Preview(
+        lr=colour(nearest(pair.lr), nearest(pair.chroma) if pair.chroma is not None else None),
+        bicubic=colour(bicubic, chroma),
+        sr=colour(sr, chroma),
+        hr=colour(pair.hr, chroma),
+        bicubic_psnr=scores["bicubic_psnr"],
+        sr_psnr=scores["psnr"],
+    )
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -350,6 +374,7 @@ def build_data(
         batch_size=data.batch_size,
         color=data.color,
         blur_sigma=data.blur_sigma,
+        quantize_lr=data.quantize_lr,
         augmenter=augmenter,
         seed=config.training.seed,
         rank=rank,
@@ -360,6 +385,7 @@ def build_data(
         color=data.color,
         crop=data.val_crop,
         blur_sigma=data.blur_sigma,
+        quantize_lr=data.quantize_lr,
         device=device,
     )
     return sampler, val_pairs
@@ -510,7 +536,9 @@ def train(
 
         previous = history[-1] if history else None
         losses, patches_per_second = window.close(step - (previous.step if previous else first_step - 1), world_size)
-        scores, distances, preview = evaluate(eval_model, val_pairs, scale, gan.vgg if gan else None)
+        scores, distances, preview = evaluate(
+            eval_model, val_pairs, scale, gan.vgg if gan else None, eight_bit=config.data.quantize_lr
+        )
         result = EvalResult(
             step=step,
             loss=losses.pop("total"),

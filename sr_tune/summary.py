@@ -10,6 +10,7 @@ from typing import Any
 
 import pandas as pd
 
+from sr_tune.console import format_value, short_name, trial_label
 from sr_tune.engine import metric_names
 from sr_tune.study import Study
 
@@ -19,6 +20,7 @@ class TrialRecord:
     """What Tune kept of one trial."""
 
     trial_id: str
+    name: str  # t03: its number in the sweep
     params: dict[str, Any]  # the searched values (PBT: the last ones it switched to)
     last: dict[str, Any]  # the metrics of its last report
     reports: pd.DataFrame | None = field(default=None, compare=False)  # one row per report, Tune's columns
@@ -30,6 +32,7 @@ class TrialRecord:
 @dataclass(frozen=True, kw_only=True)
 class TrialSummary:
     trial_id: str
+    name: str
     params: dict[str, Any]
     best: dict[str, Any]  # metrics at the trial's best report by the objective
     patches_seen: int  # at its last report
@@ -37,6 +40,7 @@ class TrialSummary:
     error: str | None
     run_id: str | None
     best_checkpoint: str | None  # Tune's copy
+    latest_checkpoint: str | None
 
 
 def ranked_checkpoints(study: Study, record: TrialRecord) -> list[str]:
@@ -64,6 +68,7 @@ def summarize(study: Study, records: list[TrialRecord]) -> list[TrialSummary]:
         summaries.append(
             TrialSummary(
                 trial_id=record.trial_id,
+                name=record.name,
                 params=record.params,
                 best=_best_row(record.reports, objective.metric, objective.mode),
                 patches_seen=patches,
@@ -71,16 +76,18 @@ def summarize(study: Study, records: list[TrialRecord]) -> list[TrialSummary]:
                 error=record.error,
                 run_id=record.last.get("mlflow_run_id") or None,
                 best_checkpoint=ranked[0] if ranked else None,
+                latest_checkpoint=record.latest_checkpoint,
             )
         )
     sign = -1 if objective.mode == "max" else 1
     return sorted(summaries, key=lambda s: (objective.metric not in s.best, sign * s.best.get(objective.metric, 0)))
 
 
-def best_metrics(study: Study, best: TrialSummary) -> dict[str, float]:
-    """The best trial's metrics under the names its runs report (and the patches it had seen)."""
+def best_metrics(study: Study, best: dict[str, Any]) -> dict[str, float]:
+    """``best_<metric>`` for each metric runs report (and the patches seen) in ``best``, a report's metrics:
+    the keys both a sweep's parent run and its trials' runs carry."""
     names = (*metric_names(study.base_config().loss), "patches_seen")
-    return {f"best_{key}": float(value) for key, value in best.best.items() if key in names}
+    return {f"best_{key}": float(value) for key, value in best.items() if key in names}
 
 
 def edge_warnings(study: Study, best: TrialSummary) -> list[str]:
@@ -101,6 +108,7 @@ def results_csv(study: Study, summaries: list[TrialSummary]) -> str:
     metric = study.objective.metric
     rows = [
         {
+            "trial": s.name,
             "trial_id": s.trial_id,
             **{f"param.{k}": v for k, v in s.params.items()},
             f"best_{metric}": s.best.get(metric),
@@ -116,9 +124,10 @@ def results_csv(study: Study, summaries: list[TrialSummary]) -> str:
 
 
 def summary_figures(study: Study, records: list[TrialRecord], summaries: list[TrialSummary]) -> dict[str, Any]:
-    """Best-so-far against the patches the sweep trained on, each searched range against the objective, and
-    PBT's schedules."""
-    from sr_tune.visualize import best_so_far_figure, parameter_figure, schedule_figure
+    """Best-so-far against the patches the sweep trained on; each searched parameter against the objective
+    (the best trial starred, early-stopped trials hollow, coloured by the first choice parameter); and PBT's
+    schedules."""
+    from sr_tune.visualize import TrialPoint, best_so_far_figure, parameter_figure, schedule_figure
 
     metric = study.objective.metric
     frames = [r.reports for r in records if r.reports is not None and metric in r.reports]
@@ -132,12 +141,20 @@ def summary_figures(study: Study, records: list[TrialRecord], summaries: list[Tr
             list(zip(steps.cumsum(), reports[metric])), metric, study.objective.mode
         )
     scored = [s for s in summaries if metric in s.best]
+    group = next((key for key, dist in study.search.items() if dist.type == "choice"), None)
     for key, dist in study.search.items():
-        if dist.type != "choice":
-            values, objectives = [s.params[key] for s in scored], [s.best[metric] for s in scored]
-            figures[f"plots/param_{key}.png"] = parameter_figure(
-                key, values, objectives, metric, log=dist.type == "loguniform"
+        points = [
+            TrialPoint(
+                name=s.name,
+                value=s.params[key],
+                objective=s.best[metric],
+                group=s.params[group] if group else None,
+                best=index == 0,
+                stopped=s.stopped_early,
             )
+            for index, s in enumerate(scored)
+        ]
+        figures[f"plots/param_{key}.png"] = parameter_figure(key, points, metric, kind=dist.type, group_key=group)
     if study.scheduler.name == "pbt" and not reports.empty:
         for key in study.search:
             if f"hp/{key}" in reports:
@@ -149,19 +166,70 @@ def summary_figures(study: Study, records: list[TrialRecord], summaries: list[Tr
     return figures
 
 
+def _row(study: Study, summary: TrialSummary) -> tuple[str, str, str, list[str], str]:
+    """(objective, gain, patches, searched values, how it ended) of one trial, as text."""
+    metric = study.objective.metric
+    value, gain = summary.best.get(metric), summary.best.get("psnr_gain")
+    status = "stopped early" if summary.stopped_early else ("failed" if summary.error else "")
+    return (
+        f"{value:.4f}" if value is not None else "-",
+        f"{gain:+.2f} dB" if gain is not None else "-",
+        f"{summary.patches_seen:,}",
+        [format_value(summary.params[key]) for key in study.search],
+        status,
+    )
+
+
 def sweep_table(study: Study, summaries: list[TrialSummary], top: int = 5) -> str:
     """The best trials: objective, PSNR gain over bicubic, data seen and the searched values."""
     metric = study.objective.metric
-    keys = list(study.search)
-    header = f"{'rank':<5}{'trial':<14}{metric:>11}{'vs bicubic':>12}{'patches':>10}  " + "  ".join(keys)
+    columns = "".join(f"{short_name(key):>9}" for key in study.search)
+    header = f"{'rank':<5}{'trial':<7}{metric:>11}{'vs bicubic':>12}{'patches':>10}{columns}"
     lines = [f"best {min(top, len(summaries))} of {len(summaries)} trial(s) of {study.name}:", header]
     for rank, trial in enumerate(summaries[:top], 1):
-        value, gain = trial.best.get(metric, float("nan")), trial.best.get("psnr_gain", float("nan"))
-        values = "  ".join(
-            f"{trial.params[k]:.4g}" if isinstance(trial.params[k], float) else str(trial.params[k]) for k in keys
-        )
-        status = " (stopped early)" if trial.stopped_early else (" (failed)" if trial.error else "")
-        lines.append(
-            f"{rank:<5}{trial.trial_id:<14}{value:>11.4f}{gain:>+9.2f} dB{trial.patches_seen:>10,}  {values}{status}"
-        )
+        value, gain, patches, values, status = _row(study, trial)
+        searched = "".join(f"{v:>9}" for v in values)
+        lines.append(f"{rank:<5}{trial.name:<7}{value:>11}{gain:>12}{patches:>10}{searched}  {status}".rstrip())
     return "\n".join(lines)
+
+
+def parent_description(
+    study: Study, summaries: list[TrialSummary], experiment_id: str, run_ids: dict[str, str], top: int = 10
+) -> str:
+    """The sweep's parent run description (markdown, shown on its MLflow page): the study, the best trial
+    linked to its run, and the top trials."""
+
+    def link(summary: TrialSummary, text: str) -> str:
+        run_id = run_ids.get(summary.trial_id)
+        return f"[{text}](#/experiments/{experiment_id}/runs/{run_id})" if run_id else text
+
+    metric, budget = study.objective.metric, study.budget
+    lines = [f"## Sweep `{study.name}`", ""]
+    if study.description:
+        lines += [study.description.strip(), ""]
+    lines += [
+        f"{study.sampler.name} sampler, {study.scheduler.name} scheduler; {budget.num_samples} trial(s) of up to "
+        f"{budget.max_steps} steps ({study.patches(budget.max_steps):,} patches); objective: "
+        f"{study.objective.mode} `{metric}`.",
+        "",
+    ]
+    scored = [s for s in summaries if metric in s.best]
+    if scored:
+        best = scored[0]
+        value, gain, patches, _, _ = _row(study, best)
+        label = trial_label(best.name, best.params)
+        lines += [f"**Best: {link(best, label)}**: {metric} {value} ({gain} vs bicubic) after {patches} patches.", ""]
+    else:
+        lines += ["**No trial reported the objective.**", ""]
+    keys = [short_name(key) for key in study.search]
+    lines += [
+        "| rank | trial | " + " | ".join([metric, "vs bicubic", "patches", *keys]) + " | |",
+        "|" + "---|" * (6 + len(keys)),
+    ]
+    for rank, summary in enumerate(summaries[:top], 1):
+        value, gain, patches, values, status = _row(study, summary)
+        cells = [str(rank), link(summary, summary.name), value, gain, patches, *values, status]
+        lines.append("| " + " | ".join(cells) + " |")
+    if len(summaries) > top:
+        lines += ["", f"{len(summaries) - top} more in `results.csv`."]
+    return "\n".join(lines) + "\n"

@@ -14,9 +14,12 @@ SQLite file beside the MLflow store (``optuna-dashboard sqlite:///.../optuna.db`
 on the objective; or PBT (Ray refuses it with a search algorithm), which samples start points at random
 and perturbs lr, L2, augmentation strength and loss weights. Time is counted in patches seen.
 
-MLflow: one parent run per sweep, one nested run per trial (its rank-0 worker logs metrics and grids
-there); at the end the parent gets the results table, plots, the best trial's params and metrics, and
-the best model in the model registry.
+MLflow: one parent run per sweep, one nested run per trial, named after the trial and its values
+(``t03 lr=2.1e-3 wd=3.8e-5 bs=16``). Its rank-0 worker logs metrics and grids there, and the driver's
+``_SweepCallback`` ends it the moment Tune stops or finishes the trial, with its curves, best checkpoint
+and ``best_*`` metrics. At the end the parent gets the best trial's values under the trials' own keys, a
+markdown description with the top trials, the results table, plots, and the best model in the registry
+(alias ``best``). The same callback feeds the console's ``SweepView``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from ray.train.v2.api.callback import UserCallback
 from ray.util.queue import Queue
 
 from sr_tune.checkpoint import load_checkpoint
+from sr_tune.console import SweepView, trial_label
 from sr_tune.distributed import WorkerOptions, build_trainer, init_ray
 from sr_tune.engine import EvalResult
 from sr_tune.study import Distribution, Study
@@ -47,6 +51,7 @@ from sr_tune.summary import (
     TrialSummary,
     best_metrics,
     edge_warnings,
+    parent_description,
     ranked_checkpoints,
     results_csv,
     summarize,
@@ -59,6 +64,7 @@ from sr_tune.tracking import (
     flatten,
     log_model,
     log_summary,
+    register_best,
     run_tags,
     start_run,
     trial_runs,
@@ -74,6 +80,7 @@ class SweepPaths:
     train_storage: Path  # root/<study>.train: each trial's Ray Train runs
     runs: Path  # root/<study>.runs/<trial>: the engine's last/ and best/ folders
     state: Path  # root/<study>.json: the MLflow parent run, for --resume
+    log: Path  # root/<study>.log: Ray's and Tune's own output when the console shows the sweep's view
     optuna_url: str  # the Optuna study's storage: beside a SQLite MLflow store, else in root
 
 
@@ -87,6 +94,7 @@ def sweep_paths(study: Study, tracking_uri: str | None) -> SweepPaths:
         train_storage=root / f"{study.name}.train",
         runs=root / f"{study.name}.runs",
         state=root / f"{study.name}.json",
+        log=root / f"{study.name}.log",
         optuna_url=f"sqlite:///{optuna_dir / 'optuna.db'}",
     )
 
@@ -125,9 +133,9 @@ def _train_run_name(trial_id: str, start: tune.Checkpoint | None) -> str:
     return f"{trial_id}-from-{hashlib.sha1(start.path.encode()).hexdigest()[:10]}"
 
 
-def _trial_run_id(context: TrialContext, trial_id: str, config: Any, sampled: dict[str, Any]) -> str | None:
+def _trial_run_id(context: TrialContext, trial_id: str, name: str, config: Any, sampled: dict[str, Any]) -> str | None:
     """The trial's nested MLflow run: found again when the trial ran before (a resumed sweep, a PBT restart),
-    else created with the trial's config as params."""
+    else created with the trial's config as params, named ``t03 lr=2.1e-3 ...``."""
     if context.tracking_uri is None or context.parent_run_id is None:
         return None
     client, experiment = MlflowClient(context.tracking_uri), config.tracking.experiment
@@ -135,8 +143,8 @@ def _trial_run_id(context: TrialContext, trial_id: str, config: Any, sampled: di
     return found or start_run(
         client,
         experiment,
-        name=f"{context.study.name}-{trial_id}",
-        tags={**context.tags, TRIAL_TAG: trial_id},
+        name=trial_label(name, sampled),
+        tags={**context.tags, TRIAL_TAG: trial_id, "sr_tune.trial": name},
         params=flatten(config.to_dict()),
         parent_run_id=context.parent_run_id,
     )
@@ -145,11 +153,13 @@ def _trial_run_id(context: TrialContext, trial_id: str, config: Any, sampled: di
 def _trial(params: dict[str, Any], context: TrialContext) -> None:
     """One Tune trial: train ``params`` through Ray Train, relaying reports and checkpoints to Tune."""
     study, paths = context.study, context.paths
-    trial_id = tune.get_context().get_trial_id()
+    trial_id, name = tune.get_context().get_trial_id(), tune.get_context().get_trial_name()
     sampled = {key: params[key] for key in study.search}
     config = study.trial_config(sampled)
     config = replace(config, tracking=replace(config.tracking, run_name=f"{study.name}-{trial_id}"))
-    run_id = _trial_run_id(context, trial_id, config, sampled)
+    run_id = _trial_run_id(context, trial_id, name, config, sampled)
+    # Only PBT changes values inside a trial; elsewhere they are params, and a flat hp/* curve says nothing.
+    numeric = {key: float(value) for key, value in sampled.items() if isinstance(value, (int, float))}
 
     start = tune.get_checkpoint()
     reports = Queue(actor_options={"num_cpus": 0})  # Train controller -> driver: (kind, metrics, checkpoint)
@@ -160,7 +170,7 @@ def _trial(params: dict[str, Any], context: TrialContext) -> None:
         start_checkpoint=start,
         tracking_uri=context.tracking_uri,
         run_id=run_id,
-        hyperparameters={key: float(value) for key, value in sampled.items() if isinstance(value, (int, float))},
+        hyperparameters=numeric if study.scheduler.name == "pbt" else {},
         close_run=False,
         quiet=True,
         report_gate=gate,
@@ -191,13 +201,25 @@ def _trial(params: dict[str, Any], context: TrialContext) -> None:
         held = tune.Checkpoint(path=checkpoint.path, filesystem=checkpoint.filesystem) if checkpoint else None
         # Returns only once Tune has copied the checkpoint and its scheduler lets the trial continue; a
         # stopped or paused trial never gets here, and its workers find the gate gone.
-        tune.report({**payload, "mlflow_run_id": run_id or ""}, checkpoint=held)
+        tune.report({**payload, "mlflow_run_id": run_id or "", "trial_name": name}, checkpoint=held)
         gate.put(True)
 
 
-def _trial_name(trial: Any) -> str:
-    """Folder and display name: the trial id alone (Tune's default adds every param and a timestamp)."""
+def _trial_dirname(trial: Any) -> str:
+    """The trial's folder: its id alone (Tune's default adds every param and a timestamp)."""
     return f"trial_{trial.trial_id}"
+
+
+def _trial_namer(study: Study) -> Any:
+    """Tune's display name for a trial, ``t03``: its number in the sweep, which leads Tune's experiment tag
+    (counted from 1 by the search algorithm's generator, from 0 by PBT's variant generator) and survives a
+    resumed sweep."""
+    first = 0 if study.scheduler.name == "pbt" else 1
+
+    def name(trial: Any) -> str:
+        return f"t{int(trial.experiment_tag.split('_')[0]) + 1 - first:02d}"
+
+    return name
 
 
 def _optuna_distribution(dist: Distribution) -> Any:
@@ -305,8 +327,10 @@ class SweepResult:
 def _record(study: Study, result: Any) -> TrialRecord:
     """A Ray Tune ``Result`` as the typed record the summaries read."""
     last = dict(result.metrics or {})
+    trial_id = last.get("trial_id") or Path(result.path).name.removeprefix("trial_")
     return TrialRecord(
-        trial_id=last.get("trial_id") or Path(result.path).name,
+        trial_id=trial_id,
+        name=last.get("trial_name") or trial_id,
         params={key: result.config[key] for key in study.search},
         last=last,
         reports=result.metrics_dataframe,
@@ -326,28 +350,97 @@ def _prune_checkpoints(study: Study, records: list[TrialRecord]) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def _close_trial_runs(client: MlflowClient, study: Study, parent_run_id: str, summaries: list[TrialSummary]) -> None:
-    """End every nested run still open with its curves, best checkpoint and how the trial ended (stopped
-    trials' workers were killed before they could end theirs)."""
-    runs = trial_runs(client, study.base_config().tracking.experiment, parent_run_id)
-    for summary in summaries:
-        run = runs.get(summary.trial_id)
-        if run is None or run.info.status != "RUNNING":
-            continue
-        history = []
-        if summary.best_checkpoint:
-            history = [EvalResult(**entry) for entry in load_checkpoint(summary.best_checkpoint).state["history"]]
-        tags = {
-            "sr_tune.stopped_early": str(summary.stopped_early).lower(),
-            "sr_tune.patches_seen": str(summary.patches_seen),
-        }
-        close_run(
-            client,
-            run.info.run_id,
-            history=history,
-            best_checkpoint=summary.best_checkpoint,
-            tags=tags,
-            failed=summary.error is not None,
+def _close_trial_run(
+    client: MlflowClient,
+    study: Study,
+    run_id: str,
+    *,
+    best: dict[str, Any],
+    best_checkpoint: str | None,
+    latest_checkpoint: str | None,
+    patches_seen: int,
+    stopped_early: bool,
+    error: str | None,
+) -> None:
+    """End a trial's nested run: curves from its latest checkpoint's history, its best checkpoint, its best
+    metrics under the parent's ``best_*`` keys (one runs-table column for both) and how it ended."""
+    history = []
+    if latest_checkpoint:
+        history = [EvalResult(**entry) for entry in load_checkpoint(latest_checkpoint).state["history"]]
+    tags = {"sr_tune.stopped_early": str(stopped_early).lower(), "sr_tune.patches_seen": str(patches_seen)}
+    if error:
+        tags["sr_tune.error"] = error[-4000:]  # MLflow tag values hold 8000 characters
+    close_run(
+        client,
+        run_id,
+        history=history,
+        best_checkpoint=best_checkpoint,
+        metrics=best_metrics(study, best),
+        tags=tags,
+        failed=error is not None,
+    )
+
+
+def _error_line(trial: Any) -> str:
+    """The last line of the trial's error file: the exception that ended it."""
+    path = Path(trial.error_file) if trial.error_file else None
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path and path.is_file() else []
+    return lines[-1].strip() if lines else "failed (Tune recorded no error)"
+
+
+class _SweepCallback(tune.Callback):
+    """In the sweep's driver: keeps the console view current, and ends each trial's MLflow run the moment
+    Tune stops or finishes the trial, so the run's end time (and duration) is the trial's."""
+
+    def __init__(
+        self, study: Study, view: SweepView | None, client: MlflowClient | None, parent_run_id: str | None
+    ) -> None:
+        self.study, self.view, self.client, self.parent_run_id = study, view, client, parent_run_id
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its run config, callbacks included, into the experiment; a resumed sweep sets fresh ones.
+        return {"study": self.study, "view": None, "client": None, "parent_run_id": None}
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        if self.view is not None:
+            self.view.started(trial.trial_id, str(trial), {key: trial.config.get(key) for key in self.study.search})
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any) -> None:
+        if self.view is not None:
+            self.view.reported(trial.trial_id, result)
+
+    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        if self.view is not None:
+            self.view.tick()
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._ended(trial, None)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._ended(trial, _error_line(trial))
+
+    def _ended(self, trial: Any, error: str | None) -> None:
+        patches = int(trial.last_result.get("patches_seen", 0))
+        stopped = error is None and 0 < patches < self.study.patches(self.study.budget.max_steps)
+        if self.view is not None:
+            self.view.ended(trial.trial_id, "failed" if error else "stopped" if stopped else "done", error)
+        if self.client is None or self.parent_run_id is None:
+            return
+        experiment = self.study.base_config().tracking.experiment
+        run_id = find_trial_run(self.client, experiment, self.parent_run_id, trial.trial_id)
+        if run_id is None:  # failed before its driver created the run
+            return
+        best = trial.run_metadata.checkpoint_manager.best_checkpoint_result  # by the objective, Tune's copy
+        _close_trial_run(
+            self.client,
+            self.study,
+            run_id,
+            best=best.metrics if best else {},
+            best_checkpoint=best.checkpoint.path if best else None,
+            latest_checkpoint=trial.checkpoint.path if trial.checkpoint else None,
+            patches_seen=patches,
+            stopped_early=stopped,
+            error=error,
         )
 
 
@@ -376,13 +469,17 @@ def _open_parent_run(study: Study, paths: SweepPaths, client: MlflowClient | Non
     return parent_run_id
 
 
-def _fit_tuner(study: Study, paths: SweepPaths, context: TrialContext, restoring: bool) -> list[TrialRecord]:
+def _fit_tuner(
+    study: Study, paths: SweepPaths, context: TrialContext, callback: _SweepCallback, restoring: bool
+) -> list[TrialRecord]:
     """Step 2: build Tune's ``Tuner`` (or restore the interrupted one) and run every trial."""
     trainable = tune.with_resources(tune.with_parameters(_trial, context=context), {"CPU": DRIVER_CPUS})
     if restoring:
         tuner = tune.Tuner.restore(
             str(paths.experiment), trainable=trainable, resume_unfinished=True, resume_errored=True
         )
+        # The restored run config holds the pickled (emptied) callback of the first run: this run's replaces it.
+        tuner._local_tuner.get_run_config().callbacks = [callback]
     else:
         concurrent = max_concurrent_trials(study)
         search_alg, scheduler, param_space, num_samples = _search(study, paths, concurrent)
@@ -398,13 +495,14 @@ def _fit_tuner(study: Study, paths: SweepPaths, context: TrialContext, restoring
                 num_samples=num_samples,
                 time_budget_s=study.budget.time_limit_s or None,
                 max_concurrent_trials=None if search_alg else concurrent,  # else the searcher's limiter caps it
-                trial_name_creator=_trial_name,
-                trial_dirname_creator=_trial_name,
+                trial_name_creator=_trial_namer(study),
+                trial_dirname_creator=_trial_dirname,
             ),
             run_config=tune.RunConfig(
                 name=study.name,
                 storage_path=str(paths.root),
                 verbose=1,
+                callbacks=[callback],
                 # PBT clones a trial from whatever checkpoint it had when the decision was made, and the
                 # clone restores seconds later: nothing may be deleted meanwhile. Pruned after the sweep.
                 checkpoint_config=tune.CheckpointConfig(
@@ -426,43 +524,92 @@ def _publish(
     summaries: list[TrialSummary],
     warnings: list[str],
 ) -> str | None:
-    """Step 3: close the trials' runs, then the parent's summary (best params and metrics, results table,
-    plots, edge warnings) and the best model in the registry; returns its version."""
-    _close_trial_runs(client, study, parent_run_id, summaries)
+    """Step 3: end the trials' runs still open (a trial of an interrupted run), then the parent's summary: the
+    best trial's values under the trials' own keys, its markdown description, the results table and plots;
+    and the best model in the registry. Returns its version."""
+    experiment = study.base_config().tracking.experiment
+    runs = trial_runs(client, experiment, parent_run_id)
+    for summary in summaries:
+        run = runs.get(summary.trial_id)
+        if run is not None and run.info.status == "RUNNING":
+            _close_trial_run(
+                client,
+                study,
+                run.info.run_id,
+                best=summary.best,
+                best_checkpoint=summary.best_checkpoint,
+                latest_checkpoint=summary.latest_checkpoint,
+                patches_seen=summary.patches_seen,
+                stopped_early=summary.stopped_early,
+                error=summary.error,
+            )
     scored = [s for s in summaries if study.objective.metric in s.best]
     best = scored[0] if scored else None
+    best_run = runs.get(best.trial_id) if best else None
     files = {"results.csv": results_csv(study, summaries)}
     if warnings:
         files["warnings.txt"] = "\n".join(warnings) + "\n"
+    tags = {"sr_tune.edge_warnings": str(len(warnings))}
+    if best is not None:
+        tags.update({"sr_tune.best_trial": best.name, "sr_tune.best_trial_id": best.trial_id})
+    if best_run is not None:
+        tags["sr_tune.best_run_id"] = best_run.info.run_id
+        client.set_tag(best_run.info.run_id, "sr_tune.best", "true")
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    run_ids = {trial_id: run.info.run_id for trial_id, run in runs.items()}
     log_summary(
         client,
         parent_run_id,
-        params={f"best.{key}": value for key, value in best.params.items()} if best else {},
-        metrics=best_metrics(study, best) if best else {},
+        params=best.params if best else {},
+        metrics=best_metrics(study, best.best) if best else {},
         files=files,
         figures=summary_figures(study, records, summaries),
-        tags={"sr_tune.best_trial": best.trial_id if best else "", "sr_tune.edge_warnings": str(len(warnings))},
+        tags={**tags, "mlflow.note.content": parent_description(study, summaries, experiment_id, run_ids)},
     )
     version = None
     if best and best.best_checkpoint:
         checkpoint = load_checkpoint(best.best_checkpoint)
+        registered_name = f"sr_tune-{study.name}"
         version = log_model(
             client,
             parent_run_id,
             checkpoint.build_model(),
             name="best_model",
             in_channels=checkpoint.config.in_channels,
-            registered_name=f"sr_tune-{study.name}",
+            registered_name=registered_name,
+        )
+        value = best.best[study.objective.metric]
+        register_best(
+            client,
+            registered_name,
+            version,
+            description=(
+                f"Best trial {best.name} of sweep {study.name}: {checkpoint.config.model.name} "
+                f"x{checkpoint.config.model.scale} ({checkpoint.config.data.color}), "
+                f"{study.objective.metric} {value:.4f} at step {checkpoint.step}."
+            ),
+            tags={
+                "study": study.name,
+                "trial": best.name,
+                "trial_id": best.trial_id,
+                "scale": str(checkpoint.config.model.scale),
+                study.objective.metric: f"{value:.4f}",
+            },
         )
     client.set_terminated(parent_run_id, status="FINISHED")
     return version
 
 
 def run_sweep(
-    study: Study, *, client: MlflowClient | None = None, resume: bool = False, tags: dict[str, str] | None = None
+    study: Study,
+    *,
+    client: MlflowClient | None = None,
+    resume: bool = False,
+    tags: dict[str, str] | None = None,
+    view: SweepView | None = None,
 ) -> SweepResult:
     """Run (or with ``resume``, continue) ``study`` on the Ray cluster (``RAY_ADDRESS``) or a local Ray,
-    logging to ``client``'s MLflow store (None: not tracked)."""
+    logging to ``client``'s MLflow store (None: not tracked) and showing its trials on ``view``."""
     paths = sweep_paths(study, client.tracking_uri if client else None)
     init_ray()
     restoring = resume and tune.Tuner.can_restore(str(paths.experiment))
@@ -483,7 +630,8 @@ def run_sweep(
         parent_run_id=parent_run_id,
         tags=tags,
     )
-    records = _fit_tuner(study, paths, context, restoring)
+    callback = _SweepCallback(study, view, client, parent_run_id)
+    records = _fit_tuner(study, paths, context, callback, restoring)
 
     summaries = summarize(study, records)
     if study.scheduler.name == "pbt":

@@ -24,7 +24,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 
-from sr_tune.engine import EvalResult, TrainResult
+from sr_tune.engine import CONSTANT_METRICS, EvalResult, TrainResult
 
 TRIAL_TAG = "sr_tune.trial_id"
 
@@ -127,11 +127,16 @@ def close_run(
     history: list[EvalResult],
     best_checkpoint: str | Path | None,
     tags: dict[str, str],
+    metrics: dict[str, float] | None = None,
     failed: bool = False,
 ) -> None:
-    """Curves, the best checkpoint folder and closing tags; then the run is ended."""
+    """Curves, the best checkpoint folder, closing ``metrics`` (one value each) and tags; then the run is
+    ended, FAILED when ``failed``."""
     from sr_tune.visualize import curves_figure
 
+    if metrics:
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()])
     if history:
         log_figures(client, run_id, {"curves.png": curves_figure(history)})
     if best_checkpoint is not None:
@@ -164,6 +169,17 @@ def log_summary(
     log_figures(client, run_id, figures)
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
+
+
+def register_best(client: MlflowClient, name: str, version: str, *, description: str, tags: dict[str, str]) -> None:
+    """Describe and tag a sweep's registered best model, and point the model's alias ``best`` at it."""
+    client.update_registered_model(
+        name, description=f"The best model of each sr_tune sweep of study {tags['study']}; alias `best`: the latest."
+    )
+    client.update_model_version(name, version, description=description)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    client.set_registered_model_alias(name, "best", version)
 
 
 @contextmanager
@@ -242,13 +258,19 @@ class MlflowTracker:
 
     def __init__(self, client: MlflowClient, run_id: str, *, in_channels: int) -> None:
         self.client, self.run_id, self.in_channels = client, run_id, in_channels
+        # A resumed run has them already.
+        self.constants_logged = set(client.get_run(run_id).data.metrics) >= set(CONSTANT_METRICS)
 
     def log_eval(self, result: EvalResult, extra: dict[str, float] | None = None) -> None:
-        """The evaluation's metrics (plus ``extra`` ones) at its step, and its image grid."""
+        """The evaluation's metrics (plus ``extra`` ones) at its step, and its image grid; the metrics that
+        never change within a run (``CONSTANT_METRICS``) only the first time."""
         from sr_tune.visualize import preview_grid
 
         now = int(time.time() * 1000)
         metrics = {**result.metrics(), **(extra or {})}
+        if self.constants_logged:
+            metrics = {key: value for key, value in metrics.items() if key not in CONSTANT_METRICS}
+        self.constants_logged = True
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, result.step) for k, v in metrics.items()])
         if result.preview is not None:
             self.client.log_image(self.run_id, preview_grid(result.preview), f"grids/step_{result.step:07d}.png")

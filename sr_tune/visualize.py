@@ -1,8 +1,11 @@
-"""Pictures for humans: the LR | bicubic | SR | HR grid with PSNR captions, and loss / PSNR curves."""
+"""Pictures for humans: the LR | bicubic | SR | HR grid with PSNR captions, loss / PSNR curves, sweep plots."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import matplotlib
 
@@ -11,33 +14,48 @@ matplotlib.use("Agg")  # files only; workers have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from sr_tune.engine import EvalResult, Preview  # noqa: E402
 
-CAPTION_HEIGHT = 14
+TILE_MIN = 192  # px: smaller crops are enlarged (nearest) to at least this
+TILE_CROP = 256  # px: larger images show their centre
+CAPTION_HEIGHT = 24
 
 
 def _to_pil(image: torch.Tensor) -> Image.Image:
-    """(1 or 3, H, W) in [0, 1] -> 8-bit grey or RGB image."""
+    """(1 or 3, H, W) in [0, 1] -> 8-bit RGB image."""
     array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).convert("RGB")
 
 
+def _tile(image: torch.Tensor) -> Image.Image:
+    """The centre ``TILE_CROP`` square (at most) of (C, H, W), enlarged by a whole factor to >= ``TILE_MIN``."""
+    height, width = image.shape[1:]
+    top, left = max((height - TILE_CROP) // 2, 0), max((width - TILE_CROP) // 2, 0)
+    crop = image[:, top : top + TILE_CROP, left : left + TILE_CROP]
+    zoom = max(1, math.ceil(TILE_MIN / min(crop.shape[1:])))
+    return _to_pil(crop.repeat_interleave(zoom, -2).repeat_interleave(zoom, -1))
+
+
+def grid_captions(preview: Preview) -> list[str]:
+    gain = preview.sr_psnr - preview.bicubic_psnr
+    return ["LR (nearest)", f"bicubic {preview.bicubic_psnr:.2f} dB", f"SR {preview.sr_psnr:.2f} dB ({gain:+.2f})", "HR"]
+
+
 def preview_grid(preview: Preview) -> Image.Image:
-    """LR (nearest) | bicubic | SR | HR side by side, each captioned (PSNR-Y where it applies)."""
-    panels = [
-        ("LR (nearest)", preview.lr),
-        (f"bicubic {preview.bicubic_psnr:.2f} dB", preview.bicubic),
-        (f"SR {preview.sr_psnr:.2f} dB", preview.sr),
-        ("HR", preview.hr),
-    ]
-    height, width = preview.hr.shape[1:]
-    grid = Image.new("RGB", (4 * width, height + CAPTION_HEIGHT), "white")
+    """LR (nearest) | bicubic | SR | HR side by side in colour, each tile at least ``TILE_MIN`` px and captioned
+    with its PSNR-Y."""
+    images = (preview.lr, preview.bicubic, preview.sr, preview.hr)
+    tiles = [(caption, _tile(image)) for caption, image in zip(grid_captions(preview), images)]
+    width, height = tiles[0][1].size
+    grid = Image.new("RGB", (4 * width + 6, height + CAPTION_HEIGHT), "white")
     draw = ImageDraw.Draw(grid)
-    for index, (caption, image) in enumerate(panels):
-        grid.paste(_to_pil(image), (index * width, CAPTION_HEIGHT))
-        draw.text((index * width + 2, 1), caption, fill="black")
+    font = ImageFont.load_default(size=15)
+    for index, (caption, tile) in enumerate(tiles):
+        grid.paste(tile, (index * (width + 2), CAPTION_HEIGHT))
+        draw.text((index * (width + 2) + 3, 3), caption, fill="black", font=font)
     return grid
 
 
@@ -70,11 +88,59 @@ def best_so_far_figure(points: Sequence[tuple[float, float]], metric: str, mode:
     return figure
 
 
-def parameter_figure(key: str, values: Sequence[float], objectives: Sequence[float], metric: str, log: bool) -> Figure:
-    """One searched parameter against each trial's best objective."""
-    figure, axis = plt.subplots(figsize=(5, 4))
-    axis.scatter(values, objectives)
-    axis.set(xlabel=key, ylabel=f"trial's best {metric}", xscale="log" if log else "linear", title=key)
+@dataclass(frozen=True)
+class TrialPoint:
+    """One trial in a parameter plot."""
+
+    name: str
+    value: Any  # the plotted parameter's value
+    objective: float  # the trial's best objective
+    group: Any = None  # the colouring choice parameter's value
+    best: bool = False
+    stopped: bool = False  # stopped early by the scheduler
+
+
+def _ordered(values: set[Any]) -> list[Any]:
+    """Numbers by value (8 before 16), anything else by its text."""
+    try:
+        return sorted(values)
+    except TypeError:
+        return sorted(values, key=str)
+
+
+def parameter_figure(
+    key: str, points: Sequence[TrialPoint], metric: str, *, kind: str, group_key: str | None
+) -> Figure:
+    """One searched parameter against each trial's best objective: the best trial starred and named, trials
+    stopped early hollow, colours by ``group_key`` (a choice parameter). Choices sit side by side with a
+    little spread so equal values stay visible."""
+    figure, axis = plt.subplots(figsize=(6, 4.5))
+    categories = _ordered({p.value for p in points}) if kind == "choice" else []
+
+    def x(index: int, point: TrialPoint) -> float:
+        if not categories:
+            return point.value
+        return categories.index(point.value) + 0.25 * ((index * 0.618) % 1 - 0.5)
+
+    groups = _ordered({p.group for p in points})
+    colours = {group: plt.get_cmap("tab10")(index % 10) for index, group in enumerate(groups)}
+    for index, point in enumerate(points):
+        colour, where = colours[point.group], (x(index, point), point.objective)
+        face = "none" if point.stopped else [colour]
+        axis.scatter(*where, s=50, facecolors=face, edgecolors=[colour], linewidths=1.5)
+        if point.best:
+            axis.scatter(*where, marker="*", s=320, c="gold", edgecolors="black", zorder=3)
+            axis.annotate(point.name, where, textcoords="offset points", xytext=(8, 6))
+    marker = {"marker": "o", "linestyle": ""}
+    handles = [Line2D([], [], color=colours[g], label=f"{group_key} = {g}", **marker) for g in groups if group_key]
+    handles.append(Line2D([], [], markerfacecolor="none", color="grey", label="stopped early", **marker))
+    star = {"marker": "*", "linestyle": "", "markersize": 14, "markeredgecolor": "black"}
+    handles.append(Line2D([], [], color="gold", label="best", **star))
+    axis.legend(handles=handles, fontsize="small")
+    axis.set(xlabel=key, ylabel=f"trial's best {metric}", xscale="log" if kind == "loguniform" else "linear", title=key)
+    if categories:  # after the scale, which resets the ticks
+        axis.set_xticks(range(len(categories)), [str(c) for c in categories])
+        axis.set_xlim(-0.6, len(categories) - 0.4)
     figure.tight_layout()
     return figure
 

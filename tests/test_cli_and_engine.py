@@ -85,7 +85,8 @@ def test_training_improves_and_is_deterministic_for_a_seed():
     losses = [r.loss for r in first.history]
     assert losses[-1] < 0.5 * losses[0]
     assert first.final.psnr > first.history[0].psnr + 0.5
-    assert first.final.bicubic_psnr == pytest.approx(29.26, abs=0.01)  # MATLAB-bicubic baseline, x3, sample val crops
+    # MATLAB-bicubic baseline, x3, sample val crops, 8-bit LR and output (29.256 in floating point)
+    assert first.final.bicubic_psnr == pytest.approx(29.245, abs=0.001)
 
 
 def test_other_seeds_draw_other_runs():

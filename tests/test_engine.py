@@ -10,8 +10,11 @@ import torch
 
 from sr_tune.checkpoint import load_checkpoint
 from sr_tune.config import ConfigError, OptimizerConfig, load_config
-from sr_tune.engine import EvalResult, build_optimizer, lr_factor, parameter_groups, train
+from sr_tune.data.degrade import imresize, to_8bit
+from sr_tune.engine import EvalResult, build_data, build_optimizer, evaluate, lr_factor, parameter_groups, train
+from sr_tune.metrics import psnr, rgb_to_y
 from sr_tune.models import create_model
+from sr_tune.visualize import grid_captions, preview_grid
 
 from .conftest import REPO
 
@@ -23,12 +26,13 @@ class Interrupted(Exception):
 
 
 def test_srcnn_beats_bicubic_on_the_sample_photographs():
-    # 500 steps of 32 patches; an EMA of the weights smooths the last steps' noise (+0.10 dB measured).
+    # 750 steps of 32 patches on 8-bit LR; an EMA of the weights smooths the last steps' noise. Measured: +0.24 dB
+    # over bicubic at 750 steps (+0.03 at 500; float LR: +0.09 at 500, +0.29 at 750).
     config = load_config(
         REPO / "configs" / "smoke.yaml",
         [
-            "training.steps=500",
-            "training.eval_interval=250",
+            "training.steps=750",
+            "training.eval_interval=375",
             "optimizer.lr=2e-3",
             "data.batch_size=32",
             "optimizer.ema_decay=0.98",
@@ -36,7 +40,7 @@ def test_srcnn_beats_bicubic_on_the_sample_photographs():
         ],
     )
     result = train(config)
-    assert result.final.psnr > result.final.bicubic_psnr + 0.05, result.final
+    assert result.final.psnr > result.final.bicubic_psnr + 0.15, result.final
     assert result.history[0].loss > result.final.loss
 
 
@@ -211,3 +215,21 @@ def test_srresnet_then_srgan_end_to_end(tmp_path: Path, vgg_cache: Path):
     saved = load_checkpoint(tmp_path / "gan" / "last")
     assert saved.group("discriminator") and saved.group("d_optimizer") and saved.step == 4
     assert {"val_vgg54", "loss_adversarial", "loss_discriminator"} <= set(saved.metrics)
+
+
+def test_the_preview_grid_shows_the_y_models_output_in_colour_tiles_of_at_least_192_px():
+    config = load_config(REPO / "configs" / "smoke.yaml", ["training.device=cpu", "data.val_crop=48"])
+    _, pairs = build_data(config, torch.device("cpu"), rank=0, world_size=1)
+    torch.manual_seed(0)
+    _, _, preview = evaluate(create_model("srcnn_915", scale=3), pairs, 3, eight_bit=True)
+    # RGB tiles whose Y is the model's output, beside the LR's bicubic chroma.
+    assert preview.sr.shape == preview.hr.shape == (3, 48, 48)
+    bicubic_y = to_8bit(imresize(pairs[0].lr, scale=3).clamp(0, 1))  # what the bicubic tile's Y must be
+    close = (rgb_to_y(preview.bicubic[None]) - bicubic_y).abs() < 2e-3
+    assert close.float().mean() > 0.95  # all but pixels whose colour left the RGB gamut and was clipped
+    assert (preview.hr[0] - preview.hr[2]).abs().max() > 0.1  # colour, not grey
+    grid = preview_grid(preview)
+    assert grid.width >= 4 * 192 and grid.height >= 192
+    first_image = psnr(bicubic_y, pairs[0].hr, crop_border=3, y_channel=True).item()  # captions: its own PSNR
+    assert grid_captions(preview)[:2] == ["LR (nearest)", f"bicubic {first_image:.2f} dB"]
+    assert grid_captions(preview)[2] == f"SR {preview.sr_psnr:.2f} dB ({preview.sr_psnr - first_image:+.2f})"

@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from sr_tune.checkpoint import load_checkpoint, save_checkpoint
 from sr_tune.config import load_config
-from sr_tune.data.degrade import imresize
+from sr_tune.data.degrade import imresize, to_8bit
 from sr_tune.data.sources import skimage_photo
 from sr_tune.inference import Upscaler, receptive_radius, upscale_tiled
 from sr_tune.metrics import psnr
@@ -84,25 +85,37 @@ def test_upscale_command_writes_every_image(tmp_path: Path):
     assert np.abs(expected.rgb(image).permute(1, 2, 0).numpy().astype(int) - coffee.astype(int)).max() <= 1
 
 
-def test_eval_command_prints_the_paper_table(tmp_path: Path):
+def test_eval_command_prints_the_paper_table_by_the_8_bit_protocol_unless_told_float(tmp_path: Path):
     checkpoint = make_checkpoint(tmp_path, "rgb")
     for name in ("astronaut", "chelsea"):
         folder = tmp_path / "Set2" / "HR"
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(skimage_photo(name)[:, :101, :90].permute(1, 2, 0).numpy()).save(folder / f"{name}.png")
-    result = subprocess.run(
-        [str(SR_TUNE), "eval", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "Set2")],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr
-    row = next(line for line in result.stdout.splitlines() if line.startswith("Set2"))
-    fields = row.split()
-    assert fields[1:3] == ["x2", "2"]
-    # The bicubic column is the benchmark protocol: modcrop, MATLAB bicubic, Y, 2-pixel border.
-    expected = []
-    for name in ("astronaut", "chelsea"):
-        hr = skimage_photo(name)[None, :, :100, :90].float() / 255
-        lr = imresize(hr, scale=0.5)
-        expected.append(psnr(imresize(lr, scale=2).clamp(0, 1), hr, crop_border=2, y_channel=True).item())
-    assert float(fields[3]) == round(sum(expected) / 2, 2)
+    rows = {}
+    for flags in ([], ["--float"]):
+        result = subprocess.run(
+            [str(SR_TUNE), "eval", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "Set2"), *flags],
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr
+        row = next(line for line in result.stdout.splitlines() if line.startswith("Set2"))
+        rows[bool(flags)] = row.split()
+        assert rows[bool(flags)][1:3] == ["x2", "2"]
+    # The benchmark protocol: modcrop, MATLAB bicubic, Y, 2-pixel border; by default LR and both outputs are
+    # 8-bit images, as published tables measure them.
+    model = load_checkpoint(checkpoint).build_model().eval()
+    for eight_bit in (True, False):
+        bicubic_psnr, model_psnr = [], []
+        for name in ("astronaut", "chelsea"):
+            hr = skimage_photo(name)[None, :, :100, :90].float() / 255
+            lr = imresize(hr, scale=0.5)
+            lr = to_8bit(lr) if eight_bit else lr
+            outputs = [imresize(lr, scale=2).clamp(0, 1), model(lr).detach().clamp(0, 1)]
+            outputs = [to_8bit(o) if eight_bit else o for o in outputs]
+            bicubic_psnr.append(psnr(outputs[0], hr, crop_border=2, y_channel=True).item())
+            model_psnr.append(psnr(outputs[1], hr, crop_border=2, y_channel=True).item())
+        fields = rows[not eight_bit]
+        assert float(fields[3]) == round(sum(bicubic_psnr) / 2, 2)
+        assert float(fields[6]) == pytest.approx(sum(model_psnr) / 2, abs=0.006)
+    assert rows[True] != rows[False]

@@ -84,3 +84,13 @@ def test_cuda_bank_gives_the_cpu_batch(images):
     # The same pixels; the float conversion to Y may differ in the last bit (fused multiply-add on the GPU).
     torch.testing.assert_close(cuda[1].cpu(), cpu[1], rtol=0, atol=1e-6)
     torch.testing.assert_close(cuda[0].cpu(), cpu[0], rtol=1e-5, atol=1e-6)
+
+
+def test_quantized_lr_patches_are_the_8_bit_rounding_of_the_bicubic_downscale(images):
+    bank = ImageBank(images)
+    for color in ("y", "rgb"):
+        lr, hr = sampler(bank, color=color).batch(step=2)
+        stored, same_hr = sampler(bank, color=color, quantize_lr=True).batch(step=2)
+        assert torch.equal(same_hr, hr)
+        assert torch.equal(stored, (lr.clamp(0, 1) * 255).round() / 255)
+        assert not torch.equal(stored, lr)

@@ -15,6 +15,7 @@ from sr_tune.summary import (
     TrialRecord,
     best_metrics,
     edge_warnings,
+    parent_description,
     results_csv,
     summarize,
     summary_figures,
@@ -32,8 +33,11 @@ budget: {max_steps: 40}
 """
 
 
-def record(trial_id: str, lr: float, psnrs: list[float], *, error: str | None = None) -> TrialRecord:
-    """A trial that reported ``psnrs`` every 20 steps at batch 8 (one worker), one checkpoint per report."""
+def record(
+    trial_id: str, lr: float, psnrs: list[float], *, error: str | None = None, batch: int = 8
+) -> TrialRecord:
+    """Trial ``t<trial_id>``, which reported ``psnrs`` every 20 steps at batch 8 (one worker), one checkpoint
+    per report."""
     patches = [20 * 8 * (i + 1) for i in range(len(psnrs))]
     reports = pd.DataFrame(
         {
@@ -47,11 +51,12 @@ def record(trial_id: str, lr: float, psnrs: list[float], *, error: str | None = 
         }
     )
     checkpoints = [(f"/ckpt/{trial_id}/{i}", {"val_psnr": p}) for i, p in enumerate(psnrs)]
-    params = {"optimizer.lr": lr, "data.augment_strength": 0.5, "data.batch_size": 8}
+    params = {"optimizer.lr": lr, "data.augment_strength": 0.5, "data.batch_size": batch}
     last = {"patches_seen": patches[-1], "mlflow_run_id": "r"} if patches else {}
     latest = checkpoints[-1][0] if checkpoints else None
     return TrialRecord(
         trial_id=trial_id,
+        name=f"t{trial_id}",
         params=params,
         last=last,
         reports=reports,
@@ -67,38 +72,70 @@ def study(tmp_path: Path):
 
 
 def test_trials_are_ranked_by_their_best_report_and_early_stops_are_told_apart(study):
-    records = [record("a", 1e-3, [29.1]), record("b", 9.5e-3, [29.2, 29.6]), record("c", 2e-3, [29.5, 29.3])]
+    records = [
+        record("a", 1e-3, [29.1]),
+        record("b", 9.5e-3, [29.2, 29.6], batch=16),
+        record("c", 2e-3, [29.5, 29.3]),
+    ]
     summaries = summarize(study, records)
     assert [s.trial_id for s in summaries] == ["b", "c", "a"]
     assert summaries[0].best_checkpoint == "/ckpt/b/1" and summaries[1].best_checkpoint == "/ckpt/c/0"
+    assert [s.latest_checkpoint for s in summaries] == ["/ckpt/b/1", "/ckpt/c/1", "/ckpt/a/0"]
     assert [s.stopped_early for s in summaries] == [False, False, True]  # a saw 160 of 320 patches
-    assert best_metrics(study, summaries[0]) == pytest.approx(
+    assert best_metrics(study, summaries[0].best) == pytest.approx(
         {"best_val_psnr": 29.6, "best_psnr_gain": 0.6, "best_loss": 0.01, "best_patches_seen": 320}
     )
-    table = sweep_table(study, summaries, top=2)
-    assert table.splitlines()[0] == "best 2 of 3 trial(s) of summary:"
-    assert "29.6000" in table and "+0.60 dB" in table and "(stopped early)" not in table
+    assert sweep_table(study, summaries).splitlines() == [
+        "best 3 of 3 trial(s) of summary:",
+        "rank trial     val_psnr  vs bicubic   patches       lr      aug       bs",
+        "1    tb         29.6000    +0.60 dB       320   9.5e-3      0.5       16",
+        "2    tc         29.5000    +0.50 dB       320   2.0e-3      0.5        8",
+        "3    ta         29.1000    +0.10 dB       160   1.0e-3      0.5        8  stopped early",
+    ]
     assert edge_warnings(study, summaries[0]) == [
         "optimizer.lr = 0.0095 in the best trial lies near the high edge of its range (0.0001 .. 0.01); "
         "the optimum may be beyond 0.01"
     ]
     csv = pd.read_csv(io.StringIO(results_csv(study, summaries)))
-    assert list(csv["trial_id"]) == ["b", "c", "a"] and list(csv["best_val_psnr"]) == [29.6, 29.5, 29.1]
+    assert list(csv["trial"]) == ["tb", "tc", "ta"] and list(csv["best_val_psnr"]) == [29.6, 29.5, 29.1]
+
     figures = summary_figures(study, records, summaries)
-    # No plot for the choice parameter yet (issue 11 adds it); the best-so-far curve ends at the best value.
     assert set(figures) == {
         "plots/best_so_far.png",
         "plots/param_optimizer.lr.png",
         "plots/param_data.augment_strength.png",
+        "plots/param_data.batch_size.png",
     }
     line = figures["plots/best_so_far.png"].axes[0].lines[0]
     assert line.get_ydata()[-1] == pytest.approx(29.6) and line.get_xdata()[-1] == 160 + 320 + 320
+    # Every trial is a point coloured by batch size, the early-stopped one hollow, the best one starred.
+    axis = figures["plots/param_optimizer.lr.png"].axes[0]
+    trials, star = axis.collections[:4], axis.collections[1]
+    assert [tuple(c.get_offsets()[0]) for c in (trials[0], trials[2], trials[3])] == [(9.5e-3, 29.6), (2e-3, 29.5), (1e-3, 29.1)]
+    assert star.get_paths() and tuple(star.get_offsets()[0]) == (9.5e-3, 29.6) and star.get_facecolor()[0][2] == 0
+    assert len(trials[3].get_facecolor()) == 0  # hollow: stopped early
+    assert tuple(trials[0].get_edgecolor()[0]) != tuple(trials[2].get_edgecolor()[0])  # bs 16 vs bs 8
+    labels = [text.get_text() for text in axis.get_legend().get_texts()]
+    assert labels == ["data.batch_size = 8", "data.batch_size = 16", "stopped early", "best"]
+    choice = figures["plots/param_data.batch_size.png"].axes[0]
+    assert [tick.get_text() for tick in choice.get_xticklabels()] == ["8", "16"]
+
+
+def test_the_parent_run_description_names_the_study_and_links_the_best_trial(study):
+    summaries = summarize(study, [record("a", 1e-3, [29.1]), record("b", 9.5e-3, [29.2, 29.6])])
+    text = parent_description(study, summaries, "7", {"a": "run-a", "b": "run-b"}, top=1)
+    lines = text.splitlines()
+    assert lines[0] == "## Sweep `summary`"
+    assert "**Best: [tb lr=9.5e-3 aug=0.5 bs=8](#/experiments/7/runs/run-b)**: val_psnr 29.6000 (+0.60 dB" in text
+    assert "| rank | trial | val_psnr | vs bicubic | patches | lr | aug | bs | |" in lines
+    assert "| 1 | [tb](#/experiments/7/runs/run-b) | 29.6000 | +0.60 dB | 320 | 9.5e-3 | 0.5 | 8 |  |" in lines
+    assert lines[-1] == "1 more in `results.csv`."
 
 
 def test_a_failed_trial_is_ranked_last_and_marked(study):
     summaries = summarize(study, [record("ok", 1e-3, [29.1]), record("bad", 1e-3, [], error="boom")])
     assert [s.trial_id for s in summaries] == ["ok", "bad"] and summaries[1].error == "boom"
-    assert "(failed)" in sweep_table(study, summaries)
+    assert sweep_table(study, summaries).splitlines()[-1].endswith("  failed")
 
 
 def test_a_bad_study_stops_the_tune_command_naming_the_file_and_key(tmp_path: Path, capsys):

@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from sr_tune.data.degrade import degrade, imresize
+from sr_tune.data.degrade import degrade, imresize, to_8bit
 from sr_tune.data.sampler import to_model_space
-from sr_tune.data.sources import open_source, skimage_photo
+from sr_tune.data.sources import SRImage, open_source, skimage_photo
 from sr_tune.data.validation import validation_pairs
+from sr_tune.metrics import psnr, rgb_to_ycbcr
 
 
 def save(image: torch.Tensor, path: Path) -> None:
@@ -72,3 +73,30 @@ def test_ranks_decode_disjoint_shards_of_a_folder(tmp_path: Path):
     assert not set(sample[0]) & set(sample[1])
     with pytest.raises(ValueError, match="holds no images for rank 5 of 6"):
         open_source(str(tmp_path / "train"), "train", rank=5, world_size=6)
+
+
+def test_quantized_lr_holds_8_bit_levels_and_y_pairs_carry_the_lr_chroma(benchmark):
+    root, hr, _ = benchmark
+    (plain,) = validation_pairs(open_source(str(root), "val"), scale=3, color="y")
+    (stored,) = validation_pairs(open_source(str(root), "val"), scale=3, color="y", quantize_lr=True)
+    levels = stored.lr * 255
+    assert torch.equal(levels, levels.round()) and not torch.equal(plain.lr * 255, (plain.lr * 255).round())
+    assert (stored.lr - plain.lr).abs().max() <= 0.5 / 255 + 1e-7 and torch.equal(stored.hr, plain.hr)
+    # The LR's CbCr, made like its Y: what the colour previews put beside the model's Y.
+    rgb_lr = degrade(hr[None, :, :99, :84].float() / 255, 3)
+    torch.testing.assert_close(stored.chroma, rgb_to_ycbcr(rgb_lr)[:, 1:])
+    (rgb,) = validation_pairs(open_source(str(root), "val"), scale=3, color="rgb")
+    assert rgb.chroma is None
+
+
+def test_8_bit_protocol_lowers_the_bicubic_psnr_of_a_photograph_by_a_pinned_amount():
+    """Published Set5/Set14 bicubic numbers are for 8-bit LR and outputs; measured here on scikit-image's coffee."""
+    image = skimage_photo("coffee")
+    results = {}
+    for eight_bit in (False, True):
+        (pair,) = validation_pairs([SRImage("coffee", image)], scale=3, color="y", quantize_lr=eight_bit)
+        bicubic = imresize(pair.lr, scale=3).clamp(0, 1)
+        bicubic = to_8bit(bicubic) if eight_bit else bicubic
+        results[eight_bit] = psnr(bicubic, pair.hr, crop_border=3, y_channel=True).item()
+    assert results[False] == pytest.approx(28.4091, abs=1e-4)
+    assert results[True] - results[False] == pytest.approx(-0.0057, abs=1e-4)

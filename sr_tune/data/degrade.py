@@ -162,3 +162,9 @@ def degrade(hr: torch.Tensor, scale: int, *, blur_sigma: float = 0.0) -> torch.T
     if h % scale or w % scale:
         raise ValueError(f"HR size {h}x{w} is not a multiple of scale {scale}; crop it first")
     return imresize(gaussian_blur(hr, blur_sigma), size=(h // scale, w // scale))
+
+
+def to_8bit(image: torch.Tensor) -> torch.Tensor:
+    """``image`` in [0, 1] rounded to the 256 levels an 8-bit file holds (still float): what a stored LR image
+    or a saved output would be."""
+    return (image.clamp(0, 1) * 255).round() / 255

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from sr_tune.data.augment import Augmenter, upload
-from sr_tune.data.degrade import degrade
+from sr_tune.data.degrade import degrade, to_8bit
 from sr_tune.metrics import rgb_to_y
 
 
@@ -73,6 +73,7 @@ class PatchSampler:
         batch_size: int,
         color: str,
         blur_sigma: float = 0.0,
+        quantize_lr: bool = False,
         augmenter: Augmenter = Augmenter(flip_rot=False),
         seed: int = 0,
         rank: int = 0,
@@ -81,6 +82,7 @@ class PatchSampler:
         self.hr_size = lr_patch_size * scale
         self.crop_size = augmenter.crop_size(self.hr_size)
         self.color, self.blur_sigma, self.seed, self.rank = color, blur_sigma, seed, rank
+        self.quantize_lr = quantize_lr
         too_small = int(((bank.cpu_heights < self.crop_size) | (bank.cpu_widths < self.crop_size)).sum())
         if too_small:
             need = f"the {self.crop_size}px crop that a {self.hr_size}px HR patch needs"
@@ -105,4 +107,5 @@ class PatchSampler:
         generator = step_generator(self.seed, self.rank, step)
         crops = self.bank.crop(*self._draw(generator), size=self.crop_size)  # uint8 (B, 3, S, S)
         hr = to_model_space(self.augmenter(crops, self.hr_size, generator), self.color)
-        return degrade(hr, self.scale, blur_sigma=self.blur_sigma), hr
+        lr = degrade(hr, self.scale, blur_sigma=self.blur_sigma)
+        return (to_8bit(lr) if self.quantize_lr else lr), hr

@@ -3,7 +3,9 @@
 Where a source ships LR images for the scale (DIV2K, benchmark folders), they are used as they are, and
 the HR is cut to exactly ``scale`` times their size (MATLAB's ``modcrop``). Otherwise LR is the
 MATLAB-compatible bicubic downscale of that HR. An optional centre crop keeps evaluation cheap during
-training; it is aligned to the LR grid so that shipped LR and HR stay in register.
+training; it is aligned to the LR grid so that shipped LR and HR stay in register. ``quantize_lr`` rounds
+LR to 8-bit levels in model space (for Y, as MATLAB's ``rgb2ycbcr`` of a uint8 image): what published
+numbers are computed on.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from sr_tune.data.degrade import degrade
+from sr_tune.data.degrade import degrade, to_8bit
 from sr_tune.data.sampler import to_model_space
 from sr_tune.data.sources import SRImage
+from sr_tune.metrics import rgb_to_ycbcr
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,7 @@ class ValidationPair:
     lr: torch.Tensor  # float (1, C, h, w)
     hr: torch.Tensor  # float (1, C, h * scale, w * scale)
     shipped_lr: bool  # LR read from the source rather than made by bicubic
+    chroma: torch.Tensor | None = None  # Y pairs: the LR's CbCr (1, 2, h, w), to show results in colour
 
 
 def _centred(length: int, crop: int) -> slice:
@@ -40,6 +44,7 @@ def validation_pairs(
     color: str,
     crop: int = 0,
     blur_sigma: float = 0.0,
+    quantize_lr: bool = False,
     device: torch.device | str = "cpu",
 ) -> list[ValidationPair]:
     """One pair per image; ``crop`` is the HR side of a centre crop (0 = the whole image)."""
@@ -49,10 +54,24 @@ def validation_pairs(
         rows, cols = _centred(lr_height, crop // scale), _centred(lr_width, crop // scale)
         hr_rows = slice(rows.start * scale, rows.stop * scale)
         hr_cols = slice(cols.start * scale, cols.stop * scale)
-        hr = to_model_space(image.hr[None, :, hr_rows, hr_cols].to(device), color)
+        hr_rgb = image.hr[None, :, hr_rows, hr_cols].to(device).float() / 255.0  # (1, 3, H, W)
         if scale in image.lr:
-            lr = to_model_space(image.lr[scale][None, :, rows, cols].to(device), color)
+            lr_rgb = image.lr[scale][None, :, rows, cols].to(device).float() / 255.0
         else:
-            lr = degrade(hr, scale, blur_sigma=blur_sigma)
-        pairs.append(ValidationPair(name=image.name, lr=lr, hr=hr, shipped_lr=scale in image.lr))
+            lr_rgb = None
+        hr = to_model_space(hr_rgb, color)
+        lr = to_model_space(lr_rgb, color) if lr_rgb is not None else degrade(hr, scale, blur_sigma=blur_sigma)
+        chroma = None
+        if color == "y":  # colour previews show the model's Y with the LR's own chroma
+            source = lr_rgb if lr_rgb is not None else degrade(hr_rgb, scale, blur_sigma=blur_sigma)
+            chroma = rgb_to_ycbcr(source)[:, 1:]
+        pairs.append(
+            ValidationPair(
+                name=image.name,
+                lr=to_8bit(lr) if quantize_lr else lr,
+                hr=hr,
+                shipped_lr=lr_rgb is not None,
+                chroma=chroma,
+            )
+        )
     return pairs
