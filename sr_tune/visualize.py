@@ -40,8 +40,8 @@ def _tile(image: torch.Tensor) -> Image.Image:
 
 
 def grid_captions(preview: Preview) -> list[str]:
-    gain = preview.sr_psnr - preview.bicubic_psnr
-    return ["LR (nearest)", f"bicubic {preview.bicubic_psnr:.2f} dB", f"SR {preview.sr_psnr:.2f} dB ({gain:+.2f})", "HR"]
+    bicubic, sr = preview.bicubic_psnr, preview.sr_psnr
+    return ["LR (nearest)", f"bicubic {bicubic:.2f} dB", f"SR {sr:.2f} dB ({sr - bicubic:+.2f})", "HR"]
 
 
 def preview_grid(preview: Preview) -> Image.Image:

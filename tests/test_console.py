@@ -44,7 +44,8 @@ PARAMS = {"optimizer.lr": 2.1e-3, "optimizer.weight_decay": 3.8e-5, "data.batch_
 
 def test_trials_are_named_by_number_and_searched_values():
     assert trial_label("t03", PARAMS) == "t03 lr=2.1e-3 wd=3.8e-5 bs=16"
-    assert [format_value(v) for v in (0.25, 1e-8, 5e3, 0.0, "adamw", 32)] == ["0.25", "1.0e-8", "5.0e3", "0", "adamw", "32"]
+    values = (0.25, 1e-8, 5e3, 0.0, "adamw", 32)
+    assert [format_value(v) for v in values] == ["0.25", "1.0e-8", "5.0e3", "0", "adamw", "32"]
 
 
 def test_plain_lines_tell_trial_events_and_a_progress_line_every_interval(study):

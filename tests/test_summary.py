@@ -33,9 +33,7 @@ budget: {max_steps: 40}
 """
 
 
-def record(
-    trial_id: str, lr: float, psnrs: list[float], *, error: str | None = None, batch: int = 8
-) -> TrialRecord:
+def record(trial_id: str, lr: float, psnrs: list[float], *, error: str | None = None, batch: int = 8) -> TrialRecord:
     """Trial ``t<trial_id>``, which reported ``psnrs`` every 20 steps at batch 8 (one worker), one checkpoint
     per report."""
     patches = [20 * 8 * (i + 1) for i in range(len(psnrs))]
@@ -111,7 +109,8 @@ def test_trials_are_ranked_by_their_best_report_and_early_stops_are_told_apart(s
     # Every trial is a point coloured by batch size, the early-stopped one hollow, the best one starred.
     axis = figures["plots/param_optimizer.lr.png"].axes[0]
     trials, star = axis.collections[:4], axis.collections[1]
-    assert [tuple(c.get_offsets()[0]) for c in (trials[0], trials[2], trials[3])] == [(9.5e-3, 29.6), (2e-3, 29.5), (1e-3, 29.1)]
+    points = [tuple(c.get_offsets()[0]) for c in (trials[0], trials[2], trials[3])]
+    assert points == [(9.5e-3, 29.6), (2e-3, 29.5), (1e-3, 29.1)]
     assert star.get_paths() and tuple(star.get_offsets()[0]) == (9.5e-3, 29.6) and star.get_facecolor()[0][2] == 0
     assert len(trials[3].get_facecolor()) == 0  # hollow: stopped early
     assert tuple(trials[0].get_edgecolor()[0]) != tuple(trials[2].get_edgecolor()[0])  # bs 16 vs bs 8
