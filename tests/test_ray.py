@@ -28,6 +28,7 @@ from mlflow.tracking import MlflowClient
 
 from sr_tune.checkpoint import load_checkpoint
 from sr_tune.config import load_config
+from sr_tune.console import format_value
 from sr_tune.distributed import fit, init_ray
 from sr_tune.study import load_study
 from sr_tune.sweep import max_concurrent_trials, run_sweep
@@ -106,6 +107,13 @@ budget: {num_samples: 4, max_steps: 120}
     resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "best 4 of 4 trial(s) of resumable" in resumed.stdout and "mlflow ui --backend-store-uri" in resumed.stdout
+    # The console shows the sweep's own view; Ray's and Tune's output went to the sweep's log file.
+    console = resumed.stdout.splitlines()
+    assert len(console) < 30 and resumed.stderr == "", resumed.stdout + resumed.stderr
+    assert any(" done at step 120: best val_psnr " in line for line in console)  # a trial it resumed
+    assert not any(noise in resumed.stdout for noise in ("Trial status", "TrainController", "Reporting training"))
+    log = (tmp_path / "runs" / "sweeps" / "resumable.log").read_text()
+    assert "Trial status" in log and log.count("\n--- ") + log.startswith("--- ") == 2  # both runs appended
 
     trial_dirs = sorted(experiment.glob("trial_*"))
     assert len(trial_dirs) == 4
@@ -183,8 +191,11 @@ def test_two_gloo_workers_match_one_worker_at_double_batch_and_log_to_mlflow(tmp
     grids = [a.path for a in client.list_artifacts(two.run_id, "grids")]
     assert grids == ["grids/step_0000030.png", "grids/step_0000060.png"]
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")  # this test's own fluent reads
-    grid = mlflow.artifacts.load_image(f"runs:/{two.run_id}/grids/step_0000060.png")
-    assert grid.size == (4 * 48, 48 + 14)  # LR | bicubic | SR | HR, with a caption strip
+    grid = np.asarray(mlflow.artifacts.load_image(f"runs:/{two.run_id}/grids/step_0000060.png"))
+    # LR | bicubic | SR | HR, the 48 px crops enlarged 4x, under a caption strip; in colour though the model is Y.
+    assert grid.shape == (192 + 24, 4 * 192 + 6, 3)
+    assert np.abs(grid[24:, :, 0].astype(int) - grid[24:, :, 2]).mean() > 5
+    assert len(client.get_metric_history(two.run_id, "bicubic_psnr")) == 1  # the same at every evaluation
     assert {a.path for a in client.list_artifacts(two.run_id)} >= {"curves.png", "best_checkpoint", "grids"}
 
     model = mlflow.pytorch.load_model(f"runs:/{two.run_id}/model")
@@ -225,6 +236,7 @@ budget: {num_samples: 6, max_steps: 80}
 
     trials = {t.trial_id: t for t in result.trials}
     assert len(trials) == 6 and all(t.error is None for t in trials.values())
+    assert sorted(t.name for t in trials.values()) == ["t01", "t02", "t03", "t04", "t05", "t06"]
     budget = study.patches(80)
     assert any(t.stopped_early for t in trials.values()), "ASHA stopped no trial"
     assert any(t.patches_seen == budget for t in trials.values())
@@ -244,17 +256,34 @@ budget: {num_samples: 6, max_steps: 80}
     for child in children:
         trial = trials[child.data.tags[TRIAL_TAG]]
         assert child.info.status == "FINISHED"
-        assert float(child.data.params["optimizer.lr"]) == pytest.approx(trial.params["optimizer.lr"])
+        lr, wd = trial.params["optimizer.lr"], trial.params["optimizer.weight_decay"]
+        assert child.info.run_name == f"{trial.name} lr={format_value(lr)} wd={format_value(wd)}"
+        assert float(child.data.params["optimizer.lr"]) == pytest.approx(lr)
         assert child.data.tags["sr_tune.stopped_early"] == str(trial.stopped_early).lower()
-        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_psnr")]
+        history = client.get_metric_history(child.info.run_id, "val_psnr")
         last_step = trial.patches_seen // 8
-        assert steps == list(range(20, last_step + 1, 20))
-        assert len(client.list_artifacts(child.info.run_id, "grids")) == len(steps)
+        assert [m.step for m in history] == list(range(20, last_step + 1, 20))
+        # Ended when Tune stopped or finished the trial: seconds after its last evaluation, not at the sweep's end.
+        assert 0 <= child.info.end_time - history[-1].timestamp < 20_000
+        assert child.data.metrics["best_val_psnr"] == pytest.approx(max(m.value for m in history))
+        assert len(client.get_metric_history(child.info.run_id, "bicubic_psnr")) == 1
+        assert not [key for key in child.data.metrics if key.startswith("hp/")]  # params already; only PBT varies them
+        assert len(client.list_artifacts(child.info.run_id, "grids")) == len(history)
         assert {a.path for a in client.list_artifacts(child.info.run_id)} >= {"curves.png", "best_checkpoint", "grids"}
+    stopped = [c for c in children if c.data.tags["sr_tune.stopped_early"] == "true"]
+    assert min(c.info.end_time for c in stopped) < parent.info.end_time - 10_000
 
     best = result.trials[0]
-    assert float(parent.data.params["best.optimizer.lr"]) == pytest.approx(best.params["optimizer.lr"])
-    assert parent.data.metrics["best_val_psnr"] == pytest.approx(max(values))
+    best_run = next(c for c in children if c.data.tags[TRIAL_TAG] == best.trial_id)
+    assert [c.info.run_id for c in children if c.data.tags.get("sr_tune.best") == "true"] == [best_run.info.run_id]
+    assert parent.data.tags["sr_tune.best_run_id"] == best_run.info.run_id
+    assert parent.data.tags["sr_tune.best_trial"] == best.name
+    # Best values under the trials' own keys: one runs-table column each.
+    assert float(parent.data.params["optimizer.lr"]) == pytest.approx(best.params["optimizer.lr"])
+    assert parent.data.metrics["best_val_psnr"] == pytest.approx(max(values)) == best_run.data.metrics["best_val_psnr"]
+    description = parent.data.tags["mlflow.note.content"]
+    assert description.startswith("## Sweep `asha`")
+    assert f"(#/experiments/{parent.info.experiment_id}/runs/{best_run.info.run_id})" in description
     assert parent.data.tags["git_sha"] and "sr_tune.study" in parent.data.tags
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.csv", "plots", "search_space"} <= artifacts
@@ -266,6 +295,15 @@ budget: {num_samples: 6, max_steps: 80}
     assert plots == {"plots/best_so_far.png", "plots/param_optimizer.lr.png", "plots/param_optimizer.weight_decay.png"}
     versions = client.search_model_versions("name='sr_tune-asha'")
     assert [v.run_id for v in versions] == [parent.info.run_id]
+    version = client.get_model_version_by_alias("sr_tune-asha", "best")
+    assert version.version == "1" and f"Best trial {best.name} of sweep asha" in version.description
+    assert version.tags == {
+        "study": "asha",
+        "trial": best.name,
+        "trial_id": best.trial_id,
+        "scale": "3",
+        "val_psnr": f"{max(values):.4f}",
+    }
     mlflow.set_tracking_uri(client.tracking_uri)  # this test's own fluent read of the registry
     registered = mlflow.pytorch.load_model("models:/sr_tune-asha/1")
     lr = torch.rand(1, 1, 48, 48)
