@@ -112,13 +112,22 @@ class SweepView:
         state = self.trials.get(trial_id)
         if state is None:
             return
-        metric, sign = self.study.objective.metric, 1 if self.study.objective.mode == "max" else -1
         state.status = "running"
+        self._update(state, metrics)
+        self._redraw()
+
+    def restored(self, trial_id: str, name: str, params: dict[str, Any], status: str, best: dict[str, Any]) -> None:
+        """A trial that ended before this process watched it (a resumed sweep): counted, not announced."""
+        if trial_id not in self.trials:
+            self.trials[trial_id] = state = TrialState(name=name, params=params, status=status)
+            self._update(state, best)
+
+    def _update(self, state: TrialState, metrics: dict[str, Any]) -> None:
+        metric, sign = self.study.objective.metric, 1 if self.study.objective.mode == "max" else -1
         state.step, state.patches = int(metrics.get("step", 0)), int(metrics.get("patches_seen", 0))
         state.value, state.gain = metrics.get(metric), metrics.get("psnr_gain")
         if state.value is not None and (state.best is None or sign * state.value > sign * state.best):
             state.best, state.best_gain = state.value, state.gain
-        self._redraw()
 
     def ended(self, trial_id: str, status: str, error: str | None = None) -> None:
         """``status``: done, stopped, paused or failed (with the error's last line)."""

@@ -634,6 +634,10 @@ def run_sweep(
     records = _fit_tuner(study, paths, context, callback, restoring)
 
     summaries = summarize(study, records)
+    if view is not None:
+        for summary in summaries:  # counts the trials that had ended before a resume
+            status = "failed" if summary.error else "stopped" if summary.stopped_early else "done"
+            view.restored(summary.trial_id, summary.name, summary.params, status, summary.best)
     if study.scheduler.name == "pbt":
         _prune_checkpoints(study, records)
     scored = [s for s in summaries if study.objective.metric in s.best]

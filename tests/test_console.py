@@ -76,6 +76,15 @@ def test_plain_lines_tell_trial_events_and_a_progress_line_every_interval(study)
         "1:00 t01 lr=2.1e-3 wd=3.8e-5 bs=16 failed at step 100: best val_psnr 29.5000 (+0.50 dB vs bicubic)",
         "    FileNotFoundError: /missing",
     ]
+    # A resumed sweep's trials that had ended before: counted silently, known ones left as they are.
+    view.restored("c", "t03", PARAMS, "done", {"step": 100, "patches_seen": 800, "val_psnr": 29.7, "psnr_gain": 0.7})
+    view.restored("a", "t01", PARAMS, "done", {})
+    view.close()
+    assert out.getvalue().splitlines()[-1] == (
+        # 2000 patches in 60 s; one trial of 800 left.
+        "1 done, 1 stopped, 1 failed, 1 pending | best t03 val_psnr 29.7000 (+0.70 dB vs bicubic) | elapsed 1:00 "
+        "| ETA <= 0:24"
+    )
 
 
 def test_on_a_terminal_one_table_is_redrawn_in_place_below_the_messages(study):

@@ -296,7 +296,7 @@ budget: {num_samples: 6, max_steps: 80}
     versions = client.search_model_versions("name='sr_tune-asha'")
     assert [v.run_id for v in versions] == [parent.info.run_id]
     version = client.get_model_version_by_alias("sr_tune-asha", "best")
-    assert version.version == "1" and f"Best trial {best.name} of sweep asha" in version.description
+    assert str(version.version) == "1" and f"Best trial {best.name} of sweep asha" in version.description
     assert version.tags == {
         "study": "asha",
         "trial": best.name,
