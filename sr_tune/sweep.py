@@ -29,6 +29,7 @@ import json
 import math
 import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -158,7 +159,6 @@ def _trial(params: dict[str, Any], context: TrialContext) -> None:
     config = study.trial_config(sampled)
     config = replace(config, tracking=replace(config.tracking, run_name=f"{study.name}-{trial_id}"))
     run_id = _trial_run_id(context, trial_id, name, config, sampled)
-    # Only PBT changes values inside a trial; elsewhere they are params, and a flat hp/* curve says nothing.
     numeric = {key: float(value) for key, value in sampled.items() if isinstance(value, (int, float))}
 
     start = tune.get_checkpoint()
@@ -170,6 +170,7 @@ def _trial(params: dict[str, Any], context: TrialContext) -> None:
         start_checkpoint=start,
         tracking_uri=context.tracking_uri,
         run_id=run_id,
+        # Only PBT changes values inside a trial; elsewhere they are params, and a flat hp/* curve says nothing.
         hyperparameters=numeric if study.scheduler.name == "pbt" else {},
         close_run=False,
         quiet=True,
@@ -210,7 +211,7 @@ def _trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _trial_namer(study: Study) -> Any:
+def _trial_namer(study: Study) -> Callable[[Any], str]:
     """Tune's display name for a trial, ``t03``: its number in the sweep, which leads Tune's experiment tag
     (counted from 1 by the search algorithm's generator, from 0 by PBT's variant generator) and survives a
     resumed sweep."""
