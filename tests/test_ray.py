@@ -326,7 +326,7 @@ search:
   data.augment_strength: {type: uniform, low: 0.0, high: 0.5}
 sampler: {name: random, seed: 3}
 scheduler: {name: pbt, perturbation_interval: 40, quantile_fraction: 0.5, resample_probability: 0.0, synch: true}
-budget: {num_samples: 2, max_steps: 100}
+budget: {num_samples: 2, max_steps: 60}  # one exploit, at step 40
 """,
         )
     )
