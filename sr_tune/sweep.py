@@ -30,6 +30,7 @@ import math
 import shutil
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -391,16 +392,26 @@ def _error_line(trial: Any) -> str:
 
 class _SweepCallback(tune.Callback):
     """In the sweep's driver: keeps the console view current, and ends each trial's MLflow run the moment
-    Tune stops or finishes the trial, so the run's end time (and duration) is the trial's."""
+    Tune stops or finishes the trial, so the run's end time (and duration) is the trial's. Runs are closed
+    (curves drawn, checkpoint uploaded) on a thread of their own: Tune's loop, which starts the next trial
+    and lets running ones past their report gate, does not wait for it."""
 
     def __init__(
         self, study: Study, view: SweepView | None, client: MlflowClient | None, parent_run_id: str | None
     ) -> None:
         self.study, self.view, self.client, self.parent_run_id = study, view, client, parent_run_id
+        self.closing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="close-trial-run")
+        self.closed: list[Future] = []
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its run config, callbacks included, into the experiment; a resumed sweep sets fresh ones.
-        return {"study": self.study, "view": None, "client": None, "parent_run_id": None}
+        return {"study": self.study}
+
+    def wait(self) -> None:
+        """Until every trial run whose trial has ended is closed; raises what closing one raised."""
+        self.closing.shutdown(wait=True)
+        for future in self.closed:
+            future.result()
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         if self.view is not None:
@@ -432,16 +443,19 @@ class _SweepCallback(tune.Callback):
         if run_id is None:  # failed before its driver created the run
             return
         best = trial.run_metadata.checkpoint_manager.best_checkpoint_result  # by the objective, Tune's copy
-        _close_trial_run(
-            self.client,
-            self.study,
-            run_id,
-            best=best.metrics if best else {},
-            best_checkpoint=best.checkpoint.path if best else None,
-            latest_checkpoint=trial.checkpoint.path if trial.checkpoint else None,
-            patches_seen=patches,
-            stopped_early=stopped,
-            error=error,
+        self.closed.append(
+            self.closing.submit(
+                _close_trial_run,
+                self.client,
+                self.study,
+                run_id,
+                best=best.metrics if best else {},
+                best_checkpoint=best.checkpoint.path if best else None,
+                latest_checkpoint=trial.checkpoint.path if trial.checkpoint else None,
+                patches_seen=patches,
+                stopped_early=stopped,
+                error=error,
+            )
         )
 
 
@@ -632,7 +646,10 @@ def run_sweep(
         tags=tags,
     )
     callback = _SweepCallback(study, view, client, parent_run_id)
-    records = _fit_tuner(study, paths, context, callback, restoring)
+    try:
+        records = _fit_tuner(study, paths, context, callback, restoring)
+    finally:
+        callback.wait()
 
     summaries = summarize(study, records)
     if view is not None:
