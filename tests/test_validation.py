@@ -25,7 +25,7 @@ def to_uint8(image: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture
-def benchmark(tmp_path: Path) -> tuple[Path, torch.Tensor, torch.Tensor]:
+def set5(tmp_path: Path) -> tuple[Path, torch.Tensor, torch.Tensor]:
     """A Set5-style folder: one 101x86 HR photo and shipped LR for x2 only (made here, then brightened by
     one grey level so the test can tell shipped LR from LR made on the fly)."""
     hr = skimage_photo("chelsea")[:, 50:151, 100:186].contiguous()
@@ -35,8 +35,8 @@ def benchmark(tmp_path: Path) -> tuple[Path, torch.Tensor, torch.Tensor]:
     return tmp_path / "Set5", hr, shipped
 
 
-def test_whole_images_use_shipped_lr_and_modcrop_the_hr(benchmark):
-    root, hr, shipped = benchmark
+def test_whole_images_use_shipped_lr_and_modcrop_the_hr(set5):
+    root, hr, shipped = set5
     (pair,) = validation_pairs(open_source(str(root), "val"), scale=2, color="rgb")
     assert pair.shipped_lr and pair.name == "cat"
     assert pair.hr.shape == (1, 3, 100, 86)  # 101 rows cut to a multiple of 2, from the top-left
@@ -44,16 +44,16 @@ def test_whole_images_use_shipped_lr_and_modcrop_the_hr(benchmark):
     assert torch.equal(pair.lr[0], shipped.float() / 255)
 
 
-def test_without_shipped_lr_the_lr_is_the_bicubic_downscale(benchmark):
-    root, hr, _ = benchmark
+def test_without_shipped_lr_the_lr_is_the_bicubic_downscale(set5):
+    root, hr, _ = set5
     (pair,) = validation_pairs(open_source(str(root), "val"), scale=3, color="y")
     assert not pair.shipped_lr and pair.hr.shape == (1, 1, 99, 84)
     torch.testing.assert_close(pair.hr, to_model_space(hr[None, :, :99, :84], "y"), rtol=0, atol=0)
     torch.testing.assert_close(pair.lr, degrade(pair.hr, 3), rtol=0, atol=0)
 
 
-def test_centre_crops_keep_shipped_lr_and_hr_in_register(benchmark):
-    root, hr, shipped = benchmark
+def test_centre_crops_keep_shipped_lr_and_hr_in_register(set5):
+    root, hr, shipped = set5
     (pair,) = validation_pairs(open_source(str(root), "val"), scale=2, color="rgb", crop=41)
     # LR is 50x43; a 20x20 LR crop centred at rows 15..35, cols 11..31; HR is exactly twice that.
     assert pair.lr.shape == (1, 3, 20, 20) and pair.hr.shape == (1, 3, 40, 40)
@@ -75,8 +75,8 @@ def test_ranks_decode_disjoint_shards_of_a_folder(tmp_path: Path):
         open_source(str(tmp_path / "train"), "train", rank=5, world_size=6)
 
 
-def test_quantized_lr_holds_8_bit_levels_and_y_pairs_carry_the_lr_chroma(benchmark):
-    root, hr, _ = benchmark
+def test_quantized_lr_holds_8_bit_levels_and_y_pairs_carry_the_lr_chroma(set5):
+    root, hr, _ = set5
     (plain,) = validation_pairs(open_source(str(root), "val"), scale=3, color="y")
     (stored,) = validation_pairs(open_source(str(root), "val"), scale=3, color="y", quantize_lr=True)
     levels = stored.lr * 255
