@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,14 @@ ASSETS = REPO / "tests" / "assets"
 GOLDEN = ASSETS / "matlab_imresize.npz"  # real MATLAB imresize answers (see matlab_imresize.md)
 WAIFU2X_WHEEL = "waifu2x-2024.0.1-py3-none-any.whl"
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under xdist (``make test``: 2 workers on 2 cores) each worker computes on one thread: two workers with
+    torch's default of one thread per core would run four threads on two cores, and the Ray tests, the
+    suite's longest path, would get less than their core."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
