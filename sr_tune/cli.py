@@ -87,9 +87,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    import ray
-
     from sr_tune.console import SweepView, ray_output_to
+    from sr_tune.distributed import shutdown_ray
     from sr_tune.study import load_study
     from sr_tune.summary import sweep_table
     from sr_tune.sweep import run_sweep, sweep_paths
@@ -109,7 +108,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                 result = run_sweep(study, client=client, resume=args.resume, view=view)
             finally:
                 view.close()
-                ray.shutdown()
+                shutdown_ray()
     print(sweep_table(study, result.trials, top=args.top))
     for warning in result.warnings:
         print(f"warning: {warning}")

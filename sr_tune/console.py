@@ -68,7 +68,7 @@ def clock(seconds: float) -> str:
 class TrialState:
     name: str  # t03
     params: dict[str, Any]
-    status: str = "pending"  # pending, running, paused, done, stopped, failed
+    status: str = "pending"  # pending, running, done, stopped, failed
     step: int = 0
     patches: int = 0
     value: float | None = None  # the objective at the last report
@@ -130,14 +130,11 @@ class SweepView:
             state.best, state.best_gain = state.value, state.gain
 
     def ended(self, trial_id: str, status: str, error: str | None = None) -> None:
-        """``status``: done, stopped, paused or failed (with the error's last line)."""
+        """``status``: done, stopped or failed (with the error's last line)."""
         state = self.trials.get(trial_id)
         if state is None:
             return
         state.status = status
-        if status == "paused":
-            self._redraw()
-            return
         line = f"{self._elapsed()} {trial_label(state.name, state.params)} {status} at step {state.step}"
         if state.best is not None:
             line += f": best {self.study.objective.metric} {state.best:.4f}{_gain(state.best_gain)}"
@@ -171,7 +168,7 @@ class SweepView:
         waiting = self.study.budget.num_samples - len(self.trials)
         if waiting > 0:
             counts["pending"] = counts.get("pending", 0) + waiting
-        order = ("running", "paused", "done", "stopped", "failed", "pending")
+        order = ("running", "done", "stopped", "failed", "pending")
         parts = [", ".join(f"{counts[s]} {s}" for s in order if counts.get(s))]
         best = self._best()
         if best is not None:
@@ -257,7 +254,7 @@ def ray_output_to(log_file: Path) -> Iterator[TextIO]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    console = open(os.dup(1), "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
+    console = open(os.dup(1), "w", buffering=1, encoding="utf-8", errors="replace")
     with open(log_file, "ab") as log:
         log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n".encode())
         log.flush()

@@ -79,6 +79,11 @@ def init_ray(num_cpus: float | None = None) -> None:
         )
 
 
+def shutdown_ray() -> None:
+    """Stop this process's Ray (a local one with it), so that its shutdown output lands where stdout goes now."""
+    ray.shutdown()
+
+
 def progress_line(result: EvalResult, total_steps: int) -> str:
     eta = result.seconds / result.step * (total_steps - result.step)
     return (
