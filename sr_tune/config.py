@@ -463,17 +463,49 @@ def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
 # --- YAML and overrides ---------------------------------------------------------------------------------
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping (plain YAML silently keeps the last)."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    first_lines: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, typing.Hashable) and key in first_lines:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first on line {first_lines[key]})", key_node.start_mark
+            )
+        first_lines.setdefault(key, key_node.start_mark.line + 1)
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML ``text`` of file ``source``; a syntax error or a duplicate key raises ``ConfigError`` with its line."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        context = f" ({error.context})" if error.context else ""
+        raise ConfigError([f"not valid YAML: {where}{error.problem}{context}"], source) from None
+    except yaml.YAMLError as error:
+        raise ConfigError([f"not valid YAML: {error}"], source) from None
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except OSError as error:
         raise ConfigError([f"cannot read config file: {error.strerror}"], str(path)) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ConfigError([f"not valid YAML: {error}"], str(path)) from None
+    data = parse_yaml(text, str(path))
     if data is None:
-        return {}
+        raise ConfigError(
+            ["the file is empty: to train on the defaults, write them out with `sr-tune config > FILE` and use that"],
+            str(path),
+        )
     if not isinstance(data, dict):
         raise ConfigError([f"(top level): expected a mapping of sections, got {type(data).__name__}"], str(path))
     return data

@@ -21,9 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from sr_tune.config import ConfigError, TrainConfig, build_values, setting, validate, with_values
+from sr_tune.config import ConfigError, TrainConfig, build_values, parse_yaml, setting, validate, with_values
 from sr_tune.engine import EVAL_METRICS, VGG_DISTANCES, metric_names
 
 # What PBT may change in a running trial: numbers the engine reads afresh after a restore. Structure
@@ -308,9 +306,9 @@ def load_study(path: str | Path) -> Study:
     path = Path(path)
     try:
         text = path.read_text()
-        raw = yaml.safe_load(text)
-    except (OSError, yaml.YAMLError) as error:
+    except OSError as error:
         raise ConfigError([f"cannot read the study: {error}"], str(path)) from None
+    raw = parse_yaml(text, str(path))
     problems: list[str] = []
     values = build_values(Study, {} if raw is None else raw, "", problems)
     if values is None:
@@ -319,11 +317,11 @@ def load_study(path: str | Path) -> Study:
     if "base" in values:
         base = path.parent / values["base"]
         try:
-            base_data = yaml.safe_load(base.read_text())
+            base_data = parse_yaml(base.read_text(), str(base))
         except OSError as error:
             problems.append(f"base: {values['base']!r} cannot be read (resolved to {base}): {error.strerror}")
-        except yaml.YAMLError as error:
-            problems.append(f"base: {base} is not valid YAML: {error}")
+        except ConfigError as error:
+            problems.extend(f"base: {base}: {problem}" for problem in error.problems)
         else:
             if isinstance(base_data, dict):
                 values["base_data"] = base_data

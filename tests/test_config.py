@@ -8,6 +8,7 @@ import pytest
 
 from sr_tune.config import ConfigError, TrainConfig, load_config
 from sr_tune.models import list_models
+from sr_tune.study import load_study
 
 from .conftest import REPO
 
@@ -108,3 +109,31 @@ def test_every_zoo_model_has_example_configs_at_each_scale(name: str):
         config = load_config(REPO / "configs" / f"{name}_x{scale}.yaml")
         assert (config.model.name, config.model.scale) == (name, scale)
         assert config.data.lr_patch_size * scale >= 16
+
+
+def test_a_key_given_twice_is_refused_with_both_lines_in_configs_and_studies(tmp_path: Path):
+    config = tmp_path / "twice.yaml"
+    config.write_text("optimizer:\n  lr: 1.0e-3\n  name: adam\n  lr: 1.0e-2\n")
+    with pytest.raises(ConfigError, match="twice.yaml") as caught:
+        load_config(config)
+    assert caught.value.problems == ["not valid YAML: line 4, column 3: duplicate key 'lr' (first on line 2)"]
+    study = tmp_path / "study.yaml"
+    study.write_text(f"name: a\nbase: {REPO / 'configs' / 'smoke.yaml'}\nname: b\n")
+    with pytest.raises(ConfigError, match="line 3, column 1: duplicate key 'name' \\(first on line 1\\)"):
+        load_study(study)
+    with pytest.raises(ConfigError, match=r"base: .*twice.yaml: not valid YAML: line 4, column 3: duplicate key"):
+        study.write_text(f"name: a\nbase: {config}\nsearch: {{}}\n")
+        load_study(study)
+
+
+def test_yaml_errors_give_the_line_and_an_empty_config_is_refused_with_a_hint(tmp_path: Path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  name: srcnn_915\n scale: 3\n")
+    with pytest.raises(ConfigError, match="broken.yaml") as caught:
+        load_config(broken)
+    assert caught.value.problems[0].startswith("not valid YAML: line 3, column 2: ")
+    assert "<unicode string>" not in str(caught.value)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match="the file is empty: .*`sr-tune config > FILE`"):
+        load_config(empty)
