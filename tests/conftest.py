@@ -18,6 +18,31 @@ WAIFU2X_WHEEL = "waifu2x-2024.0.1-py3-none-any.whl"
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
 
+# Every test that starts Ray: one Ray per machine (Ray 2.60's PlacementGroupCleaner finds its cluster by
+# auto-detection, which fails when two local Ray instances run), so these files run on one xdist worker,
+# one after the other; and first, being the suite's longest path.
+RAY_FILES = ("test_ray.py", "test_cluster.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name not in RAY_FILES)  # stable: each file's own order is kept
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadfile`` with the Ray files as one unit of work, handed out first."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class RayFilesTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return "ray" if Path(scope).name in RAY_FILES else scope
+
+    config.option.loadscopereorder = False  # collection order (Ray first), not largest file first
+    return RayFilesTogether(config, log)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Under xdist (``make test``: 2 workers on 2 cores) each worker computes on one thread: two workers with
     torch's default of one thread per core would run four threads on two cores, and the Ray tests, the

@@ -23,6 +23,8 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from sr_tune.storage import filesystem_and_path
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
@@ -211,13 +213,6 @@ def read_benchmark(root: Path, **options) -> list[SRImage]:
 # --- Parquet shards -------------------------------------------------------------------------------------
 
 
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A ``pyarrow.fs`` filesystem and path for a local path or a URI (s3://, gs://, hdfs://, file://)."""
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), str(Path(uri).resolve())
-
-
 def encode_png(image: torch.Tensor) -> bytes:
     """uint8 (3, H, W) -> PNG bytes (lossless, so decoding gives back the same pixels)."""
     buffer = io.BytesIO()
@@ -233,7 +228,7 @@ def write_shards(
     Shards are written first and the manifest last, so a reader never sees a manifest whose shards are
     missing. Returns the manifest.
     """
-    fs, root = _filesystem(dest)
+    fs, root = filesystem_and_path(dest)
     fs.create_dir(root, recursive=True)
     shards: list[dict[str, object]] = []
     rows: list[dict[str, object]] = []
@@ -281,7 +276,7 @@ def read_shards(uri: str, *, skip_bad: bool = False, rank: int = 0, world_size: 
     With ``world_size > 1`` only every ``world_size``-th image (starting at ``rank``) is decoded, so each
     DDP rank holds a disjoint shard without a shared disk.
     """
-    fs, root = _filesystem(uri)
+    fs, root = filesystem_and_path(uri)
     try:
         with fs.open_input_stream(f"{root}/{MANIFEST}") as stream:
             manifest = json.loads(stream.read())
@@ -332,6 +327,26 @@ def skimage_photo(name: str) -> torch.Tensor:
 def sample_images(split: str, *, rank: int = 0, world_size: int = 1) -> list[SRImage]:
     names = shard_for_rank(SAMPLE_TRAIN if split == "train" else SAMPLE_VAL, rank, world_size)
     return [SRImage(name=name, hr=skimage_photo(name)) for name in names]
+
+
+def source_problem(spec: str) -> str | None:
+    """Why data spec ``spec`` cannot be read from here (None when it can), found before anything starts:
+    a folder that does not exist, or shards whose manifest is missing or unreachable. Only looks, reads
+    no image."""
+    if spec == "sample":
+        return None
+    if "://" in spec:
+        try:
+            fs, root = filesystem_and_path(spec)
+            found = fs.get_file_info(f"{root}/{MANIFEST}").type == pafs.FileType.File
+        except (OSError, ValueError) as error:
+            return f"{spec!r} cannot be reached: {error}"
+        return None if found else f"{spec!r} holds no {MANIFEST} (write shards there with `sr-tune prepare`)"
+    folder = Path(spec)
+    if folder.is_dir():
+        return None
+    what = "is a file, not a folder" if folder.exists() else "does not exist"
+    return f"{spec!r} {what} (resolved to {folder.resolve()}; 'sample' is the built-in photographs)"
 
 
 def open_source(spec: str, split: str, *, skip_bad: bool = False, rank: int = 0, world_size: int = 1) -> list[SRImage]:

@@ -1,0 +1,224 @@
+"""``sr-tune submit`` on a real two-node Ray cluster (two raylets on this machine, token auth on), with the
+sweep's storage on a real S3 store (SeaweedFS) and MLflow as a real tracking server whose artifacts live in
+that store. One cluster serves the whole module; it runs alone, like every test that starts Ray (see
+``conftest.pytest_xdist_make_scheduler``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs as pafs
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+from sr_tune.storage import Storage
+
+from .conftest import REPO
+from .services import free_port, start_mlflow_server, start_ray_cluster, start_seaweedfs
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+BUCKET = "sr-tune-test"
+
+
+class Cluster:
+    """The module's servers, and ``sr-tune`` run as a user's shell runs it."""
+
+    def __init__(self, root: Path, started: list) -> None:
+        """Each server is added to ``started`` as soon as it runs, so that a later one failing stops it too."""
+        self.root = root
+        self.s3 = start_seaweedfs(root / "s3")
+        started.append(self.s3.service)
+        self.tracking_uri, mlflow_server = start_mlflow_server(root / "mlflow", self.s3, BUCKET)
+        started.append(mlflow_server)
+        self.ray = start_ray_cluster(root / "ray", self.s3.env())
+        started.append(self.ray)
+        self.storage = self.s3.uri(f"{BUCKET}/sweeps")
+
+    def env(self, **changes: str | None) -> dict[str, str]:
+        """The submitting user's environment: the cluster's token and no Ray or MLflow settings of this test
+        process; ``changes`` set (or with None, remove) variables, and HOME is a folder without a token file."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "AWS_"))}
+        env.update(HOME=str(self.root / "home"), RAY_AUTH_TOKEN=self.ray.token)
+        for key, value in changes.items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
+        return env
+
+    def sr_tune(self, *args: str, cwd: Path, timeout: float = 600, **env: str | None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "sr_tune", *args],
+            cwd=cwd,
+            env=self.env(**env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def submit(self, project: Path, *job: str, **env: str | None) -> subprocess.CompletedProcess:
+        options = ["--address", self.ray.address, "--storage", self.storage, "--tracking-uri", self.tracking_uri]
+        return self.sr_tune("submit", *options, "--", *job, cwd=project, **env)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("cluster")
+    (root / "home").mkdir()
+    started: list = []
+    try:
+        yield Cluster(root, started)
+    finally:
+        for service in reversed(started):
+            service.stop()
+
+
+def write_project(folder: Path, name: str, data: str = "sample") -> Path:
+    """A user's project folder: a study and its base config (relative), as `sr-tune submit` ships it."""
+    folder.mkdir(parents=True)
+    (folder / "configs").mkdir()
+    (folder / "configs" / "base.yaml").write_text((REPO / "configs" / "smoke.yaml").read_text())
+    (folder / "study.yaml").write_text(f"""
+name: {name}
+base: configs/base.yaml
+fixed:
+  training.device: cpu
+  training.eval_interval: 20
+  data.batch_size: 8
+  data.val_crop: 48
+  data.train: {data}
+search:
+  optimizer.lr: {{type: loguniform, low: 3.0e-4, high: 3.0e-3}}
+sampler: {{name: random, seed: 0}}
+scheduler: {{name: none}}
+budget: {{num_samples: 4, max_steps: 20, max_concurrent: 2}}
+resources: {{workers: 1, cpus_per_worker: 1}}
+keep_checkpoints: 1
+""")
+    return folder
+
+
+def test_storage_reads_and_writes_s3_objects_and_copies_folders_down(cluster: Cluster):
+    storage = Storage.at(cluster.s3.uri(f"{BUCKET}/storage-check"))
+    assert storage.remote and storage.uri_of("x.train").startswith(f"s3://{BUCKET}/storage-check/x.train?")
+    os.environ.update(cluster.s3.env())
+    try:
+        storage.write_text(storage.path_of("state.json"), '{"a": 1}')
+        storage.write_text(storage.path_of("folder/one.txt"), "1")
+        storage.write_text(storage.path_of("folder/sub/two.txt"), "2")
+        assert storage.read_text(storage.path_of("state.json")) == '{"a": 1}'
+        assert [p.rsplit("/", 1)[-1] for p in storage.list_files(storage.path_of("folder"))] == ["one.txt", "two.txt"]
+        with storage.local_copy(storage.path_of("folder")) as local:
+            assert (local / "sub" / "two.txt").read_text() == "2"
+        storage.delete_dir(storage.path_of("folder"))
+        assert storage.list_files(storage.path_of("folder")) == []
+    finally:
+        for key in cluster.s3.env():
+            os.environ.pop(key, None)
+
+
+def test_submit_runs_a_sweep_on_both_nodes_with_its_output_in_s3_and_its_runs_on_the_server(
+    cluster: Cluster, tmp_path: Path
+):
+    project = write_project(tmp_path / "project", "cluster_sweep")
+    (project / "runs").mkdir()  # a local output folder a user may have: the job neither ships nor writes it
+    (project / "runs" / "big.bin").write_bytes(os.urandom(1 << 20))
+
+    done = cluster.submit(project, "tune", "study.yaml")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
+    job_id = done.stdout.split("submitted job ", 1)[1].split(":", 1)[0]
+    assert job_id.startswith("sr-tune-tune-cluster_sweep-")
+    assert f"{cluster.ray.address}/#/jobs/{job_id}" in done.stdout
+    assert "best 4 of 4 trial(s) of cluster_sweep" in done.stdout  # the job's own console, streamed
+    assert f"job {job_id} SUCCEEDED" in done.stdout
+    assert not (project / "runs" / "sweeps").exists() and sorted(os.listdir(project / "runs")) == ["big.bin"]
+
+    # Every trial's kept checkpoint is in the bucket, read back through pyarrow.
+    s3 = cluster.s3.filesystem()
+    files = [
+        info.path
+        for info in s3.get_file_info(pafs.FileSelector(f"{BUCKET}/sweeps/cluster_sweep", recursive=True))
+        if info.type == pafs.FileType.File
+    ]
+    trials = {path.split("/")[3] for path in files if path.split("/")[3].startswith("trial_")}
+    assert len(trials) == 4
+    for trial in trials:
+        kept = {path.split("/")[4] for path in files if path.split("/")[3] == trial and "/checkpoint_" in path}
+        assert len(kept) == 1, (trial, kept)
+        assert any(path.endswith("model.safetensors") and f"/{trial}/" in path for path in files)
+    assert s3.get_file_info(f"{BUCKET}/sweeps/cluster_sweep.json").type == pafs.FileType.File
+
+    # The runs, read back from the server over HTTP: trials on both nodes, grids downloadable.
+    client = MlflowClient(cluster.tracking_uri)
+    experiment = client.get_experiment_by_name("sr_tune")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 4
+    assert all(child.info.status == "FINISHED" for child in children)
+    nodes = {child.data.tags["sr_tune.node_id"] for child in children}
+    assert len(nodes) == 2, nodes
+    best = client.get_run(parents[0].data.tags["sr_tune.best_run_id"])
+    grid_path = client.download_artifacts(best.info.run_id, "grids/step_0000020.png", str(tmp_path / "download"))
+    grid = np.asarray(Image.open(grid_path))
+    assert grid.shape[0] > 192 and grid.std() > 10
+    assert experiment.artifact_location.startswith("mlflow-artifacts:")
+
+    # Submitted again: refused (Tune would overwrite the sweep's state) unless --resume, which adds nothing.
+    again = cluster.submit(project, "tune", "study.yaml")
+    assert again.returncode == 2, again.stdout[-3000:]
+    assert "holds an earlier sweep of study 'cluster_sweep': add --resume" in again.stdout + again.stderr
+    resumed = cluster.submit(project, "tune", "study.yaml", "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-3000:]
+    assert "4 done" in resumed.stdout and "best 4 of 4 trial(s) of cluster_sweep" in resumed.stdout
+    assert len(client.search_runs([experiment.experiment_id], max_results=100)) == len(runs)
+
+    listed = cluster.sr_tune("jobs", "list", "--address", cluster.ray.address, cwd=tmp_path)
+    assert listed.returncode == 0 and listed.stdout.count(" SUCCEEDED ") >= 2 and job_id in listed.stdout
+    status = cluster.sr_tune("jobs", "status", job_id, "--address", cluster.ray.address, cwd=tmp_path)
+    assert status.returncode == 0 and f"job {job_id} SUCCEEDED" in status.stdout
+    logs = cluster.sr_tune("jobs", "logs", job_id, "--address", cluster.ray.address, cwd=tmp_path)
+    assert "best 4 of 4 trial(s) of cluster_sweep" in logs.stdout
+
+
+def test_a_job_whose_data_the_cluster_lacks_fails_with_the_problem_list(cluster: Cluster, tmp_path: Path):
+    project = write_project(tmp_path / "project", "no_data", data="/nonexistent/div2k")
+    failed = cluster.submit(project, "tune", "study.yaml")
+    assert failed.returncode == 2, failed.stdout[-3000:]
+    assert "data.train: '/nonexistent/div2k' does not exist" in failed.stdout
+    assert "FAILED" in failed.stdout and "Traceback" not in failed.stdout + failed.stderr
+
+
+def test_a_bad_study_is_refused_before_anything_is_submitted(cluster: Cluster, tmp_path: Path):
+    project = write_project(tmp_path / "project", "bad")
+    (project / "study.yaml").write_text((project / "study.yaml").read_text().replace("max_steps: 40", "max_stepz: 40"))
+    refused = cluster.submit(project, "tune", "study.yaml")
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert "budget.max_stepz" in refused.stderr and "Traceback" not in refused.stderr
+    outside = cluster.submit(project, "tune", str(REPO / "search_spaces" / "quickstart.yaml"))
+    assert outside.returncode == 2 and "outside the working directory" in outside.stderr
+
+
+@pytest.mark.parametrize(
+    ("token", "expected"),
+    [(None, "requires a token and none was sent"), ("0" * 64, "refused the token (not this cluster's)")],
+)
+def test_a_missing_or_wrong_ray_token_is_one_clear_line(cluster: Cluster, tmp_path: Path, token, expected):
+    project = write_project(tmp_path / "project", "tokens")
+    refused = cluster.submit(project, "tune", "study.yaml", RAY_AUTH_TOKEN=token, RAY_AUTH_MODE="token")
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr.count("\n") == 1 and expected in refused.stderr, refused.stderr
+
+
+def test_an_unreachable_tracking_server_is_one_clear_line(cluster: Cluster, tmp_path: Path):
+    project = write_project(tmp_path / "project", "no_server")
+    closed = f"http://127.0.0.1:{free_port()}"
+    refused = cluster.sr_tune("tune", "study.yaml", "--tracking-uri", closed, cwd=project, timeout=60)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.count("\n") == 1 and f"cannot reach the MLflow tracking server at {closed}" in refused.stderr
+    assert not (project / "runs").exists()  # nothing started, nothing written
