@@ -58,7 +58,7 @@ class Service:
     def _stop(self) -> None:
         if self.process.poll() is not None:
             return
-        for sig, wait_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        for sig, wait_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 5)):
             try:
                 os.killpg(self.process.pid, sig)
             except ProcessLookupError:

@@ -16,10 +16,11 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
+from sr_tune.checkpoint import META_FILE, WEIGHTS_FILE
 from sr_tune.storage import Storage
 
 from .conftest import REPO
-from .services import free_port, start_mlflow_server, start_ray_cluster, start_seaweedfs
+from .services import start_mlflow_server, start_ray_cluster, start_seaweedfs
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 BUCKET = "sr-tune-test"
@@ -150,7 +151,9 @@ def test_submit_runs_a_sweep_on_both_nodes_with_its_output_in_s3_and_its_runs_on
     for trial in trials:
         kept = {path.split("/")[4] for path in files if path.split("/")[3] == trial and "/checkpoint_" in path}
         assert len(kept) == 1, (trial, kept)
-        assert any(path.endswith("model.safetensors") and f"/{trial}/" in path for path in files)
+        assert {f"{trial}/{checkpoint}/{name}" for checkpoint in kept for name in (WEIGHTS_FILE, META_FILE)} <= {
+            "/".join(path.split("/")[3:]) for path in files
+        }
     assert s3.get_file_info(f"{BUCKET}/sweeps/cluster_sweep.json").type == pafs.FileType.File
 
     # The runs, read back from the server over HTTP: trials on both nodes, grids downloadable.
@@ -196,7 +199,8 @@ def test_a_job_whose_data_the_cluster_lacks_fails_with_the_problem_list(cluster:
 
 def test_a_bad_study_is_refused_before_anything_is_submitted(cluster: Cluster, tmp_path: Path):
     project = write_project(tmp_path / "project", "bad")
-    (project / "study.yaml").write_text((project / "study.yaml").read_text().replace("max_steps: 40", "max_stepz: 40"))
+    study = (project / "study.yaml").read_text()
+    (project / "study.yaml").write_text(study.replace("max_steps: 20", "max_stepz: 20"))
     refused = cluster.submit(project, "tune", "study.yaml")
     assert refused.returncode == 2 and refused.stdout == ""
     assert "budget.max_stepz" in refused.stderr and "Traceback" not in refused.stderr
@@ -213,12 +217,3 @@ def test_a_missing_or_wrong_ray_token_is_one_clear_line(cluster: Cluster, tmp_pa
     refused = cluster.submit(project, "tune", "study.yaml", RAY_AUTH_TOKEN=token, RAY_AUTH_MODE="token")
     assert refused.returncode == 1 and refused.stdout == ""
     assert refused.stderr.count("\n") == 1 and expected in refused.stderr, refused.stderr
-
-
-def test_an_unreachable_tracking_server_is_one_clear_line(cluster: Cluster, tmp_path: Path):
-    project = write_project(tmp_path / "project", "no_server")
-    closed = f"http://127.0.0.1:{free_port()}"
-    refused = cluster.sr_tune("tune", "study.yaml", "--tracking-uri", closed, cwd=project, timeout=60)
-    assert refused.returncode == 2 and refused.stdout == ""
-    assert refused.stderr.count("\n") == 1 and f"cannot reach the MLflow tracking server at {closed}" in refused.stderr
-    assert not (project / "runs").exists()  # nothing started, nothing written
