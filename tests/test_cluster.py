@@ -5,9 +5,11 @@ that store. One cluster serves the whole module; it runs alone, like every test 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -62,9 +64,11 @@ class Cluster:
             timeout=timeout,
         )
 
-    def submit(self, project: Path, *job: str, **env: str | None) -> subprocess.CompletedProcess:
+    def submit(
+        self, project: Path, *job: str, flags: tuple[str, ...] = (), **env: str | None
+    ) -> subprocess.CompletedProcess:
         options = ["--address", self.ray.address, "--storage", self.storage, "--tracking-uri", self.tracking_uri]
-        return self.sr_tune("submit", *options, "--", *job, cwd=project, **env)
+        return self.sr_tune("submit", *options, *flags, "--", *job, cwd=project, **env)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +101,7 @@ search:
   optimizer.lr: {{type: loguniform, low: 3.0e-4, high: 3.0e-3}}
 sampler: {{name: random, seed: 0}}
 scheduler: {{name: none}}
-budget: {{num_samples: 4, max_steps: 20, max_concurrent: 2}}
+budget: {{num_samples: 4, max_steps: 40, max_concurrent: 2}}
 resources: {{workers: 1, cpus_per_worker: 1}}
 keep_checkpoints: 1
 """)
@@ -123,70 +127,136 @@ def test_storage_reads_and_writes_s3_objects_and_copies_folders_down(cluster: Cl
             os.environ.pop(key, None)
 
 
-def test_submit_runs_a_sweep_on_both_nodes_with_its_output_in_s3_and_its_runs_on_the_server(
+def _files(s3: pafs.FileSystem, folder: str) -> list[str]:
+    selector = pafs.FileSelector(folder, recursive=True, allow_not_found=True)
+    return sorted(info.path for info in s3.get_file_info(selector) if info.type == pafs.FileType.File)
+
+
+def _read(s3: pafs.FileSystem, path: str) -> str:
+    with s3.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
+def _reports(s3: pafs.FileSystem, trial_dir: str) -> list[dict]:
+    """What a trial reported to Tune (its result.json in the bucket)."""
+    if s3.get_file_info(f"{trial_dir}/result.json").type != pafs.FileType.File:
+        return []
+    return [json.loads(line) for line in _read(s3, f"{trial_dir}/result.json").splitlines() if line.strip()]
+
+
+def _tune_snapshot(s3: pafs.FileSystem, experiment: str) -> dict[str, tuple[str, int | None]]:
+    """{trial folder: (status, last reported step)} from Tune's newest experiment state in the bucket."""
+    states = [path for path in _files(s3, experiment) if path.rsplit("/", 1)[-1].startswith("experiment_state-")]
+    if not states:
+        return {}
+    try:
+        data = json.loads(_read(s3, max(states)))
+    except (json.JSONDecodeError, OSError):  # caught mid-write; the next poll reads it whole
+        return {}
+    snapshot = {}
+    for trial_json, runtime in data["trial_data"]:
+        trial = json.loads(trial_json)
+        last = (json.loads(runtime) if isinstance(runtime, str) else runtime).get("last_result") or {}
+        snapshot[f"trial_{trial['trial_id']}"] = (trial["status"], last.get("step"))
+    return snapshot
+
+
+def test_a_submitted_sweep_stopped_mid_flight_resumes_from_s3_on_both_nodes_logging_to_the_server(
     cluster: Cluster, tmp_path: Path
 ):
     project = write_project(tmp_path / "project", "cluster_sweep")
     (project / "runs").mkdir()  # a local output folder a user may have: the job neither ships nor writes it
     (project / "runs" / "big.bin").write_bytes(os.urandom(1 << 20))
+    s3, experiment = cluster.s3.filesystem(), f"{BUCKET}/sweeps/cluster_sweep"
+    address = ["--address", cluster.ray.address]
 
-    done = cluster.submit(project, "tune", "study.yaml")
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
-    job_id = done.stdout.split("submitted job ", 1)[1].split(":", 1)[0]
+    # Submitted, then stopped while one trial has finished and another is past its first checkpoint: what a
+    # lost head node leaves behind (the driver and every running trial gone at once).
+    started = cluster.submit(project, "tune", "study.yaml", flags=("--no-wait",))
+    assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+    job_id = started.stdout.split("submitted job ", 1)[1].split(":", 1)[0]
     assert job_id.startswith("sr-tune-tune-cluster_sweep-")
-    assert f"{cluster.ray.address}/#/jobs/{job_id}" in done.stdout
-    assert "best 4 of 4 trial(s) of cluster_sweep" in done.stdout  # the job's own console, streamed
-    assert f"job {job_id} SUCCEEDED" in done.stdout
+    assert f"{cluster.ray.address}/#/jobs/{job_id}" in started.stdout
+    finished, in_flight = {}, {}
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and not (finished and in_flight):
+        time.sleep(1)
+        statuses = _tune_snapshot(s3, experiment)
+        finished = {
+            name: len(_reports(s3, f"{experiment}/{name}"))
+            for name, (status, _) in statuses.items()
+            if status == "TERMINATED"
+        }
+        in_flight = {
+            name: step
+            for name, (status, step) in statuses.items()
+            if status == "RUNNING" and step and any("/checkpoint_" in p for p in _files(s3, f"{experiment}/{name}"))
+        }
+    stop = cluster.sr_tune("jobs", "stop", job_id, *address, cwd=tmp_path)
+    assert finished and in_flight, "the sweep never had a finished and a running trial at once"
+    assert stop.returncode == 0 and "stop requested" in stop.stdout
+    status = cluster.sr_tune("jobs", "status", job_id, *address, cwd=tmp_path)
+    assert status.returncode == 3 and f"job {job_id} STOPPED" in status.stdout
+
+    # Resubmitted: refused without --resume (Tune would overwrite the sweep's state); with it, the sweep
+    # continues from the bucket, and the job's console streams here.
+    refused = cluster.submit(project, "tune", "study.yaml")
+    assert refused.returncode == 2, refused.stdout[-3000:]
+    assert "holds an earlier sweep of study 'cluster_sweep': add --resume" in refused.stdout
+    done = cluster.submit(project, "tune", "study.yaml", "--resume")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
+    resumed_id = done.stdout.split("submitted job ", 1)[1].split(":", 1)[0]
+    assert "best 4 of 4 trial(s) of cluster_sweep" in done.stdout and f"job {resumed_id} SUCCEEDED" in done.stdout
     assert not (project / "runs" / "sweeps").exists() and sorted(os.listdir(project / "runs")) == ["big.bin"]
 
-    # Every trial's kept checkpoint is in the bucket, read back through pyarrow.
-    s3 = cluster.s3.filesystem()
-    files = [
-        info.path
-        for info in s3.get_file_info(pafs.FileSelector(f"{BUCKET}/sweeps/cluster_sweep", recursive=True))
-        if info.type == pafs.FileType.File
-    ]
-    trials = {path.split("/")[3] for path in files if path.split("/")[3].startswith("trial_")}
-    assert len(trials) == 4
-    for trial in trials:
-        kept = {path.split("/")[4] for path in files if path.split("/")[3] == trial and "/checkpoint_" in path}
-        assert len(kept) == 1, (trial, kept)
-        assert {f"{trial}/{checkpoint}/{name}" for checkpoint in kept for name in (WEIGHTS_FILE, META_FILE)} <= {
-            "/".join(path.split("/")[3:]) for path in files
-        }
+    # In the bucket: every trial ran to the end once, finished ones were not trained again, the interrupted
+    # one continued from its checkpoint, and each kept its best checkpoint (read back through pyarrow).
+    trial_dirs = sorted(
+        {path.split("/")[3] for path in _files(s3, experiment) if path.split("/")[3].startswith("trial_")}
+    )
+    assert len(trial_dirs) == 4
+    for name in trial_dirs:
+        assert _reports(s3, f"{experiment}/{name}")[-1]["step"] == 40
+        files = _files(s3, f"{experiment}/{name}")
+        kept = {path.split("/")[4] for path in files if "/checkpoint_" in path}
+        assert len(kept) == 1, (name, kept)
+        assert {f"{experiment}/{name}/{c}/{f}" for c in kept for f in (WEIGHTS_FILE, META_FILE)} <= set(files)
+    for name, count in finished.items():
+        assert len(_reports(s3, f"{experiment}/{name}")) == count
+    for name in in_flight:
+        restarted = _files(s3, f"{BUCKET}/sweeps/cluster_sweep.train")
+        assert any(f"/{name.removeprefix('trial_')}-from-" in path for path in restarted), (
+            "not resumed from its checkpoint"
+        )
     assert s3.get_file_info(f"{BUCKET}/sweeps/cluster_sweep.json").type == pafs.FileType.File
 
-    # The runs, read back from the server over HTTP: trials on both nodes, grids downloadable.
+    # The runs, read back from the server over HTTP: one per trial, on both nodes, grids downloadable.
     client = MlflowClient(cluster.tracking_uri)
-    experiment = client.get_experiment_by_name("sr_tune")
-    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    mlflow_experiment = client.get_experiment_by_name("sr_tune")
+    assert mlflow_experiment.artifact_location.startswith("mlflow-artifacts:")
+    runs = client.search_runs([mlflow_experiment.experiment_id], max_results=100)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 4
-    assert all(child.info.status == "FINISHED" for child in children)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == len(runs) - 1 == 4
+    for child in children:
+        assert child.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_psnr")]
+        assert sorted(steps) == [20, 40]  # the interrupted trial's step 20 not logged twice
     nodes = {child.data.tags["sr_tune.node_id"] for child in children}
     assert len(nodes) == 2, nodes
     best = client.get_run(parents[0].data.tags["sr_tune.best_run_id"])
-    grid_path = client.download_artifacts(best.info.run_id, "grids/step_0000020.png", str(tmp_path / "download"))
+    grid_path = client.download_artifacts(best.info.run_id, "grids/step_0000040.png", str(tmp_path / "download"))
     grid = np.asarray(Image.open(grid_path))
     assert grid.shape[0] > 192 and grid.std() > 10
-    assert experiment.artifact_location.startswith("mlflow-artifacts:")
 
-    # Submitted again: refused (Tune would overwrite the sweep's state) unless --resume, which adds nothing.
-    again = cluster.submit(project, "tune", "study.yaml")
-    assert again.returncode == 2, again.stdout[-3000:]
-    assert "holds an earlier sweep of study 'cluster_sweep': add --resume" in again.stdout + again.stderr
-    resumed = cluster.submit(project, "tune", "study.yaml", "--resume")
-    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-3000:]
-    assert "4 done" in resumed.stdout and "best 4 of 4 trial(s) of cluster_sweep" in resumed.stdout
-    assert len(client.search_runs([experiment.experiment_id], max_results=100)) == len(runs)
-
-    listed = cluster.sr_tune("jobs", "list", "--address", cluster.ray.address, cwd=tmp_path)
-    assert listed.returncode == 0 and listed.stdout.count(" SUCCEEDED ") >= 2 and job_id in listed.stdout
-    status = cluster.sr_tune("jobs", "status", job_id, "--address", cluster.ray.address, cwd=tmp_path)
-    assert status.returncode == 0 and f"job {job_id} SUCCEEDED" in status.stdout
-    logs = cluster.sr_tune("jobs", "logs", job_id, "--address", cluster.ray.address, cwd=tmp_path)
-    assert "best 4 of 4 trial(s) of cluster_sweep" in logs.stdout
+    # The finished sweep, resumed once more: its table again, nothing added.
+    again = cluster.submit(project, "tune", "study.yaml", "--resume")
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-3000:]
+    assert "4 done" in again.stdout and "best 4 of 4 trial(s) of cluster_sweep" in again.stdout
+    assert len(client.search_runs([mlflow_experiment.experiment_id], max_results=100)) == len(runs)
+    listed = cluster.sr_tune("jobs", "list", *address, cwd=tmp_path)
+    assert listed.returncode == 0 and [job_id in line for line in listed.stdout.splitlines()].count(True) == 1
+    assert " STOPPED " in listed.stdout and listed.stdout.count(" SUCCEEDED ") == 2
 
 
 def test_a_job_whose_data_the_cluster_lacks_fails_with_the_problem_list(cluster: Cluster, tmp_path: Path):
@@ -200,7 +270,7 @@ def test_a_job_whose_data_the_cluster_lacks_fails_with_the_problem_list(cluster:
 def test_a_bad_study_is_refused_before_anything_is_submitted(cluster: Cluster, tmp_path: Path):
     project = write_project(tmp_path / "project", "bad")
     study = (project / "study.yaml").read_text()
-    (project / "study.yaml").write_text(study.replace("max_steps: 20", "max_stepz: 20"))
+    (project / "study.yaml").write_text(study.replace("max_steps: 40", "max_stepz: 40"))
     refused = cluster.submit(project, "tune", "study.yaml")
     assert refused.returncode == 2 and refused.stdout == ""
     assert "budget.max_stepz" in refused.stderr and "Traceback" not in refused.stderr

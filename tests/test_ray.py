@@ -2,18 +2,12 @@
 one worker): Ray 2.60's PlacementGroupCleaner finds its cluster by auto-detection, which fails when two local
 Ray instances run on the machine, and then trials stopped early never free their workers' CPUs.
 
-Order matters: the killed-and-resumed sweep (subprocesses with a Ray of their own) runs first, before the
-module's in-process Ray starts; then Ray Train alone (2 gloo workers vs 1) and the sweeps.
+Ray Train alone (2 gloo workers vs 1), then the sweeps. A sweep killed mid-flight and resumed is in
+test_cluster.py, on a two-node cluster with its storage in S3.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,104 +32,6 @@ from .conftest import REPO, mlflow_runs
 from .conftest import write_sweep_study as write_study
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
-
-
-def _reports(trial_dir: Path) -> list[dict]:
-    lines = (trial_dir / "result.json").read_text().splitlines() if (trial_dir / "result.json").is_file() else []
-    return [json.loads(line) for line in lines if line.strip()]
-
-
-def _tune_snapshot(experiment: Path) -> dict[str, tuple[str, int | None]]:
-    """{trial folder: (status, last reported step)} from Tune's newest experiment-state file."""
-    states = sorted(experiment.glob("experiment_state-*.json"))
-    try:
-        data = json.loads(states[-1].read_text()) if states else {"trial_data": []}
-    except json.JSONDecodeError:  # caught mid-write; the next poll reads it whole
-        return {}
-    snapshot = {}
-    for trial_json, runtime in data["trial_data"]:
-        trial = json.loads(trial_json)
-        last = json.loads(runtime).get("last_result") if isinstance(runtime, str) else runtime.get("last_result")
-        snapshot[f"trial_{trial['trial_id']}"] = (trial["status"], (last or {}).get("step"))
-    return snapshot
-
-
-def test_a_killed_sweep_resumes_without_rerunning_finished_trials_or_duplicating_runs(tmp_path: Path):
-    path = write_study(
-        tmp_path,
-        """
-name: resumable
-search:
-  optimizer.lr: {type: loguniform, low: 3.0e-4, high: 3.0e-3}
-sampler: {name: random, seed: 0}
-scheduler: {name: none}
-budget: {num_samples: 3, max_steps: 80}
-""",
-    )
-    experiment = tmp_path / "runs" / "sweeps" / "resumable"
-    # A user's shell: a Ray of its own, and the store the study names (MLflow calls in this test process set
-    # MLFLOW_TRACKING_URI, which a child process would take as the user's choice).
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    command = [sys.executable, "-m", "sr_tune", "tune", str(path)]
-    driver = subprocess.Popen(
-        command, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    finished, in_flight = {}, {}
-    deadline = time.monotonic() + 400
-    try:
-        while time.monotonic() < deadline and not (finished and in_flight):
-            time.sleep(0.5)
-            # What Tune itself has persisted: a trial counts as finished once its snapshot says TERMINATED
-            # (one that reported its last step a moment before the kill is still RUNNING, and is resumed).
-            statuses = _tune_snapshot(experiment)
-            finished = {
-                name: len(_reports(experiment / name))
-                for name, (status, _) in statuses.items()
-                if status == "TERMINATED"
-            }
-            in_flight = {
-                name: step
-                for name, (status, step) in statuses.items()
-                if status == "RUNNING" and step and any((experiment / name).glob("checkpoint_*"))
-            }
-        assert finished and in_flight, "the sweep never had a finished and a running trial at once"
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver, its local Ray and every trial, mid-flight
-        driver.wait()
-    interrupted = in_flight
-
-    resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "best 3 of 3 trial(s) of resumable" in resumed.stdout and "mlflow ui --backend-store-uri" in resumed.stdout
-    # The console shows the sweep's own view; Ray's and Tune's output went to the sweep's log file.
-    console = resumed.stdout.splitlines()
-    assert len(console) < 30 and resumed.stderr == "", resumed.stdout + resumed.stderr
-    assert any(" done at step 80: best val_psnr " in line for line in console)  # a trial it resumed
-    assert not any(noise in resumed.stdout for noise in ("Trial status", "TrainController", "Reporting training"))
-    log = (tmp_path / "runs" / "sweeps" / "resumable.log").read_text()
-    assert "Trial status" in log and log.count("\n--- ") + log.startswith("--- ") == 2  # both runs appended
-
-    trial_dirs = sorted(experiment.glob("trial_*"))
-    assert len(trial_dirs) == 3
-    for name, count in finished.items():  # finished trials were kept, not trained again
-        assert len(_reports(experiment / name)) == count
-    for trial_dir in trial_dirs:
-        assert _reports(trial_dir)[-1]["step"] == 80
-    client, runs = mlflow_runs(tmp_path)
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and len(children) == 3
-    assert {c.data.tags[TRIAL_TAG] for c in children} == {d.name.removeprefix("trial_") for d in trial_dirs}
-    for child in children:
-        assert child.info.status == "FINISHED"
-        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_psnr")]
-        assert set(steps) == {20, 40, 60, 80}
-        name = f"trial_{child.data.tags[TRIAL_TAG]}"
-        if name in interrupted:
-            # Continued from its last checkpoint in Tune: what it had reported was not trained again.
-            assert steps.count(20) == 1 and interrupted[name] >= 20
-            train_runs = tmp_path / "runs" / "sweeps" / "resumable.train"
-            assert list(train_runs.glob(f"{child.data.tags[TRIAL_TAG]}-from-*")), "not started from its checkpoint"
 
 
 @pytest.fixture(scope="module")
