@@ -1,5 +1,5 @@
-"""Everything that starts Ray, in one module so that one Ray instance runs at a time (xdist runs a file on
-one worker): Ray 2.60's PlacementGroupCleaner finds its cluster by auto-detection, which fails when two local
+"""Everything that starts a local Ray in this process; with test_cluster.py it runs on one xdist worker, so
+that one Ray instance runs at a time (conftest.RAY_FILES): Ray 2.60's PlacementGroupCleaner finds its cluster by auto-detection, which fails when two local
 Ray instances run on the machine, and then trials stopped early never free their workers' CPUs.
 
 Ray Train alone (2 gloo workers vs 1), then the sweeps. A sweep killed mid-flight and resumed is in
