@@ -1,6 +1,7 @@
 """Everything that starts a local Ray in this process; with test_cluster.py it runs on one xdist worker, so
-that one Ray instance runs at a time (conftest.RAY_FILES): Ray 2.60's PlacementGroupCleaner finds its cluster by auto-detection, which fails when two local
-Ray instances run on the machine, and then trials stopped early never free their workers' CPUs.
+that one Ray instance runs at a time (conftest.RAY_FILES): Ray 2.60's PlacementGroupCleaner finds its cluster
+by auto-detection, which fails when two local Ray instances run on the machine, and then trials stopped early
+never free their workers' CPUs.
 
 Ray Train alone (2 gloo workers vs 1), then the sweeps. A sweep killed mid-flight and resumed is in
 test_cluster.py, on a two-node cluster with its storage in S3.
