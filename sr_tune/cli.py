@@ -135,6 +135,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(sweep_table(study, result.trials, top=args.top))
     for warning in result.warnings:
         print(f"warning: {warning}")
+    succeeded = [trial for trial in result.trials if study.objective.metric in trial.best]
     if result.parent_run_id and client is not None:
         version = result.model_version
         registered = f"; best model registered as sr_tune-{study.name} v{version}" if version else ""
@@ -144,6 +145,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
             f"browse with: mlflow ui --backend-store-uri {client.tracking_uri}\n"
             f"  runs table: http://127.0.0.1:5000/#/experiments/{experiment}?workflowType=machine_learning"
         )
+    if not succeeded:
+        errors = sorted({trial.error or "ended before its first evaluation" for trial in result.trials})
+        print(f"sr-tune: no trial of study {study.name!r} succeeded: {'; '.join(errors)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -276,25 +281,27 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     address = _address(args)
     client = submit.connect(address)
     if args.action == "list":
-        print("\n".join(submit.job_rows(client.list_jobs())))
+        print("\n".join(submit.job_rows(submit.jobs_call(client.list_jobs))))
         return 0
     if not args.job_id:
-        raise ConfigError(
-            [f"jobs {args.action}: which job? (a submission id from `sr-tune jobs list`)"], "command line"
-        )
+        problem = f"jobs {args.action}: which job? (a submission id from `sr-tune jobs list`)"
+        raise ConfigError([problem], "command line")
     if args.action == "logs":
         if args.follow:
             submit.follow(client, args.job_id, sys.stdout)
         else:
-            print(client.get_job_logs(args.job_id), end="")
+            print(submit.jobs_call(client.get_job_logs, args.job_id), end="")
         return 0
     if args.action == "stop":
-        stopped = client.stop_job(args.job_id)
+        stopped = submit.jobs_call(client.stop_job, args.job_id)
         print(f"job {args.job_id}: {'stop requested' if stopped else 'had already ended'}")
         return 0
-    info = client.get_job_info(args.job_id)
-    print(submit.ended_line(info) if str(info.status) in submit.TERMINAL else f"job {args.job_id} {info.status}")
-    return submit.exit_code(info) if str(info.status) in submit.TERMINAL else 0
+    info = submit.jobs_call(client.get_job_info, args.job_id)
+    if str(info.status) not in submit.TERMINAL:
+        print(f"job {args.job_id} {info.status}")
+        return 0
+    print(submit.ended_line(info))
+    return submit.exit_code(info)
 
 
 def build_parser() -> argparse.ArgumentParser:

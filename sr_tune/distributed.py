@@ -72,6 +72,7 @@ def init_ray(num_cpus: float | None = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:
         ray.init(
+            address="local",  # a new one: never a cluster some `ray start` left on this machine
             num_cpus=int(num_cpus) if num_cpus else None,
             include_dashboard=True,
             dashboard_host="127.0.0.1",

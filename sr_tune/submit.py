@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shlex
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -114,7 +115,7 @@ def plan_job(
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     return JobPlan(
         submission_id=f"sr-tune-{command[0]}-{name}-{stamp}-{secrets.token_hex(2)}",
-        entrypoint=" ".join(["python", "-m", "sr_tune", command[0], *map(_quote, arguments)]),
+        entrypoint=" ".join(["python", "-m", "sr_tune", command[0], *map(shlex.quote, arguments)]),
         runtime_env={
             "working_dir": str(working_dir),
             "excludes": JOB_EXCLUDES,
@@ -122,12 +123,6 @@ def plan_job(
         },
         metadata={"sr_tune.command": command[0], "sr_tune.name": name},
     )
-
-
-def _quote(argument: str) -> str:
-    import shlex
-
-    return shlex.quote(argument)
 
 
 class ClusterError(Exception):
@@ -169,6 +164,14 @@ def _auth_problem(address: str, message: str) -> str:
         f"the Ray cluster at {address} requires a token and none was sent: set RAY_AUTH_TOKEN, or "
         f"RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token, to the token the cluster was started with"
     )
+
+
+def jobs_call(function: Any, *args: Any) -> Any:
+    """A Jobs API call; the server's refusal (an unknown job id, ...) as one line instead of a traceback."""
+    try:
+        return function(*args)
+    except RuntimeError as error:
+        raise ClusterError(str(error).strip().rstrip(".")) from None
 
 
 def dashboard_url(address: str, job_id: str) -> str:

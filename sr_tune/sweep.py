@@ -14,6 +14,10 @@ SQLite file beside the MLflow store (``optuna-dashboard sqlite:///.../optuna.db`
 on the objective; or PBT (Ray refuses it with a search algorithm), which samples start points at random
 and perturbs lr, L2, augmentation strength and loss weights. Time is counted in patches seen.
 
+Storage: everything the sweep keeps (Tune's experiment, each trial's Train runs and checkpoints, the state
+``--resume`` reads) lives under one root (``storage.Storage``): a folder, or a ``pyarrow.fs`` URI every node
+reaches, handed to Ray as a URI so that each node opens it with its own credentials.
+
 MLflow: one parent run per sweep, one nested run per trial, named after the trial and its values
 (``t03 lr=2.1e-3 wd=3.8e-5 bs=16``). Its rank-0 worker logs metrics and grids there, and the driver's
 ``_SweepCallback`` ends it the moment Tune stops or finishes the trial, with its curves, best checkpoint
@@ -637,7 +641,8 @@ def _publish(
                 study.objective.metric: f"{value:.4f}",
             },
         )
-    client.set_terminated(parent_run_id, status="FINISHED")
+    # A sweep none of whose trials reported the objective failed, whatever Tune thinks of it.
+    client.set_terminated(parent_run_id, status="FINISHED" if best else "FAILED")
     return version
 
 

@@ -43,21 +43,23 @@ def resolve_tracking_uri(uri: str, override: str | None = None) -> str:
     return uri
 
 
-def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
+def check_tracking_server(uri: str, timeout_s: float = 3.0, attempts: int = 3) -> None:
     """For a tracking server (``http(s)://``): raise ``TrackingServerError`` naming ``uri`` unless its
-    ``/health`` answers within ``timeout_s``, so that an unreachable server is found before anything starts
-    (MLflow's own client retries for minutes first). Other stores are opened where they are used."""
+    ``/health`` answers, trying ``attempts`` times a second apart (a server restarting), so that an
+    unreachable one is found in seconds, before anything starts; MLflow's own client retries for minutes
+    first. Other stores are opened where they are used."""
     if not uri.startswith(("http://", "https://")):
         return
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
-            if response.status == 200:
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):  # 2xx; else HTTPError
                 return
-            reason = f"/health answered HTTP {response.status}"
-    except urllib.error.HTTPError as error:
-        reason = f"/health answered HTTP {error.code}"
-    except (urllib.error.URLError, OSError) as error:
-        reason = str(getattr(error, "reason", error))
+        except urllib.error.HTTPError as error:
+            reason = f"/health answered HTTP {error.code}"
+        except (urllib.error.URLError, OSError) as error:
+            reason = str(getattr(error, "reason", error))
+        if attempt + 1 < attempts:
+            time.sleep(1.0)
     raise TrackingServerError(
         f"cannot reach the MLflow tracking server at {uri} ({reason}); start it, or point --tracking-uri / "
         f"MLFLOW_TRACKING_URI at a running one"

@@ -230,6 +230,10 @@ class RayCluster:
             node.stop()
         for folder in self.temp_dirs:
             shutil.rmtree(folder, ignore_errors=True)
+        # `ray stop` would remove the head's note of "the local cluster"; killed by PID, the nodes leave it.
+        note = Path(tempfile.gettempdir(), "ray", "ray_current_cluster")
+        if note.is_file() and note.read_text().strip().endswith(":" + self.gcs_address.rsplit(":", 1)[1]):
+            note.unlink()
 
     def temp_dir(self) -> str:
         """A node's own temporary root. Nodes on one machine would otherwise share one session folder, and

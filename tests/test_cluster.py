@@ -161,6 +161,22 @@ def _tune_snapshot(s3: pafs.FileSystem, experiment: str) -> dict[str, tuple[str,
     return snapshot
 
 
+def _finished_and_in_flight(s3: pafs.FileSystem, experiment: str) -> tuple[dict[str, int], set[str]]:
+    """Tune's persisted view: finished trials with their report counts, and running ones past a checkpoint."""
+    statuses = _tune_snapshot(s3, experiment)
+    finished = {
+        name: len(_reports(s3, f"{experiment}/{name}"))
+        for name, (status, _) in statuses.items()
+        if status == "TERMINATED"
+    }
+    in_flight = {
+        name
+        for name, (status, step) in statuses.items()
+        if status == "RUNNING" and step and any("/checkpoint_" in path for path in _files(s3, f"{experiment}/{name}"))
+    }
+    return (finished, in_flight) if finished and in_flight else ({}, set())
+
+
 def test_a_submitted_sweep_stopped_mid_flight_resumes_from_s3_on_both_nodes_logging_to_the_server(
     cluster: Cluster, tmp_path: Path
 ):
@@ -177,26 +193,19 @@ def test_a_submitted_sweep_stopped_mid_flight_resumes_from_s3_on_both_nodes_logg
     job_id = started.stdout.split("submitted job ", 1)[1].split(":", 1)[0]
     assert job_id.startswith("sr-tune-tune-cluster_sweep-")
     assert f"{cluster.ray.address}/#/jobs/{job_id}" in started.stdout
-    finished, in_flight = {}, {}
     deadline = time.monotonic() + 400
-    while time.monotonic() < deadline and not (finished and in_flight):
+    while time.monotonic() < deadline and not _finished_and_in_flight(s3, experiment)[0]:
         time.sleep(1)
-        statuses = _tune_snapshot(s3, experiment)
-        finished = {
-            name: len(_reports(s3, f"{experiment}/{name}"))
-            for name, (status, _) in statuses.items()
-            if status == "TERMINATED"
-        }
-        in_flight = {
-            name: step
-            for name, (status, step) in statuses.items()
-            if status == "RUNNING" and step and any("/checkpoint_" in p for p in _files(s3, f"{experiment}/{name}"))
-        }
     stop = cluster.sr_tune("jobs", "stop", job_id, *address, cwd=tmp_path)
-    assert finished and in_flight, "the sweep never had a finished and a running trial at once"
     assert stop.returncode == 0 and "stop requested" in stop.stdout
-    status = cluster.sr_tune("jobs", "status", job_id, *address, cwd=tmp_path)
+    for _ in range(5):  # stopping takes a moment: the driver gets SIGTERM, then SIGKILL
+        status = cluster.sr_tune("jobs", "status", job_id, *address, cwd=tmp_path)
+        if status.returncode == 3:
+            break
     assert status.returncode == 3 and f"job {job_id} STOPPED" in status.stdout
+    # What Tune had persisted when its driver went: what a resume starts from.
+    finished, interrupted = _finished_and_in_flight(s3, experiment)
+    assert finished and interrupted, "the stopped sweep had no finished and no interrupted trial"
 
     # Resubmitted: refused without --resume (Tune would overwrite the sweep's state); with it, the sweep
     # continues from the bucket, and the job's console streams here.
@@ -223,11 +232,10 @@ def test_a_submitted_sweep_stopped_mid_flight_resumes_from_s3_on_both_nodes_logg
         assert {f"{experiment}/{name}/{c}/{f}" for c in kept for f in (WEIGHTS_FILE, META_FILE)} <= set(files)
     for name, count in finished.items():
         assert len(_reports(s3, f"{experiment}/{name}")) == count
-    for name in in_flight:
-        restarted = _files(s3, f"{BUCKET}/sweeps/cluster_sweep.train")
-        assert any(f"/{name.removeprefix('trial_')}-from-" in path for path in restarted), (
-            "not resumed from its checkpoint"
-        )
+    restarted = _files(s3, f"{BUCKET}/sweeps/cluster_sweep.train")
+    for name in interrupted:
+        trial_id = name.removeprefix("trial_")
+        assert any(f"/{trial_id}-from-" in path for path in restarted), "not resumed from a checkpoint"
     assert s3.get_file_info(f"{BUCKET}/sweeps/cluster_sweep.json").type == pafs.FileType.File
 
     # The runs, read back from the server over HTTP: one per trial, on both nodes, grids downloadable.
@@ -241,7 +249,7 @@ def test_a_submitted_sweep_stopped_mid_flight_resumes_from_s3_on_both_nodes_logg
     for child in children:
         assert child.info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_psnr")]
-        assert sorted(steps) == [20, 40]  # the interrupted trial's step 20 not logged twice
+        assert set(steps) == {20, 40} and steps.count(20) == 1  # an interrupted trial's step 20 not logged twice
     nodes = {child.data.tags["sr_tune.node_id"] for child in children}
     assert len(nodes) == 2, nodes
     best = client.get_run(parents[0].data.tags["sr_tune.best_run_id"])
@@ -254,6 +262,8 @@ def test_a_submitted_sweep_stopped_mid_flight_resumes_from_s3_on_both_nodes_logg
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-3000:]
     assert "4 done" in again.stdout and "best 4 of 4 trial(s) of cluster_sweep" in again.stdout
     assert len(client.search_runs([mlflow_experiment.experiment_id], max_results=100)) == len(runs)
+    logs = cluster.sr_tune("jobs", "logs", resumed_id, *address, cwd=tmp_path)
+    assert logs.returncode == 0 and "best 4 of 4 trial(s) of cluster_sweep" in logs.stdout
     listed = cluster.sr_tune("jobs", "list", *address, cwd=tmp_path)
     assert listed.returncode == 0 and [job_id in line for line in listed.stdout.splitlines()].count(True) == 1
     assert " STOPPED " in listed.stdout and listed.stdout.count(" SUCCEEDED ") == 2
@@ -287,3 +297,15 @@ def test_a_missing_or_wrong_ray_token_is_one_clear_line(cluster: Cluster, tmp_pa
     refused = cluster.submit(project, "tune", "study.yaml", RAY_AUTH_TOKEN=token, RAY_AUTH_MODE="token")
     assert refused.returncode == 1 and refused.stdout == ""
     assert refused.stderr.count("\n") == 1 and expected in refused.stderr, refused.stderr
+
+
+def test_the_token_file_is_found_and_sent_without_any_setting(cluster: Cluster, tmp_path: Path):
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(cluster.ray.token)
+    listed = cluster.sr_tune(
+        "jobs", "list", "--address", cluster.ray.address, cwd=tmp_path, HOME=str(home), RAY_AUTH_TOKEN=None
+    )
+    assert listed.returncode == 0 and listed.stdout.startswith("submission id"), listed.stderr
+    unknown = cluster.sr_tune("jobs", "status", "no-such-job", "--address", cluster.ray.address, cwd=tmp_path)
+    assert unknown.returncode == 1 and unknown.stderr.count("\n") == 1 and "no-such-job" in unknown.stderr
