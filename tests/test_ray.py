@@ -232,7 +232,7 @@ budget: {num_samples: 2, max_steps: 60}  # one exploit, at step 40
 
     reports = {}
     for trial in result.trials:
-        frame = pd.read_csv(result.experiment / f"trial_{trial.trial_id}" / "progress.csv")
+        frame = pd.read_csv(Path(result.experiment) / f"trial_{trial.trial_id}" / "progress.csv")
         reports[trial.trial_id] = frame
     perturbed = [tid for tid, frame in reports.items() if frame["hp/optimizer.lr"].nunique() > 1]
     assert perturbed, "PBT changed no hyperparameter"
@@ -246,7 +246,7 @@ budget: {num_samples: 2, max_steps: 60}  # one exploit, at step 40
 
     # Exploit copied the donor's weights: the target's final checkpoint carries the donor's history, with
     # evaluations the donor reported and the target (training on its own) did not.
-    final = load_checkpoint(_latest_checkpoint(result.experiment / f"trial_{target}"))
+    final = load_checkpoint(_latest_checkpoint(Path(result.experiment) / f"trial_{target}"))
     donor_psnr = dict(zip(reports[donor]["step"], reports[donor]["val_psnr"]))
     own_first = dict(zip(frame["step"], frame["val_psnr"]))
     inherited = [e for e in final.state["history"] if donor_psnr.get(e["step"]) == pytest.approx(e["psnr"], abs=1e-9)]
