@@ -103,10 +103,11 @@ def storage_root(study: Study, storage: str | None = None) -> Storage:
 def sweep_paths(study: Study, tracking_uri: str | None, storage: str | None = None) -> SweepPaths:
     root = storage_root(study, storage)
     uri = tracking_uri or ""
-    if uri.startswith("sqlite:///"):
-        optuna_url: str | None = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).parent / 'optuna.db'}"
-    else:
-        optuna_url = None if root.remote else f"sqlite:///{Path(root.uri) / 'optuna.db'}"
+    optuna_url: str | None = None  # remote storage: resumable from any machine, so nothing machine-local
+    if not root.remote:
+        sqlite = uri.startswith("sqlite:///")
+        optuna_dir = Path(uri.removeprefix("sqlite:///")).parent if sqlite else Path(root.uri)
+        optuna_url = f"sqlite:///{optuna_dir / 'optuna.db'}"
     local = scratch_dir(hashlib.sha1(root.uri.encode()).hexdigest()[:10]) if root.remote else Path(root.uri)
     return SweepPaths(
         storage=root,
