@@ -104,6 +104,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _last_line(text: str) -> str:
+    """An error's own line, not the traceback Ray wraps it in."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else text
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from sr_tune.console import SweepView, ray_output_to
     from sr_tune.distributed import shutdown_ray
@@ -146,7 +152,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             f"  runs table: http://127.0.0.1:5000/#/experiments/{experiment}?workflowType=machine_learning"
         )
     if not succeeded:
-        errors = sorted({trial.error or "ended before its first evaluation" for trial in result.trials})
+        errors = sorted({_last_line(trial.error or "ended before its first evaluation") for trial in result.trials})
         print(f"sr-tune: no trial of study {study.name!r} succeeded: {'; '.join(errors)}", file=sys.stderr)
         return 1
     return 0

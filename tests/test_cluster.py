@@ -309,3 +309,26 @@ def test_the_token_file_is_found_and_sent_without_any_setting(cluster: Cluster, 
     assert listed.returncode == 0 and listed.stdout.startswith("submission id"), listed.stderr
     unknown = cluster.sr_tune("jobs", "status", "no-such-job", "--address", cluster.ray.address, cwd=tmp_path)
     assert unknown.returncode == 1 and unknown.stderr.count("\n") == 1 and "no-such-job" in unknown.stderr
+
+
+def test_a_sweep_whose_every_trial_fails_exits_1_and_its_parent_run_is_failed(cluster: Cluster, tmp_path: Path):
+    project = write_project(tmp_path / "project", "diverges")
+    # SGD at lr 5-10 with momentum 0.99: the loss leaves the finite numbers long before the first evaluation.
+    study = (project / "study.yaml").read_text()
+    study = study.replace(
+        "training.device: cpu", "training.device: cpu\n  optimizer.name: sgd\n  optimizer.momentum: 0.99"
+    )
+    study = study.replace("low: 3.0e-4, high: 3.0e-3", "low: 5.0, high: 10.0").replace(
+        "num_samples: 4", "num_samples: 1"
+    )
+    (project / "study.yaml").write_text(
+        study.replace("max_steps: 40", "max_steps: 400").replace("eval_interval: 20", "eval_interval: 200")
+    )
+    failed = cluster.submit(project, "tune", "study.yaml")
+    assert failed.returncode == 1, failed.stdout[-3000:] + failed.stderr[-2000:]
+    assert "no trial of study 'diverges' succeeded" in failed.stdout and "loss term pixel" in failed.stdout
+    client = MlflowClient(cluster.tracking_uri)
+    experiment = client.get_experiment_by_name("sr_tune").experiment_id
+    parent = client.search_runs([experiment], filter_string="tags.`sr_tune.study` = 'diverges'")
+    parents = [run for run in parent if "mlflow.parentRunId" not in run.data.tags]
+    assert [run.info.status for run in parents] == ["FAILED"]
