@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
+import torch
 from mlflow import MlflowClient
 from PIL import Image
 
 from sr_tune.checkpoint import META_FILE, WEIGHTS_FILE
+from sr_tune.data.sources import open_source, sample_images, source_problem, write_shards
 from sr_tune.storage import Storage
 
 from .conftest import REPO
@@ -108,7 +110,7 @@ keep_checkpoints: 1
     return folder
 
 
-def test_storage_reads_and_writes_s3_objects_and_copies_folders_down(cluster: Cluster):
+def test_storage_and_data_shards_live_in_s3(cluster: Cluster):
     storage = Storage.at(cluster.s3.uri(f"{BUCKET}/storage-check"))
     assert storage.remote and storage.uri_of("x.train").startswith(f"s3://{BUCKET}/storage-check/x.train?")
     os.environ.update(cluster.s3.env())
@@ -122,6 +124,16 @@ def test_storage_reads_and_writes_s3_objects_and_copies_folders_down(cluster: Cl
             assert (local / "sub" / "two.txt").read_text() == "2"
         storage.delete_dir(storage.path_of("folder"))
         assert storage.list_files(storage.path_of("folder")) == []
+
+        # Training data as Parquet shards in the bucket, read by URI as a worker on any node reads it.
+        shards = cluster.s3.uri(f"{BUCKET}/data/sample")
+        assert "holds no manifest.json" in source_problem(shards)
+        images = sample_images("train")
+        write_shards(images, shards, shard_bytes=1 << 20)
+        assert source_problem(shards) is None
+        read = {image.name: image.hr for image in open_source(shards, "train")}
+        assert sorted(read) == sorted(image.name for image in images)
+        assert all(torch.equal(read[image.name], image.hr) for image in images)
     finally:
         for key in cluster.s3.env():
             os.environ.pop(key, None)
