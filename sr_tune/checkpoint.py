@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -155,10 +156,14 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise ValueError(f"{meta_file}: not valid JSON ({error})") from None
     if meta.get("format") not in (1, FORMAT_VERSION):
         raise ValueError(f"{meta_file}: unsupported checkpoint format {meta.get('format')!r}")
+    try:
+        tensors = load_file(weights)
+    except (SafetensorError, OSError, ValueError) as error:  # truncated, corrupt, or not safetensors at all
+        raise ValueError(f"{weights}: not a readable safetensors file ({error})") from None
     return Checkpoint(
         config=TrainConfig.from_dict(meta["config"], source=str(meta_file)),
         step=int(meta["step"]),
         metrics=dict(meta.get("metrics", {})),
-        tensors=load_file(weights),
+        tensors=tensors,
         state={"optimizers": meta.get("optimizers", {}), **meta.get("state", {})},
     )

@@ -67,3 +67,15 @@ def test_missing_or_corrupt_parts_are_named(tmp_path: Path):
     meta.write_text("{not json")
     with pytest.raises(ValueError, match="checkpoint.json: not valid JSON"):
         load_checkpoint(tmp_path / "ckpt")
+
+
+def test_truncated_weights_or_a_pickle_in_their_place_are_named(tmp_path: Path):
+    model = create_model("srcnn_915", scale=3)
+    save_checkpoint(tmp_path / "ckpt", model=model, config=load_config(), step=0)
+    weights = tmp_path / "ckpt" / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
+    with pytest.raises(ValueError, match=f"{weights}: not a readable safetensors file"):
+        load_checkpoint(tmp_path / "ckpt")
+    torch.save(model.state_dict(), weights)  # a real pickle renamed: never unpickled
+    with pytest.raises(ValueError, match=f"{weights}: not a readable safetensors file"):
+        load_checkpoint(tmp_path / "ckpt")

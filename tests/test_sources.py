@@ -88,6 +88,19 @@ def test_sixteen_bit_images_are_refused_by_name(tmp_path: Path):
         list(iter_folder(tmp_path))
 
 
+def test_a_decompression_bomb_is_a_bad_image_named_and_skippable(mixed_folder: Path, caplog):
+    # 14000 x 14000 pixels (196 M, over twice Pillow's limit) in a few kilobytes of PNG.
+    Image.new("1", (14000, 14000)).save(mixed_folder / "z_bomb.png")
+    assert (mixed_folder / "z_bomb.png").stat().st_size < 100_000
+    with pytest.raises(BadImageError, match=r"z_bomb\.png: refused as a possible decompression bomb"):
+        list(iter_folder(mixed_folder))
+    with caplog.at_level(logging.WARNING, logger="sr_tune.data.sources"):
+        images = list(iter_folder(mixed_folder, skip_bad=True))
+    assert "z_bomb" not in [i.name for i in images] and caplog.records[-1].getMessage().endswith(
+        "skipped 1 bad image(s)"
+    )
+
+
 def test_skip_bad_warns_per_file_and_counts(mixed_folder: Path, caplog):
     (mixed_folder / "z_fake.png").write_text("hello")
     png = mixed_folder / "b.png"

@@ -91,6 +91,8 @@ def decode_image(data: bytes, name: str) -> torch.Tensor:
             array = np.asarray(image.convert(_EIGHT_BIT_MODES[image.mode]))
     except BadImageError:
         raise
+    except Image.DecompressionBombError as error:  # a few KB that decode to gigabytes
+        raise BadImageError(f"{name}: refused as a possible decompression bomb ({error})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise BadImageError(f"{name}: cannot decode image ({error})") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
