@@ -83,6 +83,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     _check_data(config, args.config)
+    last = Path(config.training.output_dir) / run_name(config) / "last"
+    if args.resume and not last.is_dir():
+        raise ConfigError(
+            [f"--resume: no checkpoint to continue from at {last} (leave out --resume to start)"], args.config
+        )
     client = _tracking_client(_tracking_uri(config, args.tracking_uri))
     workers = config.distributed.num_workers
     where = f"{workers} Ray Train worker(s)" if workers else "this process (Ray local mode)"

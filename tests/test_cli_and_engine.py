@@ -74,6 +74,13 @@ def test_bad_config_exits_2_listing_every_problem():
         assert key in result.stderr
 
 
+def test_resume_without_a_checkpoint_is_refused_before_anything_starts(tmp_path: Path):
+    result = run(str(SR_TUNE), "train", "configs/smoke.yaml", f"training.output_dir={tmp_path / 'runs'}", "--resume")
+    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
+    assert f"--resume: no checkpoint to continue from at {tmp_path / 'runs' / 'srcnn_915_x3' / 'last'}" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_training_improves_and_is_deterministic_for_a_seed():
     config = load_config(
         REPO / "configs" / "smoke.yaml", ["training.steps=150", "training.eval_interval=50", "training.device=cpu"]
