@@ -13,6 +13,7 @@ from PIL import Image
 
 from sr_tune.cli import main
 from sr_tune.data.sources import (
+    ALPHA_DROPPED,
     MANIFEST,
     BadImageError,
     iter_folder,
@@ -78,8 +79,20 @@ def test_a_truncated_file_is_named(mixed_folder: Path):
 
 def test_a_non_image_with_an_image_suffix_is_named(mixed_folder: Path):
     (mixed_folder / "z_fake.png").write_text("hello")
-    with pytest.raises(BadImageError, match=r"z_fake\.png: cannot decode image"):
+    with pytest.raises(BadImageError, match=r"z_fake\.png: cannot decode image") as error:
         open_source(str(mixed_folder), "train")
+    assert "BytesIO" not in str(error.value)
+
+
+def test_transparency_is_dropped_with_a_warning_naming_the_file(tmp_path: Path, crops, caplog):
+    rgba = np.concatenate([crops[0].permute(1, 2, 0).numpy(), np.full((*crops[0].shape[1:], 1), 255, np.uint8)], 2)
+    Image.fromarray(rgba).save(tmp_path / "opaque.png")
+    rgba[:10, :10, 3] = 0
+    Image.fromarray(rgba).save(tmp_path / "holes.png")
+    with caplog.at_level(logging.WARNING, logger="sr_tune.data.sources"):
+        images = {image.name: image.hr for image in iter_folder(tmp_path)}
+    assert [r.getMessage() for r in caplog.records] == [f"{tmp_path / 'holes.png'}: {ALPHA_DROPPED}"]
+    assert torch.equal(images["holes"], crops[0]) and torch.equal(images["opaque"], crops[0])
 
 
 def test_sixteen_bit_images_are_refused_by_name(tmp_path: Path):

@@ -28,6 +28,7 @@ from sr_tune.storage import filesystem_and_path
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+ALPHA_DROPPED = "has transparent pixels; its alpha channel is dropped (the colours under it are used)"
 # PIL modes that hold 8-bit samples; 16-bit and float modes (I;16, I, F) are refused.
 _EIGHT_BIT_MODES = {
     "L": "RGB",
@@ -88,12 +89,18 @@ def decode_image(data: bytes, name: str) -> torch.Tensor:
             image.load()  # decodes fully, so a truncated file fails here rather than later
             if image.mode not in _EIGHT_BIT_MODES:
                 raise BadImageError(f"{name}: {image.mode} images are not supported (8-bit images only)")
+            if "A" in image.getbands() and image.getchannel("A").getextrema()[0] < 255:
+                log.warning(
+                    "%s: has transparent pixels; its alpha channel is dropped (the colours under it are used)", name
+                )
             array = np.asarray(image.convert(_EIGHT_BIT_MODES[image.mode]))
     except BadImageError:
         raise
+    except UnidentifiedImageError:
+        raise BadImageError(f"{name}: cannot decode image (not a format Pillow reads, or not an image)") from None
     except Image.DecompressionBombError as error:  # a few KB that decode to gigabytes
         raise BadImageError(f"{name}: refused as a possible decompression bomb ({error})") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+    except (OSError, ValueError, SyntaxError) as error:
         raise BadImageError(f"{name}: cannot decode image ({error})") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
