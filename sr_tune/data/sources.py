@@ -90,9 +90,7 @@ def decode_image(data: bytes, name: str) -> torch.Tensor:
             if image.mode not in _EIGHT_BIT_MODES:
                 raise BadImageError(f"{name}: {image.mode} images are not supported (8-bit images only)")
             if "A" in image.getbands() and image.getchannel("A").getextrema()[0] < 255:
-                log.warning(
-                    "%s: has transparent pixels; its alpha channel is dropped (the colours under it are used)", name
-                )
+                log.warning("%s: %s", name, ALPHA_DROPPED)
             array = np.asarray(image.convert(_EIGHT_BIT_MODES[image.mode]))
     except BadImageError:
         raise
