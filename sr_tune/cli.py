@@ -207,17 +207,30 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     from sr_tune.data.sources import read_image
     from sr_tune.inference import Upscaler
 
+    # Every input is checked before the first output is written: a bad one leaves nothing half done.
+    inputs = list(map(Path, args.inputs))
+    problems = []
+    for path in inputs:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            problems.append(f"{path}: {error.strerror if isinstance(error, OSError) and error.strerror else error}")
+    if problems:
+        raise ConfigError(problems, "the input images")
     checkpoint = load_checkpoint(args.checkpoint)
     config = checkpoint.config
     upscaler = Upscaler(checkpoint.build_model(), scale=config.model.scale, color=config.data.color, tile=args.tile)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for path in map(Path, args.inputs):
+    for path in inputs:
         image = read_image(path)
         started = time.perf_counter()
         sr = upscaler.rgb(image)
         target = out / f"{path.stem}_x{config.model.scale}.png"
-        Image.fromarray(sr.permute(1, 2, 0).numpy()).save(target)
+        partial = target.with_name(f".{target.name}.partial")
+        Image.fromarray(sr.permute(1, 2, 0).numpy()).save(partial, format="PNG")
+        os.replace(partial, target)  # whole or absent, never a truncated PNG
         print(
             f"{path} ({image.shape[2]}x{image.shape[1]}) -> {target} ({sr.shape[2]}x{sr.shape[1]}) "
             f"in {time.perf_counter() - started:.1f} s"

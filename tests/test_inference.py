@@ -49,6 +49,20 @@ def make_checkpoint(tmp_path: Path, color: str) -> Path:
     return save_checkpoint(tmp_path / f"ckpt_{color}", model=model, config=config, step=7)
 
 
+def test_upscale_checks_every_input_before_writing_anything(tmp_path: Path):
+    checkpoint = make_checkpoint(tmp_path, "y")
+    good = tmp_path / "good.png"
+    Image.fromarray(skimage_photo("coffee")[:, :40, :40].permute(1, 2, 0).numpy()).save(good)
+    (tmp_path / "fake.png").write_text("not an image")
+    command = [str(SR_TUNE), "upscale", str(good), str(tmp_path / "missing.png"), str(tmp_path / "fake.png")]
+    result = subprocess.run(
+        [*command, "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
+    assert "missing.png: No such file or directory" in result.stderr and "fake.png: cannot identify" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_upscale_command_writes_every_image(tmp_path: Path):
     checkpoint = make_checkpoint(tmp_path, "y")
     inputs = []
