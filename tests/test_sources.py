@@ -195,7 +195,12 @@ def test_prepare_of_a_corrupt_folder_fails_naming_the_file(mixed_folder: Path, t
     (mixed_folder / "z_fake.png").write_text("hello")
     assert main(["prepare", str(mixed_folder), str(tmp_path / "out")]) == 2
     assert "z_fake.png: cannot decode image" in capsys.readouterr().err
-    assert not (tmp_path / "out" / MANIFEST).exists()  # no manifest: nothing half-written looks complete
+    assert not (tmp_path / "out").exists()  # nothing half-written left behind
+    # Into a folder that was there: it stays, the shards written before the bad image do not.
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    assert main(["prepare", str(mixed_folder), str(tmp_path / "kept"), "--shard-mb", "0.001"]) == 2
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["notes.txt"]
 
 
 def test_sample_set_is_real_photographs_with_a_fixed_split():

@@ -233,10 +233,26 @@ def write_shards(
     """Write images as Parquet shards of about ``shard_bytes`` plus ``manifest.json`` (counts, SHA-256).
 
     Shards are written first and the manifest last, so a reader never sees a manifest whose shards are
-    missing. Returns the manifest.
+    missing; when writing fails (a bad image), the shards written so far are removed, and the destination too
+    when this call created it. Returns the manifest.
     """
     fs, root = filesystem_and_path(dest)
+    created = fs.get_file_info(root).type == pafs.FileType.NotFound
     fs.create_dir(root, recursive=True)
+    written: list[str] = []
+    try:
+        return _write_shards(images, fs, root, shard_bytes, source, written)
+    except BaseException:
+        for path in written:
+            fs.delete_file(path)
+        if created:
+            fs.delete_dir(root)
+        raise
+
+
+def _write_shards(
+    images: Iterable[SRImage], fs: pafs.FileSystem, root: str, shard_bytes: int, source: str, written: list[str]
+) -> dict[str, object]:
     shards: list[dict[str, object]] = []
     rows: list[dict[str, object]] = []
     pending = 0
@@ -250,6 +266,7 @@ def write_shards(
         pq.write_table(pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA), buffer, compression="none")
         payload = buffer.getvalue()
         with fs.open_output_stream(f"{root}/{name}") as stream:
+            written.append(f"{root}/{name}")
             stream.write(payload)
         shards.append(
             {"file": name, "images": len(rows), "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
