@@ -79,10 +79,13 @@ def _tracking_client(uri: str | None) -> MlflowClient | None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from sr_tune.checkpoint import load_checkpoint
     from sr_tune.distributed import fit, run_name
 
     config = load_config(args.config, args.overrides)
     _check_data(config, args.config)
+    if config.training.init_from:  # read now: a missing or corrupt one is refused before a run exists
+        load_checkpoint(config.training.init_from)
     last = Path(config.training.output_dir) / run_name(config) / "last"
     if args.resume and not last.is_dir():
         raise ConfigError(

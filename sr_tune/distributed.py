@@ -236,7 +236,16 @@ def fit(
         run_id=run_id,
         tracking_uri=client.tracking_uri if client is not None else None,
     )
-    result = build_trainer(options, name=name, storage_path=storage).fit()
+    try:
+        result = build_trainer(options, name=name, storage_path=storage).fit()
+    except BaseException as error:  # the run says how it ended: KILLED when interrupted, else FAILED and why
+        if client is not None and run_id is not None:
+            interrupted = isinstance(error, KeyboardInterrupt)
+            if not interrupted:
+                lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+                client.set_tag(run_id, "sr_tune.error", (lines[-1] if lines else type(error).__name__)[-4000:])
+            client.set_terminated(run_id, status="KILLED" if interrupted else "FAILED")
+        raise
     if dist.num_workers == 0:  # local mode persists nothing to storage: the run's own folder holds it
         checkpoint, best = str(output / "last"), []
     else:

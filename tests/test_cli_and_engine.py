@@ -66,6 +66,19 @@ def test_train_command_runs_through_ray_local_mode_and_mlflow(tmp_path: Path):
     assert (tmp_path / "mlruns").is_dir()  # artifacts beside the SQLite store
 
 
+def test_a_run_that_fails_is_failed_in_mlflow_with_its_reason(tmp_path: Path):
+    from mlflow import MlflowClient
+
+    diverging = ["optimizer.name=sgd", "optimizer.lr=10", "optimizer.momentum=0.99", "training.steps=200"]
+    result = run(
+        str(SR_TUNE), "train", str(REPO / "configs" / "smoke.yaml"), *diverging, "training.device=cpu", cwd=tmp_path
+    )
+    assert result.returncode == 1 and "sr-tune: training diverged: step" in result.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run_] = client.search_runs([client.get_experiment_by_name("sr_tune").experiment_id])
+    assert run_.info.status == "FAILED" and "loss term pixel" in run_.data.tags["sr_tune.error"]
+
+
 def test_bad_config_exits_2_listing_every_problem():
     result = run(str(SR_TUNE), "train", "configs/smoke.yaml", "optimizer.lr=0", "model.name=nope", "data.color=cmyk")
     assert result.returncode == 2
