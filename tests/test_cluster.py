@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +104,7 @@ search:
   optimizer.lr: {{type: loguniform, low: 3.0e-4, high: 3.0e-3}}
 sampler: {{name: random, seed: 0}}
 scheduler: {{name: none}}
-budget: {{num_samples: 4, max_steps: 40, max_concurrent: 2}}
+budget: {{num_samples: 4, max_steps: 80, max_concurrent: 2}}
 resources: {{workers: 1, cpus_per_worker: 1}}
 keep_checkpoints: 1
 """)
@@ -207,14 +208,22 @@ def test_a_submitted_sweep_stopped_mid_flight_resumes_from_s3_on_both_nodes_logg
     assert f"{cluster.ray.address}/#/jobs/{job_id}" in started.stdout
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and not _finished_and_in_flight(s3, experiment)[0]:
-        time.sleep(1)
-    stop = cluster.sr_tune("jobs", "stop", job_id, *address, cwd=tmp_path)
-    assert stop.returncode == 0 and "stop requested" in stop.stdout
+        time.sleep(0.5)
+    # Stopped at once, over HTTP as `sr-tune jobs stop` does: a command starting up would let it finish first.
+    stop = urllib.request.Request(
+        f"{cluster.ray.address}/api/jobs/{job_id}/stop",
+        method="POST",
+        headers={"Authorization": f"Bearer {cluster.ray.token}"},
+    )
+    with urllib.request.urlopen(stop, timeout=10) as response:
+        assert json.loads(response.read())["stopped"] is True
     for _ in range(5):  # stopping takes a moment: the driver gets SIGTERM, then SIGKILL
         status = cluster.sr_tune("jobs", "status", job_id, *address, cwd=tmp_path)
         if status.returncode == 3:
             break
     assert status.returncode == 3 and f"job {job_id} STOPPED" in status.stdout
+    stop_again = cluster.sr_tune("jobs", "stop", job_id, *address, cwd=tmp_path)
+    assert stop_again.returncode == 0 and f"job {job_id}: had already ended" in stop_again.stdout
     # What Tune had persisted when its driver went: what a resume starts from.
     finished, interrupted = _finished_and_in_flight(s3, experiment)
     assert finished and interrupted, "the stopped sweep had no finished and no interrupted trial"
@@ -237,7 +246,7 @@ def test_a_submitted_sweep_stopped_mid_flight_resumes_from_s3_on_both_nodes_logg
     )
     assert len(trial_dirs) == 4
     for name in trial_dirs:
-        assert _reports(s3, f"{experiment}/{name}")[-1]["step"] == 40
+        assert _reports(s3, f"{experiment}/{name}")[-1]["step"] == 80
         files = _files(s3, f"{experiment}/{name}")
         kept = {path.split("/")[4] for path in files if "/checkpoint_" in path}
         assert len(kept) == 1, (name, kept)
@@ -261,11 +270,13 @@ def test_a_submitted_sweep_stopped_mid_flight_resumes_from_s3_on_both_nodes_logg
     for child in children:
         assert child.info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_psnr")]
-        assert set(steps) == {20, 40} and steps.count(20) == 1  # an interrupted trial's step 20 not logged twice
+        assert (
+            set(steps) == {20, 40, 60, 80} and steps.count(20) == 1
+        )  # an interrupted trial's step 20 not logged twice
     nodes = {child.data.tags["sr_tune.node_id"] for child in children}
     assert len(nodes) == 2, nodes
     best = client.get_run(parents[0].data.tags["sr_tune.best_run_id"])
-    grid_path = client.download_artifacts(best.info.run_id, "grids/step_0000040.png", str(tmp_path / "download"))
+    grid_path = client.download_artifacts(best.info.run_id, "grids/step_0000080.png", str(tmp_path / "download"))
     grid = np.asarray(Image.open(grid_path))
     assert grid.shape[0] > 192 and grid.std() > 10
 
@@ -292,7 +303,7 @@ def test_a_job_whose_data_the_cluster_lacks_fails_with_the_problem_list(cluster:
 def test_a_bad_study_is_refused_before_anything_is_submitted(cluster: Cluster, tmp_path: Path):
     project = write_project(tmp_path / "project", "bad")
     study = (project / "study.yaml").read_text()
-    (project / "study.yaml").write_text(study.replace("max_steps: 40", "max_stepz: 40"))
+    (project / "study.yaml").write_text(study.replace("max_steps: 80", "max_stepz: 80"))
     refused = cluster.submit(project, "tune", "study.yaml")
     assert refused.returncode == 2 and refused.stdout == ""
     assert "budget.max_stepz" in refused.stderr and "Traceback" not in refused.stderr
@@ -334,7 +345,7 @@ def test_a_sweep_whose_every_trial_fails_exits_1_and_its_parent_run_is_failed(cl
         "num_samples: 4", "num_samples: 1"
     )
     (project / "study.yaml").write_text(
-        study.replace("max_steps: 40", "max_steps: 400").replace("eval_interval: 20", "eval_interval: 200")
+        study.replace("max_steps: 80", "max_steps: 400").replace("eval_interval: 20", "eval_interval: 200")
     )
     failed = cluster.submit(project, "tune", "study.yaml")
     assert failed.returncode == 1, failed.stdout[-3000:] + failed.stderr[-2000:]
