@@ -268,9 +268,6 @@ def start_ray_cluster(folder: Path, extra_env: dict[str, str]) -> RayCluster:
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": token,
         "RAY_USAGE_STATS_ENABLED": "0",
-        # Tune saves its experiment state at most this often (default: adaptive, 10 s or more), so that what a
-        # test reads in the bucket is at most a second behind the sweep.
-        "TUNE_GLOBAL_CHECKPOINT_S": "1",
     }
     gcs_port, dashboard_port, client_port = free_ports(3)
     ray = str(BIN / "ray")
