@@ -112,12 +112,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _last_line(text: str) -> str:
-    """An error's own line, not the traceback Ray wraps it in."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else text
-
-
 def cmd_tune(args: argparse.Namespace) -> int:
     from sr_tune.console import SweepView, ray_output_to
     from sr_tune.distributed import shutdown_ray
@@ -160,7 +154,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
             f"  runs table: http://127.0.0.1:5000/#/experiments/{experiment}?workflowType=machine_learning"
         )
     if not succeeded:
-        errors = sorted({_last_line(trial.error or "ended before its first evaluation") for trial in result.trials})
+        from sr_tune.tracking import last_line
+
+        errors = sorted({last_line(trial.error or "ended before its first evaluation") for trial in result.trials})
         print(f"sr-tune: no trial of study {study.name!r} succeeded: {'; '.join(errors)}", file=sys.stderr)
         return 1
     return 0

@@ -28,7 +28,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from sr_tune.checkpoint import load_checkpoint
 from sr_tune.config import TrainConfig
 from sr_tune.engine import EvalResult, TrainResult, train
-from sr_tune.tracking import flatten, open_tracker, run_tags, start_run
+from sr_tune.tracking import flatten, last_line, open_tracker, run_tags, start_run
 
 
 @dataclass(frozen=True)
@@ -242,8 +242,7 @@ def fit(
         if client is not None and run_id is not None:
             interrupted = isinstance(error, KeyboardInterrupt)
             if not interrupted:
-                lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-                client.set_tag(run_id, "sr_tune.error", (lines[-1] if lines else type(error).__name__)[-4000:])
+                client.set_tag(run_id, "sr_tune.error", last_line(str(error) or type(error).__name__)[-4000:])
             client.set_terminated(run_id, status="KILLED" if interrupted else "FAILED")
         raise
     if dist.num_workers == 0:  # local mode persists nothing to storage: the run's own folder holds it

@@ -86,6 +86,7 @@ def plan_job(
     Raises ``ConfigError`` listing every problem."""
     from sr_tune.cli import build_parser
     from sr_tune.config import load_config
+    from sr_tune.distributed import run_name
     from sr_tune.storage import storage_problem
     from sr_tune.study import load_study
 
@@ -104,7 +105,7 @@ def plan_job(
         arguments = [shipped, *command[2:]]
     else:
         config = load_config(args.config, args.overrides)
-        name = config.tracking.run_name or f"{config.model.name}_x{config.model.scale}"
+        name = run_name(config)
         arguments = [_inside(Path(args.config), working_dir, "the config", problems), *command[2:]]
     if problems:
         raise ConfigError(problems, "sr-tune submit")

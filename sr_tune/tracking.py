@@ -66,6 +66,12 @@ def check_tracking_server(uri: str, timeout_s: float = 3.0, attempts: int = 3) -
     )
 
 
+def last_line(text: str) -> str:
+    """An error's own line, not the traceback Ray wraps it in."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else text
+
+
 class TrackingServerError(ConnectionError):
     """The tracking server named by the command does not answer."""
 
