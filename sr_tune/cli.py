@@ -80,13 +80,13 @@ def _tracking_client(uri: str | None) -> MlflowClient | None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from sr_tune.checkpoint import load_checkpoint
-    from sr_tune.distributed import fit, run_name
+    from sr_tune.distributed import fit
 
     config = load_config(args.config, args.overrides)
     _check_data(config, args.config)
     if config.training.init_from:  # read now: a missing or corrupt one is refused before a run exists
         load_checkpoint(config.training.init_from)
-    last = Path(config.training.output_dir) / run_name(config) / "last"
+    last = Path(config.training.output_dir) / config.run_name / "last"
     if args.resume and not last.is_dir():
         raise ConfigError(
             [f"--resume: no checkpoint to continue from at {last} (leave out --resume to start)"], args.config
@@ -103,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics = result.metrics
     print(
         f"done: PSNR-Y {metrics['val_psnr']:.2f} dB, {metrics['psnr_gain']:+.2f} dB over bicubic; "
-        f"checkpoints {Path(config.training.output_dir) / run_name(config)}/{{last,best}}"
+        f"checkpoints {Path(config.training.output_dir) / config.run_name}/{{last,best}}"
     )
     if workers:
         print(f"Ray checkpoint: {result.checkpoint}")
@@ -275,6 +275,7 @@ def _address(args: argparse.Namespace) -> str:
 def cmd_submit(args: argparse.Namespace) -> int:
     from sr_tune import submit
 
+    submit.send_token_if_available()
     command = args.job[1:] if args.job[:1] == ["--"] else args.job
     plan = submit.plan_job(
         command, working_dir=Path(args.working_dir), storage=args.storage, tracking_uri=args.tracking_uri
@@ -301,6 +302,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_jobs(args: argparse.Namespace) -> int:
     from sr_tune import submit
 
+    submit.send_token_if_available()
     address = _address(args)
     client = submit.connect(address)
     if args.action == "list":

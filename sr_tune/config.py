@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from sr_tune.models import get_builder, list_models
+from sr_tune.models.registry import out_of_range
 
 
 class ConfigError(ValueError):
@@ -285,6 +286,11 @@ class TrainConfig:
     def in_channels(self) -> int:
         return 1 if self.data.color == "y" else 3
 
+    @property
+    def run_name(self) -> str:
+        """Deterministic (no timestamp), so a rerun with the same storage path finds and resumes the run."""
+        return self.tracking.run_name or f"{self.model.name}_x{self.model.scale}"
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists) that ``TrainConfig.from_dict`` reads back."""
         return _plain(dataclasses.asdict(self))
@@ -319,7 +325,9 @@ def _model_kwargs_problems(name: str, kwargs: Mapping[str, Any]) -> list[str]:
         if key == "in_channels":
             continue  # reported by the field's own check
         if key in accepted:
-            _coerce(value, hints[key], f"kwargs.{key}", problems)
+            coerced = _coerce(value, hints[key], f"kwargs.{key}", problems)
+            if coerced is not _INVALID:
+                problems += [f"kwargs.{problem}" for problem in out_of_range(name, {key: coerced})]
         else:
             problems.append(f"kwargs.{key}: {name} has no argument {key!r} (allowed: {', '.join(accepted) or 'none'})")
     return problems
@@ -562,8 +570,21 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     problems: list[str] = list(override_problems)
     config = _build(TrainConfig, data, "", problems)
     if problems or config is None:
-        raise ConfigError(problems, source)
+        labelled = [_label_override(problem, overrides) for problem in problems]
+        if labelled != problems or override_problems:
+            source += " and its command-line overrides"
+        raise ConfigError(labelled, source)
     return config
+
+
+def _label_override(problem: str, overrides: Sequence[str]) -> str:
+    """``problem`` with the command-line override that set its key, so it is not blamed on the file."""
+    key = problem.partition(":")[0]
+    for override in overrides:
+        set_key = override.partition("=")[0]
+        if key == set_key or key.startswith((f"{set_key}.", f"{set_key}[")):
+            return f"{problem} (from the override {override!r})"
+    return problem
 
 
 def describe_fields(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]:

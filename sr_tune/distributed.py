@@ -58,11 +58,6 @@ class WorkerOptions:
     report_gate: Any = None
 
 
-def run_name(config: TrainConfig) -> str:
-    """Deterministic (no timestamp), so a rerun with the same storage path finds and resumes the run."""
-    return config.tracking.run_name or f"{config.model.name}_x{config.model.scale}"
-
-
 def init_ray(num_cpus: float | None = None) -> None:
     """Connect to ``RAY_ADDRESS`` when set; otherwise start a local Ray with its dashboard on 127.0.0.1
     (stopped runs free their workers' CPUs only through the dashboard's cleanup)."""
@@ -217,7 +212,7 @@ def fit(
     """Train ``config`` through Ray Train and return what rank 0 reported; logged to ``client``'s store (None:
     not tracked). The MLflow run is created here, or continued when ``resume`` finds the run's last checkpoint."""
     dist = config.distributed
-    name = run_name(config)
+    name = config.run_name
     output = Path(config.training.output_dir).resolve() / name
     storage = dist.storage_path or str(Path(config.training.output_dir).resolve() / "ray")
     run_id = None

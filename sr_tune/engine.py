@@ -28,7 +28,7 @@ from sr_tune.config import LossConfig, OptimizerConfig, TrainConfig
 from sr_tune.data.augment import Augmenter
 from sr_tune.data.degrade import imresize, to_8bit
 from sr_tune.data.sampler import ImageBank, PatchSampler
-from sr_tune.data.sources import open_source
+from sr_tune.data.sources import large_enough, open_source
 from sr_tune.data.validation import ValidationPair, validation_pairs
 from sr_tune.losses import SRLoss, VGGDistance, discriminator_loss, loss_terms
 from sr_tune.metrics import psnr, ssim, ycbcr_to_rgb
@@ -367,6 +367,12 @@ def build_data(
     data, scale = config.data, config.model.scale
     train_images = open_source(data.train, "train", skip_bad=data.skip_bad, rank=rank, world_size=world_size)
     augmenter = Augmenter(strength=data.augment_strength, flip_rot=data.flip_rot, color_jitter=data.color_jitter)
+    hr_size = data.lr_patch_size * scale
+    crop_size = augmenter.crop_size(hr_size)
+    why = f"the {crop_size}px crop a {hr_size}px HR patch needs" + (
+        f" (with room for warps at augment_strength {data.augment_strength})" if crop_size > hr_size else ""
+    )
+    train_images = large_enough(train_images, crop_size, why=why, skip_bad=data.skip_bad, source=data.train)
     sampler = PatchSampler(
         ImageBank([image.hr for image in train_images], device),
         scale=scale,

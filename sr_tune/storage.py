@@ -143,5 +143,6 @@ class Storage:
 
 def scratch_dir(*parts: str) -> Path:
     """A node-local folder for files a remote-storage sweep needs only while it runs (the engine's working
-    checkpoints, the console's log): nothing of the sweep lands in the project's output folder."""
-    return Path(tempfile.gettempdir(), "sr_tune", *parts)
+    checkpoints, the console's log): nothing of the sweep lands in the project's output folder. Not named
+    ``sr_tune``: ``python -m sr_tune`` started in the temp folder would import that folder as the package."""
+    return Path(tempfile.gettempdir(), "sr-tune-scratch", *parts)

@@ -86,7 +86,6 @@ def plan_job(
     Raises ``ConfigError`` listing every problem."""
     from sr_tune.cli import build_parser
     from sr_tune.config import load_config
-    from sr_tune.distributed import run_name
     from sr_tune.storage import storage_problem
     from sr_tune.study import load_study
 
@@ -105,7 +104,7 @@ def plan_job(
         arguments = [shipped, *command[2:]]
     else:
         config = load_config(args.config, args.overrides)
-        name = run_name(config)
+        name = config.run_name
         arguments = [_inside(Path(args.config), working_dir, "the config", problems), *command[2:]]
     if problems:
         raise ConfigError(problems, "sr-tune submit")
@@ -130,17 +129,17 @@ class ClusterError(Exception):
     """The cluster cannot be reached, or refused this client: one line for the user."""
 
 
-def _enable_token_auth() -> None:
+def send_token_if_available() -> None:
     """Send the cluster's token when one is available here and the user has not chosen a mode: Ray's client
-    sends none unless ``RAY_AUTH_MODE=token``. Must run before Ray reads its config."""
+    sends none unless ``RAY_AUTH_MODE=token``. Must run before anything imports Ray, which reads the mode once."""
     token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
     if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or Path(token_file).is_file()):
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def connect(address: str) -> Any:
-    """A ``JobSubmissionClient`` of the cluster whose dashboard is at ``address`` (``http://HEAD:8265``)."""
-    _enable_token_auth()
+    """A ``JobSubmissionClient`` of the cluster whose dashboard is at ``address`` (``http://HEAD:8265``); call
+    ``send_token_if_available`` first."""
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 

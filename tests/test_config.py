@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from sr_tune.config import ConfigError, TrainConfig, load_config
-from sr_tune.models import list_models
+from sr_tune.models import create_model, list_models
+from sr_tune.models.registry import argument_bounds
 from sr_tune.study import load_study
 
 from .conftest import REPO
@@ -76,8 +77,48 @@ def test_model_kwargs_are_checked_against_the_builder():
     with pytest.raises(ConfigError) as caught:
         load_config(None, ["model.name=vdsr", "model.kwargs.depth=deep", "model.kwargs.width=32"])
     assert caught.value.problems == [
-        "model.kwargs.depth: 'deep' is not valid (expected int)",
-        "model.kwargs.width: vdsr has no argument 'width' (allowed: depth)",
+        "model.kwargs.depth: 'deep' is not valid (expected int) (from the override 'model.kwargs.depth=deep')",
+        "model.kwargs.width: vdsr has no argument 'width' (allowed: depth) (from the override 'model.kwargs.width=32')",
+    ]
+
+
+BOUNDED_ARGUMENTS = [(name, key, bound) for name in list_models() for key, bound in argument_bounds(name).items()]
+
+
+def test_every_count_argument_of_the_zoo_is_bounded():
+    assert {(name, key) for name, key, _ in BOUNDED_ARGUMENTS} >= {
+        ("fsrcnn", "m"),
+        ("fsrcnn", "d"),
+        ("fsrcnn", "s"),
+        ("vdsr", "depth"),
+        ("srresnet", "num_blocks"),
+        ("edsr_baseline", "res_scale"),
+        ("cnn_small", "out_channels"),
+    }
+
+
+@pytest.mark.parametrize(("name", "key", "bound"), BOUNDED_ARGUMENTS, ids=lambda v: str(getattr(v, "minimum", v)))
+def test_model_kwargs_below_their_bound_are_refused_by_the_config_and_by_create_model(name, key, bound):
+    color = "rgb" if name in ("edsr_baseline", "srresnet", "srcnn_ex") else "y"
+    below = bound.minimum if bound.exclusive else bound.minimum - 1
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, [f"model.name={name}", f"data.color={color}", f"model.kwargs.{key}={below:g}"])
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"model.kwargs.{key}: ") and "is out of range (allowed: " in problem
+    assert problem.endswith(f"(from the override 'model.kwargs.{key}={below:g}')")
+    with pytest.raises(ValueError, match=f"{key}: .* is out of range"):
+        create_model(name, scale=2, **{key: below})
+    at_bound = load_config(None, [f"model.name={name}", f"data.color={color}", f"model.kwargs.{key}=1"])
+    assert at_bound.model.kwargs == {key: 1}
+
+
+def test_a_problem_set_by_an_override_is_not_blamed_on_the_config_file():
+    with pytest.raises(ConfigError) as caught:
+        load_config(REPO / "configs" / "smoke.yaml", ["optimizer.lr=-1", "data.batch_size=x"])
+    assert caught.value.source == f"{REPO / 'configs' / 'smoke.yaml'} and its command-line overrides"
+    assert caught.value.problems == [
+        "data.batch_size: 'x' is not valid (expected int) (from the override 'data.batch_size=x')",
+        "optimizer.lr: -1.0 is out of range (allowed: > 0.0 and <= 10.0) (from the override 'optimizer.lr=-1')",
     ]
 
 

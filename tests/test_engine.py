@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
 
 from sr_tune.checkpoint import load_checkpoint
 from sr_tune.config import ConfigError, OptimizerConfig, load_config
 from sr_tune.data.degrade import imresize, to_8bit
+from sr_tune.data.sources import BadImageError, skimage_photo
 from sr_tune.engine import EvalResult, build_data, build_optimizer, evaluate, lr_factor, parameter_groups, train
 from sr_tune.metrics import psnr, rgb_to_y
 from sr_tune.models import create_model
@@ -233,3 +237,25 @@ def test_the_preview_grid_shows_the_y_models_output_in_colour_tiles_of_at_least_
     first_image = psnr(bicubic_y, pairs[0].hr, crop_border=3, y_channel=True).item()  # captions: its own PSNR
     assert grid_captions(preview)[:2] == ["LR (nearest)", f"bicubic {first_image:.2f} dB"]
     assert grid_captions(preview)[2] == f"SR {preview.sr_psnr:.2f} dB ({preview.sr_psnr - first_image:+.2f})"
+
+
+def test_a_training_image_smaller_than_a_patch_is_named_or_skipped(tmp_path: Path, caplog):
+    folder = tmp_path / "train"
+    folder.mkdir()
+    for name, crop in [
+        ("big.png", skimage_photo("astronaut")[:, :90, :120]),
+        ("tiny.png", skimage_photo("coffee")[:, :30, :40]),
+    ]:
+        Image.fromarray(crop.permute(1, 2, 0).contiguous().numpy()).save(folder / name)
+    # 11 px LR patches at x3: 33 px HR crops (no warps at augmentation strength 0).
+    overrides = [*QUICK, f"data.train={folder}", "data.augment_strength=0"]
+    with pytest.raises(BadImageError) as caught:
+        build_data(load_config(REPO / "configs" / "smoke.yaml", overrides), torch.device("cpu"), 0, 1)
+    assert "1 image(s) smaller than the 33px crop a 33px HR patch needs" in str(caught.value)
+    assert "needs: tiny (40x30) (set data.skip_bad" in str(caught.value) and "big" not in str(caught.value)
+    skipping = load_config(REPO / "configs" / "smoke.yaml", [*overrides, "data.skip_bad=true"])
+    with caplog.at_level(logging.WARNING):
+        sampler, _ = build_data(skipping, torch.device("cpu"), 0, 1)
+    assert len(sampler.bank) == 1 and "tiny (40x30) is smaller than the 33px crop" in caplog.text
+    with pytest.raises(BadImageError, match="no image is at least 99x99 pixels"):
+        build_data(replace(skipping, data=replace(skipping.data, lr_patch_size=33)), torch.device("cpu"), 0, 1)

@@ -8,6 +8,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,10 @@ def test_tune_refuses_missing_data_and_a_bad_storage_uri_before_anything_starts(
     refused = sr_tune_cli("tune", "study.yaml", "--storage", "ftp://host/x", cwd=project)
     assert refused.returncode == 2 and "--storage 'ftp://host/x' has scheme 'ftp'" in refused.stderr
     assert not (project / "runs").exists()
+
+
+def test_the_scratch_folder_never_shadows_the_package_when_run_from_the_temp_folder():
+    # `python -m sr_tune` started in /tmp would import a /tmp/sr_tune folder (a namespace package) instead.
+    from sr_tune.storage import scratch_dir
+
+    assert scratch_dir().parent == Path(tempfile.gettempdir()) and not scratch_dir().name.isidentifier()

@@ -150,6 +150,26 @@ class _BadImageTally:
             log.warning("%s: skipped %d bad image(s)", self.source, self.skipped)
 
 
+def large_enough(images: list[SRImage], side: int, *, why: str, skip_bad: bool, source: str) -> list[SRImage]:
+    """The images with both sides at least ``side`` pixels (``why``: what needs that size). Smaller ones are
+    bad images: one ``BadImageError`` naming each of them, or with ``skip_bad`` a warning per image."""
+    small = [image for image in images if min(image.hr.shape[-2:]) < side]
+    sizes = [f"{image.name} ({image.hr.shape[-1]}x{image.hr.shape[-2]})" for image in small]
+    if small and not skip_bad:
+        raise BadImageError(
+            f"{source}: {len(small)} image(s) smaller than {why}: {', '.join(sizes)} (set data.skip_bad: true "
+            f"to skip them, or lower data.lr_patch_size)"
+        )
+    for size in sizes:
+        log.warning("skipping bad image: %s is smaller than %s", size, why)
+    kept = [image for image in images if min(image.hr.shape[-2:]) >= side]
+    if not kept:
+        raise BadImageError(f"{source}: no image is at least {side}x{side} pixels, the size of {why}")
+    if small:
+        log.warning("%s: skipped %d image(s) smaller than %s", source, len(small), why)
+    return kept
+
+
 def iter_folder(folder: Path, *, skip_bad: bool = False, rank: int = 0, world_size: int = 1) -> Iterator[SRImage]:
     """Every image below ``folder`` (this rank's shard), one at a time (names: relative paths, no suffix)."""
     tally = _BadImageTally(skip_bad, str(folder))

@@ -8,11 +8,13 @@ skip, sub-pixel upsampler, 3x3 tail. RGB inputs are centred on the DIV2K mean (a
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import nn
 
 from sr_tune.models._layers import check_scale, conv, pixel_shuffle_stages
-from sr_tune.models.registry import register_model
+from sr_tune.models.registry import AtLeast, register_model
 
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 
@@ -51,6 +53,8 @@ class EDSR(nn.Module):
 
 
 @register_model
-def edsr_baseline(scale: int, in_channels: int = 3, res_scale: float = 1.0) -> EDSR:
+def edsr_baseline(
+    scale: int, in_channels: int = 3, res_scale: Annotated[float, AtLeast(0, exclusive=True)] = 1.0
+) -> EDSR:
     """EDSR-baseline: 16 blocks of 64, no BN; ``res_scale=0.1`` as an option."""
     return EDSR(scale=scale, in_channels=in_channels, res_scale=res_scale)

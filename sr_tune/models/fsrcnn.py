@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sr_tune.models._layers import check_scale, conv
-from sr_tune.models.registry import register_model
+from sr_tune.models.registry import Count, register_model
 
 
 class FSRCNN(nn.Module):
@@ -31,7 +31,7 @@ class FSRCNN(nn.Module):
 
 
 @register_model
-def fsrcnn(scale: int, in_channels: int = 1, d: int = 56, s: int = 12, m: int = 4) -> FSRCNN:
+def fsrcnn(scale: int, in_channels: int = 1, d: Count = 56, s: Count = 12, m: Count = 4) -> FSRCNN:
     """FSRCNN(d, s, m); the defaults are the paper's FSRCNN(56, 12, 4)."""
     return FSRCNN(scale=scale, in_channels=in_channels, d=d, s=s, m=m)
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from sr_tune.data.degrade import imresize
 from sr_tune.models._layers import check_scale, conv
-from sr_tune.models.registry import register_model
+from sr_tune.models.registry import Count, register_model
 
 
 class PlainCNN(nn.Module):
@@ -48,24 +48,24 @@ class PlainCNN(nn.Module):
 
 
 @register_model
-def cnn_small(scale: int, in_channels: int = 1, out_channels: int | None = None) -> PlainCNN:
+def cnn_small(scale: int, in_channels: int = 1, out_channels: Count | None = None) -> PlainCNN:
     """CNN_SMALL: 3x3 convs C-8-16-C with ReLU on the bicubic upscale (report table: 1-8-16-3)."""
     return PlainCNN(scale=scale, hidden=(8, 16), in_channels=in_channels, out_channels=out_channels)
 
 
 @register_model
-def cnn_medium(scale: int, in_channels: int = 1, out_channels: int | None = None) -> PlainCNN:
+def cnn_medium(scale: int, in_channels: int = 1, out_channels: Count | None = None) -> PlainCNN:
     """CNN_MEDIUM: 3x3 convs C-16-32-64-32-C with ReLU on the bicubic upscale."""
     return PlainCNN(scale=scale, hidden=(16, 32, 64, 32), in_channels=in_channels, out_channels=out_channels)
 
 
 @register_model
-def cnn_deep(scale: int, in_channels: int = 1, out_channels: int | None = None) -> PlainCNN:
+def cnn_deep(scale: int, in_channels: int = 1, out_channels: Count | None = None) -> PlainCNN:
     """CNN_DEEP: 3x3 convs C-32-64-128-128-64-32-C with ReLU on the bicubic upscale."""
     return PlainCNN(scale=scale, hidden=(32, 64, 128, 128, 64, 32), in_channels=in_channels, out_channels=out_channels)
 
 
 @register_model
-def waifu2x_cnn(scale: int, in_channels: int = 1, out_channels: int | None = None) -> PlainCNN:
+def waifu2x_cnn(scale: int, in_channels: int = 1, out_channels: Count | None = None) -> PlainCNN:
     """The report's "waifu2x CNN": vgg_7's widths, but padded, ReLU and bicubic input (see waifu2x.py)."""
     return PlainCNN(scale=scale, hidden=(32, 32, 64, 64, 128, 128), in_channels=in_channels, out_channels=out_channels)

@@ -2,17 +2,39 @@
 
 A builder is a plain function named after the model, ``builder(scale: int, **typed_kwargs) -> nn.Module``;
 its signature is the model's public argument list (the config layer validates ``model.kwargs``
-against it before anything is built).
+against it before anything is built). An argument with a lower bound says so in its type:
+``m: Annotated[int, AtLeast(1)]`` (``Count``), checked by the config layer and by ``create_model``.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Annotated
 
 from torch import nn
 
 ModelBuilder = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class AtLeast:
+    """The lowest value a builder argument accepts; ``exclusive``: the bound itself is refused too."""
+
+    minimum: float
+    exclusive: bool = False
+
+    def problem(self, value: object) -> str | None:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return None  # a wrong type is reported by the type check
+        if value > self.minimum or (value == self.minimum and not self.exclusive):
+            return None
+        return f"{value!r} is out of range (allowed: {'>' if self.exclusive else '>='} {self.minimum:g})"
+
+
+Count = Annotated[int, AtLeast(1)]  # layers, blocks, channels: a network needs at least one
 
 _BUILDERS: dict[str, ModelBuilder] = {}
 
@@ -41,6 +63,30 @@ def get_builder(name: str) -> ModelBuilder:
         raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}") from None
 
 
+def argument_bounds(name: str) -> dict[str, AtLeast]:
+    """{argument: its lower bound} for the bounded arguments of model ``name``."""
+    hints = typing.get_type_hints(get_builder(name), include_extras=True)
+    return {key: marks[0] for key, hint in hints.items() if (marks := _bounds(hint))}
+
+
+def _bounds(hint: object) -> list[AtLeast]:
+    """The ``AtLeast`` marks of a hint, also inside a union (``Count | None``)."""
+    if typing.get_origin(hint) is Annotated:
+        return [mark for mark in getattr(hint, "__metadata__", ()) if isinstance(mark, AtLeast)]
+    return [bound for arg in typing.get_args(hint) for bound in _bounds(arg)]
+
+
+def out_of_range(name: str, kwargs: Mapping[str, object]) -> list[str]:
+    """``"key: value is out of range (...)"`` for each argument of model ``name`` below its bound."""
+    bounds = argument_bounds(name)
+    problems = (
+        f"{key}: {problem}"
+        for key, value in kwargs.items()
+        if key in bounds and (problem := bounds[key].problem(value))
+    )
+    return list(problems)
+
+
 def create_model(name: str, *, scale: int, **kwargs: object) -> nn.Module:
     """Build model ``name`` for an integer upscaling factor ``scale`` with builder-specific ``kwargs``."""
     builder = get_builder(name)
@@ -51,4 +97,6 @@ def create_model(name: str, *, scale: int, **kwargs: object) -> nn.Module:
             f"model {name!r} got unknown argument(s) {', '.join(unknown)}; "
             f"it accepts: {', '.join(sorted(accepted)) or 'nothing but scale'}"
         )
+    if problems := out_of_range(name, kwargs):
+        raise ValueError(f"model {name!r}: {'; '.join(problems)}")
     return builder(scale=scale, **kwargs)

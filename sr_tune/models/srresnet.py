@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sr_tune.models._layers import check_scale, conv, pixel_shuffle_stages
-from sr_tune.models.registry import register_model
+from sr_tune.models.registry import Count, register_model
 
 
 class ResidualBlock(nn.Module):
@@ -50,7 +50,7 @@ class SRResNet(nn.Module):
 
 
 @register_model
-def srresnet(scale: int, in_channels: int = 3, num_blocks: int = 16) -> SRResNet:
+def srresnet(scale: int, in_channels: int = 3, num_blocks: Count = 16) -> SRResNet:
     """SRResNet (= SRGAN generator); 16 blocks of width 64 by default."""
     return SRResNet(scale=scale, in_channels=in_channels, num_blocks=num_blocks)
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from sr_tune.data.degrade import imresize
 from sr_tune.models._layers import check_scale, conv
-from sr_tune.models.registry import register_model
+from sr_tune.models.registry import Count, register_model
 
 
 class VDSR(nn.Module):
@@ -38,6 +38,6 @@ class VDSR(nn.Module):
 
 
 @register_model
-def vdsr(scale: int, in_channels: int = 1, depth: int = 20) -> VDSR:
+def vdsr(scale: int, in_channels: int = 1, depth: Count = 20) -> VDSR:
     """VDSR: 20 3x3 convs of 64 predicting the residual over the bicubic upscale."""
     return VDSR(scale=scale, in_channels=in_channels, depth=depth)
