@@ -23,11 +23,12 @@ import ray.train.torch
 import torch
 from mlflow import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchTrainer
 
 from sr_tune.checkpoint import load_checkpoint
 from sr_tune.config import TrainConfig
 from sr_tune.engine import EvalResult, TrainResult, train
+from sr_tune.local_ray import LoopbackTorchConfig, single_machine_ray
 from sr_tune.tracking import flatten, last_line, open_tracker, run_tags, start_run
 
 
@@ -59,13 +60,14 @@ class WorkerOptions:
 
 
 def init_ray(num_cpus: float | None = None) -> None:
-    """Connect to ``RAY_ADDRESS`` when set; otherwise start a local Ray with its dashboard on 127.0.0.1
-    (stopped runs free their workers' CPUs only through the dashboard's cleanup)."""
+    """Connect to ``RAY_ADDRESS`` when set; otherwise start a local Ray that listens on 127.0.0.1 only, with
+    its dashboard (stopped runs free their workers' CPUs only through the dashboard's cleanup)."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
-    else:
+        return
+    with single_machine_ray():  # everything it starts listens on 127.0.0.1 only
         ray.init(
             address="local",  # a new one: never a cluster some `ray start` left on this machine
             num_cpus=int(num_cpus) if num_cpus else None,
@@ -183,7 +185,7 @@ def build_trainer(
     return TorchTrainer(
         _worker,
         train_loop_config={"options": options},
-        torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
+        torch_config=LoopbackTorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=dist.num_workers,
             use_gpu=dist.use_gpu,

@@ -9,6 +9,8 @@ test_cluster.py, on a two-node cluster with its storage in S3.
 
 from __future__ import annotations
 
+import urllib.error
+import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,15 +33,19 @@ from sr_tune.tracking import TRIAL_TAG
 
 from .conftest import REPO, mlflow_runs
 from .conftest import write_sweep_study as write_study
+from .listeners import ListenerWatch
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
 def local_ray():
+    """This module's local Ray, and a watch of the sockets its processes listen on while the tests run."""
+    watch = ListenerWatch().start()
     init_ray(num_cpus=2)
-    yield
+    yield watch
     ray.shutdown()
+    watch.stop()
 
 
 def config(tmp_path: Path, *overrides: str):
@@ -264,3 +270,17 @@ budget: {num_samples: 2, max_steps: 60}  # one exploit, at step 40
 
 def _latest_checkpoint(trial_dir: Path) -> Path:
     return max(trial_dir.glob("checkpoint_*"))
+
+
+def test_local_ray_listened_on_loopback_only_and_kept_token_auth(local_ray: ListenerWatch):
+    """Runs last: the watch saw every process of the Train runs and sweeps above (GCS, raylet, dashboard and
+    its agents, Train controllers and gloo workers, Tune trial actors)."""
+    seen = set(local_ray.seen)
+    processes = {listener.process for listener in seen}
+    assert {"gcs_server", "raylet"} <= processes and sum(name.startswith("ray::") for name in processes) >= 3
+    assert sorted(listener for listener in seen if not listener.loopback) == []
+    dashboard = ray.get_runtime_context().gcs_address  # the node's own address, where clients find it
+    assert dashboard.startswith("127.0.0.1:")
+    with pytest.raises(urllib.error.HTTPError) as refused:  # the dashboard's API without the session's token
+        urllib.request.urlopen("http://127.0.0.1:8265/api/version", timeout=10)
+    assert refused.value.code == 401

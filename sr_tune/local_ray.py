@@ -1,0 +1,97 @@
+"""A local Ray that listens on 127.0.0.1 only, and Ray Train process groups that do too on such a Ray.
+
+On Linux Ray takes the machine's external address as a local node's (even for ``_node_ip_address=
+"127.0.0.1"``), and its GCS, raylet, workers and agents listen on all interfaces. Ray's single-machine mode,
+its default on macOS and Windows, keeps them all on 127.0.0.1. Ray Train then joins each run's
+``torch.distributed`` process group through a TCPStore on rank 0, which PyTorch binds to all interfaces
+(it has no setting for the address); on a loopback-only Ray the workers share this machine, so they join
+through a file instead, and gloo and NCCL open their own sockets on the loopback interface.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import ray
+import torch.distributed as torch_dist
+from ray._private import ray_constants
+from ray.train._internal.utils import get_address_and_port
+from ray.train.torch import TorchConfig
+from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
+
+
+@contextlib.contextmanager
+def single_machine_ray() -> Iterator[None]:
+    """Ray's single-machine mode while a local Ray starts: read by this process (Ray is imported already)
+    and by the processes Ray starts, which inherit the environment."""
+    saved = os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if saved[0] is None:
+            del os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR]
+        else:
+            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = saved[0]
+        ray_constants.ENABLE_RAY_CLUSTER = saved[1]
+
+
+class LoopbackTorchConfig(TorchConfig):
+    """Ray Train's ``TorchConfig``; on a loopback-only Ray the process group is joined through a file."""
+
+    @property
+    def backend_cls(self) -> type:
+        return _LoopbackTorchBackend
+
+
+class _LoopbackTorchBackend(_TorchBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.store_dir: str | None = None
+
+    def on_start(self, worker_group: Any, backend_config: TorchConfig) -> None:
+        address, _ = worker_group.execute_single(0, get_address_and_port)
+        if not ipaddress.ip_address(address).is_loopback:  # a cluster: Ray Train's own TCP rendezvous
+            super().on_start(worker_group, backend_config)
+            return
+        self.store_dir = tempfile.mkdtemp(prefix="sr-tune-process-group-")
+        worker_group.execute(_set_torch_distributed_env_vars)
+        world_size = len(worker_group)
+        joined = [
+            worker_group.execute_single_async(
+                rank,
+                _join_through_file,
+                backend=backend_config.backend,
+                store=os.path.join(self.store_dir, "store"),
+                world_rank=rank,
+                world_size=world_size,
+                timeout_s=backend_config.timeout_s,
+            )
+            for rank in range(world_size)
+        ]
+        ray.get(joined)
+
+    def on_shutdown(self, worker_group: Any, backend_config: TorchConfig) -> None:
+        super().on_shutdown(worker_group, backend_config)
+        if self.store_dir:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+
+
+def _join_through_file(backend: str, store: str, world_rank: int, world_size: int, timeout_s: int) -> None:
+    """Runs on each worker: gloo's pair sockets and NCCL's bootstrap on ``lo``, the rendezvous in a file."""
+    os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = "lo"
+    torch_dist.init_process_group(
+        backend=backend,
+        store=torch_dist.FileStore(store, world_size),
+        rank=world_rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
