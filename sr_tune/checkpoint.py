@@ -120,14 +120,15 @@ def save_checkpoint(
         "optimizers": optimizer_meta,
         "state": state or {},
     }
+    has_checkpoint(path)  # an earlier save killed between its renames: its predecessor back in place first
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         save_file(tensors, staging / WEIGHTS_FILE)
         (staging / META_FILE).write_text(json.dumps(meta, indent=2))
         if path.exists():
-            retired = path.with_name(f".{path.name}.old")
+            retired = _retired(path)
             shutil.rmtree(retired, ignore_errors=True)
-            os.replace(path, retired)
+            os.replace(path, retired)  # a kill from here to the next line leaves only the retired one
             os.replace(staging, path)
             shutil.rmtree(retired)
         else:
@@ -138,9 +139,23 @@ def save_checkpoint(
     return path
 
 
+def _retired(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def has_checkpoint(path: str | Path) -> bool:
+    """Whether folder ``path`` holds a checkpoint. A save killed between its two renames (the old folder
+    moved aside, the new one not yet in place) left the previous checkpoint aside: it is put back."""
+    path = Path(path)
+    if not path.exists() and _retired(path).is_dir():
+        os.replace(_retired(path), path)
+    return path.is_dir()
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint folder written by ``save_checkpoint``; errors name the file at fault."""
     path = Path(path)
+    has_checkpoint(path)
     if path.suffix in PICKLE_SUFFIXES and not path.is_dir():
         raise ValueError(
             f"{path}: pickle checkpoints are refused (loading one can run arbitrary code); "

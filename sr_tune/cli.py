@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import shlex
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -79,7 +81,7 @@ def _tracking_client(uri: str | None) -> MlflowClient | None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from sr_tune.checkpoint import load_checkpoint
+    from sr_tune.checkpoint import has_checkpoint, load_checkpoint
     from sr_tune.distributed import fit
 
     config = load_config(args.config, args.overrides)
@@ -87,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if config.training.init_from:  # read now: a missing or corrupt one is refused before a run exists
         load_checkpoint(config.training.init_from)
     last = Path(config.training.output_dir) / config.run_name / "last"
-    if args.resume and not last.is_dir():
+    if args.resume and not has_checkpoint(last):
         raise ConfigError(
             [f"--resume: no checkpoint to continue from at {last} (leave out --resume to start)"], args.config
         )
@@ -99,7 +101,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"({config.data.color}, batch {config.data.batch_size}, {config.training.steps} steps) in {where}",
         flush=True,
     )
-    result = fit(config, config_path=args.config, resume=args.resume, client=client)
+    try:
+        result = fit(config, config_path=args.config, resume=args.resume, client=client)
+    except KeyboardInterrupt:
+        kept = f"its last checkpoint, {last}, is intact" if has_checkpoint(last) else "no checkpoint was written yet"
+        again = shlex.join(["sr-tune", "train", args.config, *args.overrides, "--resume"])
+        raise Interrupted(f"training of {config.run_name} stopped: {kept}; continue with: {again}") from None
     metrics = result.metrics
     print(
         f"done: PSNR-Y {metrics['val_psnr']:.2f} dB, {metrics['psnr_gain']:+.2f} dB over bicubic; "
@@ -129,7 +136,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.verbose:  # Ray's and Tune's output on the console, the view as plain lines between it
         client = _tracking_client(uri)
         view = SweepView(study, sys.stdout, live=False)
-        result = run_sweep(study, client=client, resume=args.resume, view=view, storage=args.storage)
+        try:
+            result = run_sweep(study, client=client, resume=args.resume, view=view, storage=args.storage)
+        finally:
+            shutdown_ray()
     else:
         print(f"Ray and Tune log to {paths.log} (--verbose shows them here)", flush=True)
         with ray_output_to(paths.log) as console:
@@ -140,6 +150,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
             finally:
                 view.close()
                 shutdown_ray()
+    if result.unfinished:
+        again = shlex.join(
+            ["sr-tune", "tune", args.study, "--resume", *(["--storage", args.storage] if args.storage else [])]
+        )
+        raise Interrupted(
+            f"sweep {study.name!r} stopped with {result.unfinished} trial(s) unfinished: its state is saved in "
+            f"{result.experiment}; continue with: {again}"
+        )
     print(sweep_table(study, result.trials, top=args.top))
     for warning in result.warnings:
         print(f"warning: {warning}")
@@ -414,12 +432,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM stopped a command: the line says what stopped and how to continue."""
+
+
+def _stop_signal_handler() -> list[int]:
+    """SIGTERM stops a command as Ctrl-C does (Tune saves the sweep, a run is marked KILLED): it raises
+    SIGINT, whose handler (Tune's during a sweep, else Python's KeyboardInterrupt) takes over. Returns the
+    list that records it."""
+    received: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        received.append(signum)
+        signal.raise_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, stop)
+    return received
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if os.environ.get("SR_TUNE_DEBUG"):  # the full traceback of any error, for a bug report
         return args.run(args)
+    terminated = _stop_signal_handler()
     try:
         return args.run(args)
+    except (Interrupted, KeyboardInterrupt) as stop:
+        print(f"\nsr-tune: {stop or f'{args.command} interrupted'}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)  # 143 or 130, as a shell reports them
     except ConfigError as error:
         print(f"sr-tune: invalid configuration: {error}", file=sys.stderr)
         return 2

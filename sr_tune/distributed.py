@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from sr_tune.checkpoint import load_checkpoint
+from sr_tune.checkpoint import has_checkpoint, load_checkpoint
 from sr_tune.config import TrainConfig
 from sr_tune.engine import EvalResult, TrainResult, train
 from sr_tune.local_ray import LoopbackTorchConfig, single_machine_ray
@@ -67,6 +67,9 @@ def init_ray(num_cpus: float | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
         return
+    # Ray Train watches for the node being drained (preempted) with one actor per run: a single machine is
+    # never drained, and each actor is a process to start on every trial.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     with single_machine_ray():  # everything it starts listens on 127.0.0.1 only
         ray.init(
             address="local",  # a new one: never a cluster some `ray start` left on this machine
@@ -107,14 +110,23 @@ def _worker(loop_config: dict[str, WorkerOptions]) -> None:
     if start is not None:
         with start.as_directory() as folder:
             resume = load_checkpoint(folder)
-    elif options.resume and (checkpoint_dir / "last").is_dir():
+    elif options.resume and has_checkpoint(checkpoint_dir / "last"):
         resume = load_checkpoint(checkpoint_dir / "last")
     tracker = open_tracker(options.tracking_uri, options.run_id, rank, config.in_channels, _node_tags())
     hyperparameters = {f"hp/{key}": value for key, value in options.hyperparameters.items()}
 
-    def report(result: EvalResult, checkpoint: Path | None) -> bool:
+    def log(result: EvalResult) -> int:
         patches_seen = result.step * config.data.batch_size * world_size
         tracker.log_eval(result, {"patches_seen": patches_seen, **hyperparameters})
+        return patches_seen
+
+    # A stop between saving a checkpoint and logging its evaluation left that evaluation out of the run: the
+    # checkpoint's history has it (the steps the run holds are skipped).
+    for past in resume.state.get("history", []) if resume else []:
+        log(EvalResult(**past))
+
+    def report(result: EvalResult, checkpoint: Path | None) -> bool:
+        patches_seen = log(result)
         if rank == 0 and not options.quiet:
             print(progress_line(result, config.training.steps), flush=True)
         metrics = {"step": result.step, "patches_seen": patches_seen, **result.metrics(), **hyperparameters}
@@ -127,16 +139,19 @@ def _worker(loop_config: dict[str, WorkerOptions]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(copy)))
         return options.report_gate is not None and _gate_closed(options.report_gate, rank, world_size)
 
-    result: TrainResult = train(
-        config,
-        on_eval=report,
-        checkpoint_dir=checkpoint_dir if rank == 0 else None,
-        resume=resume,
-        device=ray.train.torch.get_device(),
-        rank=rank,
-        world_size=world_size,
-        extra_state={"mlflow_run_id": options.run_id},
-    )
+    try:
+        result: TrainResult = train(
+            config,
+            on_eval=report,
+            checkpoint_dir=checkpoint_dir if rank == 0 else None,
+            resume=resume,
+            device=ray.train.torch.get_device(),
+            rank=rank,
+            world_size=world_size,
+            extra_state={"mlflow_run_id": options.run_id},
+        )
+    finally:
+        tracker.flush()  # what was logged reaches the run before it is ended, here or by a sweep's driver
     if options.close_run:
         best_model = load_checkpoint(result.best_checkpoint).build_model() if result.best_checkpoint else None
         tracker.finish(result, best_model)
@@ -219,7 +234,7 @@ def fit(
     storage = dist.storage_path or str(Path(config.training.output_dir).resolve() / "ray")
     run_id = None
     if client is not None:
-        if resume and (output / "last").is_dir():
+        if resume and has_checkpoint(output / "last"):
             run_id = load_checkpoint(output / "last").state.get("mlflow_run_id")
         run_id = run_id or start_run(
             client, config.tracking.experiment, name=name, tags=run_tags(config_path), params=flatten(config.to_dict())

@@ -161,6 +161,8 @@ def _trial_run_id(context: TrialContext, trial_id: str, name: str, config: Any, 
         return None
     client, experiment = MlflowClient(context.tracking_uri), config.tracking.experiment
     found = find_trial_run(client, experiment, context.parent_run_id, trial_id)
+    if found and client.get_run(found).info.status == "KILLED":
+        client.update_run(found, status="RUNNING")  # its sweep was stopped, and now goes on
     return found or start_run(
         client,
         experiment,
@@ -343,6 +345,7 @@ class SweepResult:
     model_version: str | None
     warnings: list[str]
     experiment: str  # the URI (local: the path) of Tune's experiment
+    unfinished: int = 0  # trials a stop signal (Ctrl-C, SIGTERM) left running: continue with ``resume``
 
 
 def _record(study: Study, result: Any) -> TrialRecord:
@@ -431,6 +434,7 @@ class _SweepCallback(tune.Callback):
         self.client, self.parent_run_id = client, parent_run_id
         self.closing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="close-trial-run")
         self.closed: list[Future] = []
+        self.unfinished: list[str] = []  # trial ids still running when Tune ended: a stop signal stopped it
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its run config, callbacks included, into the experiment; a resumed sweep sets fresh ones.
@@ -453,6 +457,9 @@ class _SweepCallback(tune.Callback):
     def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
         if self.view is not None:
             self.view.tick()
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        self.unfinished = [trial.trial_id for trial in trials if not trial.is_finished()]
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._ended(trial, None)
@@ -647,6 +654,14 @@ def _publish(
     return version
 
 
+def _mark_killed(client: MlflowClient, study: Study, parent_run_id: str) -> None:
+    """A stopped sweep's parent and its trials' runs still open are KILLED; a resume sets them running."""
+    for run in trial_runs(client, study.base_config().tracking.experiment, parent_run_id).values():
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="KILLED")
+    client.set_terminated(parent_run_id, status="KILLED")
+
+
 def _check_storage(study: Study, paths: SweepPaths, resume: bool) -> bool:
     """Before anything starts: whether there is a sweep to restore. Raises when the storage does not answer,
     or holds an earlier sweep of the study and ``resume`` is not set (Tune would overwrite its state)."""
@@ -680,6 +695,8 @@ def run_sweep(
     tags = {**run_tags(str(study.path)), **(tags or {}), "sr_tune.study": study.name}
     if restoring:
         parent_run_id = json.loads(paths.storage.read_text(paths.state))["parent_run_id"]
+        if client and parent_run_id and client.get_run(parent_run_id).info.status == "KILLED":
+            client.update_run(parent_run_id, status="RUNNING")  # a stopped sweep goes on
     else:
         parent_run_id = _open_parent_run(study, paths, client, tags)
     context = TrialContext(
@@ -695,6 +712,10 @@ def run_sweep(
     finally:
         callback.wait()
 
+    if callback.unfinished:  # stopped by a signal: the state is saved, nothing is summarized yet
+        if client and parent_run_id:
+            _mark_killed(client, study, parent_run_id)
+        return SweepResult(study, [], parent_run_id, None, [], paths.experiment, len(callback.unfinished))
     summaries = summarize(study, records)
     if view is not None:
         for summary in summaries:  # counts the trials that had ended before a resume

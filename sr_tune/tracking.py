@@ -11,13 +11,17 @@ process-wide state, except around the one model-logging call, which reads it and
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +33,7 @@ from mlflow.entities import Metric, Param, RunStatus
 from sr_tune.engine import CONSTANT_METRICS, EvalResult, TrainResult
 
 TRIAL_TAG = "sr_tune.trial_id"
+log = logging.getLogger(__name__)
 
 
 def resolve_tracking_uri(uri: str, override: str | None = None) -> str:
@@ -274,6 +279,8 @@ class Tracker(Protocol):
 
     def log_eval(self, result: EvalResult, extra: dict[str, float] | None = None) -> None: ...
 
+    def flush(self) -> None: ...
+
     def finish(self, result: TrainResult, model: torch.nn.Module | None = None) -> None: ...
 
 
@@ -285,12 +292,23 @@ class NullTracker:
     def log_eval(self, result: EvalResult, extra: dict[str, float] | None = None) -> None:
         pass
 
+    def flush(self) -> None:
+        pass
+
     def finish(self, result: TrainResult, model: torch.nn.Module | None = None) -> None:
         pass
 
 
 class MlflowTracker:
-    """An existing MLflow run, logged to through ``client``; ``finish`` ends it."""
+    """An existing MLflow run, logged to through ``client``; ``finish`` ends it.
+
+    Evaluations are sent on a thread of their own, in order: a tracking server that stops answering does
+    not stop training. MLflow's client retries each request with backoff (for minutes); meanwhile the
+    evaluations queue up, a warning says so once the server has been silent for ``QUIET_S``, and they are
+    sent when it answers again. ``flush`` waits for the queue (the end of a run, or of a worker)."""
+
+    QUIET_S = 10.0
+    GIVE_UP_S = 1800.0  # a request the server has not taken in this long is dropped, with an error
 
     def __init__(self, client: MlflowClient, run_id: str, *, in_channels: int, tags: dict[str, str]) -> None:
         self.client, self.run_id, self.in_channels = client, run_id, in_channels
@@ -298,23 +316,80 @@ class MlflowTracker:
             client.set_tag(run_id, key, value)
         # A resumed run has them already.
         self.constants_logged = set(client.get_run(run_id).data.metrics) >= set(CONSTANT_METRICS)
+        self.logged_through = max((m.step for m in client.get_metric_history(run_id, "val_psnr")), default=0)
+        self.outbox: queue.Queue[Callable[[], Any] | None] = queue.Queue()
+        self.sending_since: float | None = None  # when the request now in flight was first tried
+        self.warned = False
+        self.sender = threading.Thread(target=self._send, name=f"mlflow-{run_id[:8]}", daemon=True)
+        self.sender.start()
 
     def log_eval(self, result: EvalResult, extra: dict[str, float] | None = None) -> None:
         """The evaluation's metrics (plus ``extra`` ones) at its step, and its image grid; the metrics that
-        never change within a run (``CONSTANT_METRICS``) only the first time."""
+        never change within a run (``CONSTANT_METRICS``) only the first time. A step the run holds already
+        (evaluated again after a restart from an older checkpoint) is not logged twice."""
         from sr_tune.visualize import preview_grid
 
+        if result.step <= self.logged_through:
+            return
+        self.logged_through = result.step
         now = int(time.time() * 1000)
         metrics = {**result.metrics(), **(extra or {})}
         if self.constants_logged:
             metrics = {key: value for key, value in metrics.items() if key not in CONSTANT_METRICS}
         self.constants_logged = True
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, result.step) for k, v in metrics.items()])
+        batch = [Metric(k, float(v), now, result.step) for k, v in metrics.items()]
+        # Two requests, each retried on its own: a retried image never logs the metrics twice.
+        self.outbox.put(functools.partial(self.client.log_batch, self.run_id, metrics=batch))
         if result.preview is not None:
-            self.client.log_image(self.run_id, preview_grid(result.preview), f"grids/step_{result.step:07d}.png")
+            grid = preview_grid(result.preview)
+            path = f"grids/step_{result.step:07d}.png"
+            self.outbox.put(functools.partial(self.client.log_image, self.run_id, grid, path))
+        self._warn_if_silent()
+
+    def _send(self) -> None:
+        while (request := self.outbox.get()) is not None:
+            self.sending_since = time.monotonic()
+            while True:
+                try:
+                    request()
+                    break
+                except Exception as error:  # MLflow's own retries gave up: the server is still away
+                    if time.monotonic() - self.sending_since > self.GIVE_UP_S:
+                        log.error("MLflow run %s: not logged, given up: %s", self.run_id, last_line(str(error)))
+                        break
+                    self._warn_if_silent(force=True)
+                    time.sleep(self.QUIET_S)
+            if self.warned:
+                log.warning(
+                    "MLflow run %s: the tracking server answers again; the evaluations held are sent", self.run_id
+                )
+                self.warned = False
+            self.sending_since = None
+
+    def _warn_if_silent(self, force: bool = False) -> None:
+        """Once per outage: when a request has waited ``QUIET_S`` (or, ``force``, failed)."""
+        since = self.sending_since
+        if self.warned or since is None or not (force or time.monotonic() - since > self.QUIET_S):
+            return
+        self.warned = True
+        log.warning(
+            "MLflow run %s: the tracking server at %s has not answered for %.0f s; training goes on, and %d "
+            "request(s) wait to be sent",
+            self.run_id,
+            self.client.tracking_uri,
+            time.monotonic() - since,
+            self.outbox.qsize() + 1,
+        )
+
+    def flush(self) -> None:
+        """Until every evaluation logged so far has been sent (however long the server takes)."""
+        if self.sender.is_alive():
+            self.outbox.put(None)
+            self.sender.join()
 
     def finish(self, result: TrainResult, model: torch.nn.Module | None = None) -> None:
         """Curves, the best checkpoint and the model; then the run is ended."""
+        self.flush()
         if model is not None:
             log_model(self.client, self.run_id, model, in_channels=self.in_channels)
         close_run(

@@ -1,5 +1,5 @@
-"""The TCP sockets that a process and its descendants listen on, read from /proc (Linux), and a watch that
-records them while a test runs: Ray's processes come and go (trial actors, Train workers), so one snapshot
+"""The processes under this one and the TCP sockets they listen on, read from /proc (Linux), and a watch that
+records the sockets while a test runs: Ray's processes come and go (trial actors, Train workers), so one snapshot
 at the end would miss most of them."""
 
 from __future__ import annotations
@@ -55,6 +55,18 @@ def _descendants(root: int) -> set[int]:
         for child in children.get(stack.pop(), []):
             found.add(child)
             stack.append(child)
+    return found
+
+
+def processes_named(name: str, root: int | None = None) -> list[int]:
+    """PIDs under ``root`` (this process) whose /proc/PID/comm is ``name`` (15 characters at most)."""
+    found = []
+    for pid in sorted(_descendants(root or os.getpid())):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == name:
+                found.append(pid)
+        except OSError:
+            continue
     return found
 
 

@@ -181,17 +181,21 @@ def start_seaweedfs(folder: Path) -> S3Store:
     return store
 
 
-def start_mlflow_server(folder: Path, store: S3Store, bucket: str) -> tuple[str, Service]:
-    """``mlflow server`` on 127.0.0.1: SQLite backend, artifacts served from ``s3://bucket/mlflow``."""
+def start_mlflow_server(
+    folder: Path, store: S3Store | None = None, bucket: str = "", port: int | None = None
+) -> tuple[str, Service]:
+    """``mlflow server`` on 127.0.0.1 (``port``: a restart at the same address): SQLite backend in ``folder``,
+    artifacts served from ``s3://bucket/mlflow`` of ``store``, or from ``folder`` without one."""
     folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    store.filesystem().create_dir(bucket)
+    port = port or free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
-        **store.env(),
-        "MLFLOW_S3_ENDPOINT_URL": f"http://{store.endpoint}",
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # its job runner: seven more processes nothing here uses
     }
+    artifacts = f"s3://{bucket}/mlflow" if store else (folder / "artifacts").as_uri()
+    if store is not None:
+        store.filesystem().create_dir(bucket)
+        env.update(store.env(), MLFLOW_S3_ENDPOINT_URL=f"http://{store.endpoint}")
     command = [
         str(BIN / "mlflow"),
         "server",
@@ -204,7 +208,7 @@ def start_mlflow_server(folder: Path, store: S3Store, bucket: str) -> tuple[str,
         "--backend-store-uri",
         f"sqlite:///{folder / 'mlflow.db'}",
         "--artifacts-destination",
-        f"s3://{bucket}/mlflow",
+        artifacts,
     ]
     service = start("mlflow server", command, folder / "mlflow-server.log", env)
     uri = f"http://127.0.0.1:{port}"

@@ -9,6 +9,10 @@ test_cluster.py, on a two-node cluster with its storage in S3.
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 import urllib.error
 import urllib.request
 from dataclasses import replace
@@ -33,7 +37,7 @@ from sr_tune.tracking import TRIAL_TAG
 
 from .conftest import REPO, mlflow_runs
 from .conftest import write_sweep_study as write_study
-from .listeners import ListenerWatch
+from .listeners import ListenerWatch, processes_named
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -105,6 +109,46 @@ def test_two_gloo_workers_match_one_worker_at_double_batch_and_log_to_mlflow(tmp
     lr = torch.rand(1, 1, 48, 48)
     expected = load_checkpoint(tmp_path / "runs" / "two" / "best").build_model()(lr)
     np.testing.assert_allclose(model(lr).detach().numpy(), expected.detach().numpy(), atol=1e-5)
+
+
+def test_a_killed_train_worker_restarts_from_its_last_checkpoint_with_one_metric_history(tmp_path: Path, local_ray):
+    """SIGKILL the Ray Train worker once its run has logged two evaluations: Ray Train (``max_failures``)
+    starts a new one from the last checkpoint it persisted, and the run ends with every evaluation once."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    trained = config(
+        tmp_path,
+        "distributed.num_workers=1",
+        "distributed.max_failures=1",
+        "training.steps=160",
+        "training.eval_interval=20",
+        "tracking.run_name=killed",
+    )
+    killed: list[int] = []
+
+    def kill_the_worker_mid_run() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            runs = (
+                client.search_runs([client.get_experiment_by_name("sr_tune").experiment_id])
+                if client.get_experiment_by_name("sr_tune")
+                else []
+            )
+            logged = [m.step for run in runs for m in client.get_metric_history(run.info.run_id, "val_psnr")]
+            workers = processes_named("ray::RayTrainWo")
+            if len(logged) >= 2 and workers:
+                os.kill(workers[0], signal.SIGKILL)
+                killed.append(workers[0])
+            time.sleep(0.5)
+
+    killer = threading.Thread(target=kill_the_worker_mid_run, daemon=True)
+    killer.start()
+    result = fit(trained, client=client)
+    killer.join()
+    assert killed, "the worker was never killed"
+    assert result.metrics["step"] == 160 and load_checkpoint(result.checkpoint).step == 160
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(result.run_id, "val_psnr")] == list(range(20, 161, 20))
 
 
 def test_concurrency_follows_the_cluster_and_bad_resources_are_named(tmp_path: Path, local_ray):
