@@ -9,10 +9,14 @@ this process, which is what quick runs and tests use.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +68,23 @@ def init_ray(num_cpus: float | None = None) -> None:
     its dashboard (stopped runs free their workers' CPUs only through the dashboard's cleanup)."""
     if ray.is_initialized():
         return
+    with _sigterm_handler_kept():
+        _start_or_connect(num_cpus)
+
+
+@contextlib.contextmanager
+def _sigterm_handler_kept() -> Iterator[None]:
+    """``ray.init`` sets its own SIGTERM handler, which kills a local Ray at once and exits: the caller's (the
+    CLI's, which stops a run as Ctrl-C does, letting Tune save the sweep) is put back."""
+    ours = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(ours) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, ours)
+
+
+def _start_or_connect(num_cpus: float | None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
         return

@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -434,7 +435,9 @@ class _SweepCallback(tune.Callback):
         self.client, self.parent_run_id = client, parent_run_id
         self.closing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="close-trial-run")
         self.closed: list[Future] = []
-        self.unfinished: list[str] = []  # trial ids still running when Tune ended: a stop signal stopped it
+        self.unfinished: list[str] = []  # trial ids a stop signal (Ctrl-C, SIGTERM) left unfinished
+        self.running: list[str] = []
+        self.tune_sigint: Any = None  # the SIGINT handler Tune installs for its loop
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its run config, callbacks included, into the experiment; a resumed sweep sets fresh ones.
@@ -455,11 +458,19 @@ class _SweepCallback(tune.Callback):
             self.view.reported(trial.trial_id, result)
 
     def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        self.running = [trial.trial_id for trial in trials if not trial.is_finished()]
         if self.view is not None:
             self.view.tick()
 
+    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        if self.tune_sigint is None:
+            self.tune_sigint = signal.getsignal(signal.SIGINT)
+
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
-        self.unfinished = [trial.trial_id for trial in trials if not trial.is_finished()]
+        # A stop signal ends Tune's loop, which then puts back the SIGINT handler it replaced; its cleanup has
+        # stopped the trials by now, so the ones unfinished are those running at the last step.
+        if self.tune_sigint is not None and signal.getsignal(signal.SIGINT) is not self.tune_sigint:
+            self.unfinished = self.running
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._ended(trial, None)
