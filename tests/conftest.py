@@ -103,8 +103,9 @@ def vgg_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.environ["TORCH_HOME"] = previous
 
 
-def write_sweep_study(tmp_path: Path, body: str) -> Path:
-    """A tiny SRCNN study on the sample photographs, writing under ``tmp_path``."""
+def write_sweep_study(tmp_path: Path, body: str, fixed: str = "") -> Path:
+    """A tiny SRCNN study on the sample photographs, writing under ``tmp_path``; ``fixed``: more lines of its
+    ``fixed:`` section."""
     path = tmp_path / "study.yaml"
     path.write_text(f"""
 base: {REPO / "configs" / "smoke.yaml"}
@@ -115,7 +116,7 @@ fixed:
   training.eval_interval: 20
   data.batch_size: 8
   data.val_crop: 48
-{body}""")
+{fixed}{body}""")
     return path
 
 

@@ -56,7 +56,7 @@ def config(tmp_path: Path, *overrides: str):
     return load_config(
         REPO / "configs" / "smoke.yaml",
         [
-            "training.steps=60",
+            "training.steps=90",
             "training.eval_interval=30",
             "training.device=cpu",
             "data.val_crop=48",
@@ -68,23 +68,60 @@ def config(tmp_path: Path, *overrides: str):
     )
 
 
-def test_two_gloo_workers_match_one_worker_at_double_batch_and_log_to_mlflow(tmp_path: Path, local_ray):
+def kill_the_train_worker_after(client: MlflowClient, run_name: str, evaluations: int) -> tuple[threading.Thread, list]:
+    """A thread that SIGKILLs the Ray Train worker once run ``run_name`` has logged ``evaluations``."""
+    killed: list[int] = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            runs = client.search_runs(
+                [client.get_experiment_by_name("sr_tune").experiment_id], f"attributes.run_name = '{run_name}'"
+            )
+            logged = [m for run in runs for m in client.get_metric_history(run.info.run_id, "val_psnr")]
+            if len(logged) >= evaluations and (workers := processes_named("ray::RayTrainWo")):
+                os.kill(workers[0], signal.SIGKILL)
+                killed.append(workers[0])
+            time.sleep(0.25)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread, killed
+
+
+def test_two_gloo_workers_match_one_killed_and_restarted_worker_at_double_batch_and_log_to_mlflow(
+    tmp_path: Path, local_ray
+):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     two = fit(
         config(tmp_path, "distributed.num_workers=2", "data.batch_size=16", "tracking.run_name=two"), client=client
     )
+    # The one worker is SIGKILLed after its first evaluation: Ray Train (max_failures) starts a new one from the
+    # checkpoint it persisted there, which goes on exactly as the killed one would have.
+    killer, killed = kill_the_train_worker_after(client, "one", evaluations=1)
     one = fit(
-        config(tmp_path, "distributed.num_workers=1", "data.batch_size=32", "tracking.run_name=one"), client=client
+        config(
+            tmp_path,
+            "distributed.num_workers=1",
+            "distributed.max_failures=1",
+            "data.batch_size=32",
+            "tracking.run_name=one",
+        ),
+        client=client,
     )
+    killer.join()
+    assert killed, "the worker was never killed"
+    assert client.get_run(one.run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(one.run_id, "val_psnr")] == [30, 60, 90]  # each once
 
     # Same effective batch, same seed: the loss curves agree (different patches, so not bit for bit).
-    assert two.metrics["step"] == one.metrics["step"] == 60
+    assert two.metrics["step"] == one.metrics["step"] == 90
     assert two.metrics["loss"] == pytest.approx(one.metrics["loss"], rel=0.25)
     assert two.metrics["val_psnr"] == pytest.approx(one.metrics["val_psnr"], abs=1.0)
 
     # Checkpoints arrived through Ray into its storage, kept best-first by val_psnr.
     persisted = load_checkpoint(two.checkpoint)
-    assert persisted.step == 60 and str(tmp_path / "runs" / "ray" / "two") in two.checkpoint
+    assert persisted.step == 90 and str(tmp_path / "runs" / "ray" / "two") in two.checkpoint
     assert len(two.best_checkpoints) == 2 and persisted.metrics["val_psnr"] == two.metrics["val_psnr"]
 
     # MLflow (SQLite store): params, per-step metrics, the image grids and the logged model.
@@ -94,11 +131,11 @@ def test_two_gloo_workers_match_one_worker_at_double_batch_and_log_to_mlflow(tmp
     assert run.data.params["data.batch_size"] == "16" and run.data.params["distributed.num_workers"] == "2"
     assert run.data.params["model.name"] == "srcnn_915" and "command" in run.data.tags
     history = client.get_metric_history(two.run_id, "val_psnr")
-    assert [m.step for m in history] == [30, 60] and history[-1].value == pytest.approx(two.metrics["val_psnr"])
+    assert [m.step for m in history] == [30, 60, 90] and history[-1].value == pytest.approx(two.metrics["val_psnr"])
     grids = [a.path for a in client.list_artifacts(two.run_id, "grids")]
-    assert grids == ["grids/step_0000030.png", "grids/step_0000060.png"]
+    assert grids == ["grids/step_0000030.png", "grids/step_0000060.png", "grids/step_0000090.png"]
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")  # this test's own fluent reads
-    grid = np.asarray(mlflow.artifacts.load_image(f"runs:/{two.run_id}/grids/step_0000060.png"))
+    grid = np.asarray(mlflow.artifacts.load_image(f"runs:/{two.run_id}/grids/step_0000090.png"))
     # LR | bicubic | SR | HR, the 48 px crops enlarged 4x, under a caption strip; in colour though the model is Y.
     assert grid.shape == (192 + 24, 4 * 192 + 6, 3)
     assert np.abs(grid[24:, :, 0].astype(int) - grid[24:, :, 2]).mean() > 5
@@ -109,46 +146,6 @@ def test_two_gloo_workers_match_one_worker_at_double_batch_and_log_to_mlflow(tmp
     lr = torch.rand(1, 1, 48, 48)
     expected = load_checkpoint(tmp_path / "runs" / "two" / "best").build_model()(lr)
     np.testing.assert_allclose(model(lr).detach().numpy(), expected.detach().numpy(), atol=1e-5)
-
-
-def test_a_killed_train_worker_restarts_from_its_last_checkpoint_with_one_metric_history(tmp_path: Path, local_ray):
-    """SIGKILL the Ray Train worker once its run has logged two evaluations: Ray Train (``max_failures``)
-    starts a new one from the last checkpoint it persisted, and the run ends with every evaluation once."""
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    trained = config(
-        tmp_path,
-        "distributed.num_workers=1",
-        "distributed.max_failures=1",
-        "training.steps=160",
-        "training.eval_interval=20",
-        "tracking.run_name=killed",
-    )
-    killed: list[int] = []
-
-    def kill_the_worker_mid_run() -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not killed:
-            runs = (
-                client.search_runs([client.get_experiment_by_name("sr_tune").experiment_id])
-                if client.get_experiment_by_name("sr_tune")
-                else []
-            )
-            logged = [m.step for run in runs for m in client.get_metric_history(run.info.run_id, "val_psnr")]
-            workers = processes_named("ray::RayTrainWo")
-            if len(logged) >= 2 and workers:
-                os.kill(workers[0], signal.SIGKILL)
-                killed.append(workers[0])
-            time.sleep(0.5)
-
-    killer = threading.Thread(target=kill_the_worker_mid_run, daemon=True)
-    killer.start()
-    result = fit(trained, client=client)
-    killer.join()
-    assert killed, "the worker was never killed"
-    assert result.metrics["step"] == 160 and load_checkpoint(result.checkpoint).step == 160
-    run = client.get_run(result.run_id)
-    assert run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(result.run_id, "val_psnr")] == list(range(20, 161, 20))
 
 
 def test_concurrency_follows_the_cluster_and_bad_resources_are_named(tmp_path: Path, local_ray):
