@@ -8,17 +8,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import VGG19_Weights, vgg19
 
 from sr_tune.config import LossConfig
 
 # Index one past the ReLU in torchvision's vgg19().features: relu2_2 is features[8], relu5_4 features[35].
 VGG_LAYERS = {"vgg22": 9, "vgg54": 36}
-VGG_WEIGHTS = VGG19_Weights.IMAGENET1K_V1
+
+
+def vgg_weights() -> Any:
+    """torchvision's VGG19 ImageNet weights entry. Imported here: torchvision takes seconds to import, and
+    only runs with a perceptual loss need it (every Ray actor that unpickles a run would pay for it)."""
+    from torchvision.models import VGG19_Weights
+
+    return VGG19_Weights.IMAGENET1K_V1
 
 
 def pixel_loss(name: str, charbonnier_eps: float = 1e-3) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -34,7 +41,7 @@ def pixel_loss(name: str, charbonnier_eps: float = 1e-3) -> Callable[[torch.Tens
 
 def vgg_weights_file() -> Path:
     """Where torchvision keeps the VGG19 ImageNet weights: $TORCH_HOME/hub/checkpoints/vgg19-dcbb9e9d.pth."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(VGG_WEIGHTS.url).name
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(vgg_weights().url).name
 
 
 def load_vgg19_features(layer: str) -> nn.Sequential:
@@ -46,13 +53,15 @@ def load_vgg19_features(layer: str) -> nn.Sequential:
     if layer not in VGG_LAYERS:
         raise ValueError(f"unknown VGG layer {layer!r} (allowed: {', '.join(VGG_LAYERS)})")
     try:
-        state = VGG_WEIGHTS.get_state_dict(progress=False, weights_only=True)
+        state = vgg_weights().get_state_dict(progress=False, weights_only=True)
     except OSError as error:  # URLError and socket errors are OSErrors
         raise FileNotFoundError(
             f"cannot load the VGG19 ImageNet weights for the perceptual loss ({error}). Without internet, "
-            f"download {VGG_WEIGHTS.url} elsewhere and place it at {vgg_weights_file()} "
+            f"download {vgg_weights().url} elsewhere and place it at {vgg_weights_file()} "
             f"(set TORCH_HOME to use another cache folder)"
         ) from None
+    from torchvision.models import vgg19
+
     network = vgg19(weights=None)
     # Only the convolutional part is used, so a features-only state dict is enough.
     features = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
@@ -68,8 +77,9 @@ class PerceptualLoss(nn.Module):
     def __init__(self, layer: str) -> None:
         super().__init__()
         self.features = load_vgg19_features(layer)
-        self.register_buffer("mean", torch.tensor(VGG_WEIGHTS.transforms().mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(VGG_WEIGHTS.transforms().std).view(1, 3, 1, 1))
+        transforms = vgg_weights().transforms()
+        self.register_buffer("mean", torch.tensor(transforms.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(transforms.std).view(1, 3, 1, 1))
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 1 or 3, H, W) in [0, 1] -> ImageNet-normalised RGB (B, 3, H, W)."""

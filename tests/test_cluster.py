@@ -147,6 +147,8 @@ def test_a_submitted_sweep_runs_on_both_nodes_with_its_output_in_s3_and_its_runs
     cluster: Cluster, tmp_path: Path
 ):
     project = write_project(tmp_path / "project", "cluster_sweep")
+    study = (project / "study.yaml").read_text()
+    (project / "study.yaml").write_text(study.replace("num_samples: 4", "num_samples: 2"))  # one on each node
     (project / "runs").mkdir()  # a local output folder a user may have: the job neither ships nor writes it
     (project / "runs" / "big.bin").write_bytes(os.urandom(1 << 20))
     s3, experiment = cluster.s3.filesystem(), f"{BUCKET}/sweeps/cluster_sweep"
@@ -157,14 +159,14 @@ def test_a_submitted_sweep_runs_on_both_nodes_with_its_output_in_s3_and_its_runs
     job_id = done.stdout.split("submitted job ", 1)[1].split(":", 1)[0]
     assert job_id.startswith("sr-tune-tune-cluster_sweep-")
     assert f"{cluster.ray.address}/#/jobs/{job_id}" in done.stdout
-    assert "best 4 of 4 trial(s) of cluster_sweep" in done.stdout  # the job's own console, streamed here
+    assert "best 2 of 2 trial(s) of cluster_sweep" in done.stdout  # the job's own console, streamed here
     assert f"job {job_id} SUCCEEDED" in done.stdout and "Trial status" not in done.stdout
     assert not (project / "runs" / "sweeps").exists() and sorted(os.listdir(project / "runs")) == ["big.bin"]
 
     # Every trial's kept checkpoint is in the bucket, read back through pyarrow.
     files = _files(s3, experiment)
     trials = {path.split("/")[3] for path in files if "/trial_" in path}
-    assert len(trials) == 4
+    assert len(trials) == 2
     for trial in trials:
         kept = {path.split("/")[4] for path in files if f"/{trial}/checkpoint_" in path}
         assert len(kept) == 1, (trial, kept)
@@ -178,7 +180,7 @@ def test_a_submitted_sweep_runs_on_both_nodes_with_its_output_in_s3_and_its_runs
     runs = client.search_runs([mlflow_experiment.experiment_id], max_results=100)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == len(runs) - 1 == 4
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == len(runs) - 1 == 2
     for child in children:
         assert child.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(child.info.run_id, "val_psnr")] == [20, 40]
@@ -196,7 +198,7 @@ def test_a_submitted_sweep_runs_on_both_nodes_with_its_output_in_s3_and_its_runs
     assert "holds an earlier sweep of study 'cluster_sweep': add --resume" in refused.stdout
     again = cluster.submit(project, "tune", "study.yaml", "--resume")
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-3000:]
-    assert "4 done" in again.stdout and "best 4 of 4 trial(s) of cluster_sweep" in again.stdout
+    assert "2 done" in again.stdout and "best 2 of 2 trial(s) of cluster_sweep" in again.stdout
     assert len(client.search_runs([mlflow_experiment.experiment_id], max_results=100)) == len(runs)
 
     status = cluster.sr_tune("jobs", "status", job_id, *address, cwd=tmp_path)
@@ -274,11 +276,11 @@ def test_a_sweep_whose_every_trial_fails_exits_1_and_its_parent_run_is_failed(cl
 def test_a_sweep_survives_the_loss_of_a_node_and_a_tracking_server_outage(cluster: Cluster, tmp_path: Path):
     """Runs last: the second node is stopped for good. Its trial fails with it, Tune starts it again on the
     head (``distributed.max_failures``) from its last checkpoint in S3, and the sweep completes; meanwhile
-    the MLflow server is down for 15 s, and every evaluation still reaches it."""
+    the MLflow server is down for 10 s, and every evaluation still reaches it."""
     project = write_project(tmp_path / "project", "node_lost")
     study = (project / "study.yaml").read_text()
     study = study.replace("training.device: cpu", "training.device: cpu\n  distributed.max_failures: 2")
-    study = study.replace("num_samples: 4", "num_samples: 2").replace("max_steps: 40", "max_steps: 100")
+    study = study.replace("num_samples: 4", "num_samples: 2").replace("max_steps: 40", "max_steps: 60")
     (project / "study.yaml").write_text(study)
     submitted = cluster.submit(project, "tune", "study.yaml", flags=("--no-wait",))
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-2000:]
@@ -302,7 +304,7 @@ def test_a_sweep_survives_the_loss_of_a_node_and_a_tracking_server_outage(cluste
     cluster.ray.nodes[1].kill()  # node_b: its raylet, workers and trial, gone at once
     # And the tracking server goes away for a while: the trial still training and the restarted one go on.
     cluster.mlflow_server.stop()
-    time.sleep(15)
+    time.sleep(10)
     port = int(cluster.tracking_uri.rsplit(":", 1)[1])
     _, cluster.mlflow_server = start_mlflow_server(cluster.root / "mlflow", cluster.s3, BUCKET, port=port)
     cluster.started.append(cluster.mlflow_server)
@@ -315,4 +317,4 @@ def test_a_sweep_survives_the_loss_of_a_node_and_a_tracking_server_outage(cluste
     trials = [run for run in runs if "sr_tune.trial_id" in run.data.tags]
     assert len(trials) == 2 and all(run.info.status == "FINISHED" for run in trials)
     for run in trials:  # the restarted trial's run continued: each evaluation once
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_psnr")] == [20, 40, 60, 80, 100]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_psnr")] == [20, 40, 60]
