@@ -48,11 +48,10 @@ def test_an_outage_of_the_tracking_server_delays_logging_but_not_training(tmp_pa
         server.stop()
 
         with caplog.at_level(logging.WARNING, logger="sr_tune.tracking"):
-            started = time.monotonic()
             for step in (20, 30, 40):
-                tracker.log_eval(evaluation(step))  # queued: training goes on at once
+                tracker.log_eval(evaluation(step))  # returns at once: training goes on
                 time.sleep(1.5)
-            assert time.monotonic() - started < 6.5
+            assert tracker.outbox.qsize() == 2  # steps 30 and 40 held while step 20's request is retried
         assert "has not answered for" in caplog.text and "training goes on" in caplog.text
 
         uri_again, server = start_mlflow_server(tmp_path / "mlflow", port=int(uri.rsplit(":", 1)[1]))
