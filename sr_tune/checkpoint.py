@@ -120,7 +120,7 @@ def save_checkpoint(
         "optimizers": optimizer_meta,
         "state": state or {},
     }
-    has_checkpoint(path)  # an earlier save killed between its renames: its predecessor back in place first
+    _put_back_after_a_killed_save(path)  # its predecessor in place first, so that it is what gets retired
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         save_file(tensors, staging / WEIGHTS_FILE)
@@ -143,19 +143,24 @@ def _retired(path: Path) -> Path:
     return path.with_name(f".{path.name}.old")
 
 
-def has_checkpoint(path: str | Path) -> bool:
-    """Whether folder ``path`` holds a checkpoint. A save killed between its two renames (the old folder
-    moved aside, the new one not yet in place) left the previous checkpoint aside: it is put back."""
-    path = Path(path)
+def _put_back_after_a_killed_save(path: Path) -> None:
+    """A save killed between its two renames (the old folder moved aside, the new one not yet in place) left
+    the previous checkpoint aside: it goes back to ``path``."""
     if not path.exists() and _retired(path).is_dir():
         os.replace(_retired(path), path)
+
+
+def has_checkpoint(path: str | Path) -> bool:
+    """Whether folder ``path`` holds a checkpoint (also one a killed save left aside, put back)."""
+    path = Path(path)
+    _put_back_after_a_killed_save(path)
     return path.is_dir()
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint folder written by ``save_checkpoint``; errors name the file at fault."""
     path = Path(path)
-    has_checkpoint(path)
+    _put_back_after_a_killed_save(path)
     if path.suffix in PICKLE_SUFFIXES and not path.is_dir():
         raise ValueError(
             f"{path}: pickle checkpoints are refused (loading one can run arbitrary code); "
