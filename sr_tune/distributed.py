@@ -14,9 +14,8 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,19 +114,37 @@ def progress_line(result: EvalResult, total_steps: int) -> str:
     )
 
 
+# Hands one evaluation's metrics (and, on rank 0 at a checkpoint, a folder holding a copy of it) to Ray; True
+# when training must end there (the sweep stopped the trial).
+Send = Callable[[dict[str, Any], Path | None], bool]
+
+
 def _worker(loop_config: dict[str, WorkerOptions]) -> None:
-    """Runs on every Ray Train worker (or in-process in local mode): ``engine.train`` on this rank's shard,
-    reporting each evaluation (and rank 0's checkpoint) to Ray Train and MLflow."""
+    """Runs on every Ray Train worker (or in-process in local mode): ``run_loop`` on this rank's shard,
+    reporting to Ray Train, and, in a sweep, waiting at the report gate."""
     options = loop_config["options"]
-    config = options.config
     if options.quiet:
         logging.getLogger("ray.train").setLevel(logging.WARNING)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    checkpoint_dir = Path(options.checkpoint_dir)
 
-    resume = None
+    def send(metrics: dict[str, Any], checkpoint: Path | None) -> bool:
+        reported = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None
+        ray.train.report(metrics, checkpoint=reported)
+        return options.report_gate is not None and _gate_closed(options.report_gate, rank, world_size)
+
     start = ray.train.get_checkpoint() or options.start_checkpoint  # Train's own first: it is newer
+    run_loop(options, rank=rank, world_size=world_size, device=ray.train.torch.get_device(), start=start, send=send)
+
+
+def run_loop(
+    options: WorkerOptions, *, rank: int, world_size: int, device: torch.device, start: Any, send: Send
+) -> None:
+    """``engine.train`` on this rank's shard, from ``start`` (a Ray checkpoint) or ``options``' own last
+    checkpoint, logging each evaluation to MLflow (rank 0) and handing it to ``send``."""
+    config = options.config
+    checkpoint_dir = Path(options.checkpoint_dir)
+    resume = None
     if start is not None:
         with start.as_directory() as folder:
             resume = load_checkpoint(folder)
@@ -151,14 +168,16 @@ def _worker(loop_config: dict[str, WorkerOptions]) -> None:
         if rank == 0 and not options.quiet:
             print(progress_line(result, config.training.steps), flush=True)
         metrics = {"step": result.step, "patches_seen": patches_seen, **result.metrics(), **hyperparameters}
+        # What Ray hears of is in the run first: a sweep may end this process as soon as it has heard.
+        tracker.catch_up()
         if checkpoint is None:
-            ray.train.report(metrics)
-        else:
-            with tempfile.TemporaryDirectory() as staging:
-                # Report a copy: the engine rewrites `last` at its next evaluation.
-                copy = shutil.copytree(checkpoint, Path(staging) / checkpoint.name)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(copy)))
-        return options.report_gate is not None and _gate_closed(options.report_gate, rank, world_size)
+            return send(metrics, None)
+        # Ray is handed a copy (the engine rewrites `last` at its next evaluation), kept in one place that the
+        # next report replaces: a sweep may end this process inside `send`, before anything could be removed.
+        shutil.rmtree(reported, ignore_errors=True)
+        return send(metrics, shutil.copytree(checkpoint, reported / checkpoint.name))
+
+    reported = checkpoint_dir / ".reported"
 
     try:
         result: TrainResult = train(
@@ -166,13 +185,15 @@ def _worker(loop_config: dict[str, WorkerOptions]) -> None:
             on_eval=report,
             checkpoint_dir=checkpoint_dir if rank == 0 else None,
             resume=resume,
-            device=ray.train.torch.get_device(),
+            device=device,
             rank=rank,
             world_size=world_size,
             extra_state={"mlflow_run_id": options.run_id},
         )
     finally:
         tracker.flush()  # what was logged reaches the run before it is ended, here or by a sweep's driver
+        if rank == 0:  # the others share the folder on this machine, and may end first
+            shutil.rmtree(reported, ignore_errors=True)
     if options.close_run:
         best_model = load_checkpoint(result.best_checkpoint).build_model() if result.best_checkpoint else None
         tracker.finish(result, best_model)

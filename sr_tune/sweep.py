@@ -1,13 +1,14 @@
-"""Hyperparameter sweeps: a study file -> a Ray Tune ``Tuner`` whose trials each drive one Ray Train run.
+"""Hyperparameter sweeps: a study file -> a Ray Tune ``Tuner`` whose trials each train one config.
 
-Each Tune trial is a small driver function (``_trial``) that builds the ``TorchTrainer`` of
-``distributed.build_trainer`` for the trial's config and relays every report to Tune *with its
-checkpoint*: Ray's ``TuneReportCallback`` forwards only a ``checkpoint_path`` metric, so Tune would hold no
-checkpoint, ``Result.checkpoint`` would be None and PBT would never exploit. Here a Train callback
-(``_ReportBridge``) hands metrics and the persisted checkpoint to the driver, which reports both through
-``ray.tune.report``; Tune copies the checkpoint into the trial's folder (keeping the best
-``keep_checkpoints`` by the objective) before training goes on. A trial restored by Tune (a resumed
-sweep, a PBT exploit) starts its Train run from ``ray.tune.get_checkpoint()``.
+A trial of one CPU worker runs ``distributed.run_loop`` in its own process and reports to Tune directly (Ray
+Train would start five more processes for it). Any other trial (``_trial``) is a small driver that builds the
+``TorchTrainer`` of ``distributed.build_trainer`` for the trial's config and relays every report to Tune
+*with its checkpoint*: Ray's ``TuneReportCallback`` forwards only a ``checkpoint_path`` metric, so Tune
+would hold no checkpoint, ``Result.checkpoint`` would be None and PBT would never exploit. Here a Train
+callback (``_ReportBridge``) hands metrics and the persisted checkpoint to the driver, which reports both
+through ``ray.tune.report``; Tune copies the checkpoint into the trial's folder (keeping the best
+``keep_checkpoints`` by the objective) before training goes on. A trial restored by Tune (a resumed sweep,
+a PBT exploit) starts from ``ray.tune.get_checkpoint()``.
 
 Search: Optuna (TPE multivariate, QMC, random, grid) under a concurrency limit, its study stored in an
 SQLite file beside the MLflow store (``optuna-dashboard sqlite:///.../optuna.db``), with ASHA stopping
@@ -43,6 +44,7 @@ from typing import Any
 
 import ray
 import ray.train
+import torch
 from mlflow import MlflowClient
 from ray import tune
 from ray.train import CheckpointConfig
@@ -51,7 +53,7 @@ from ray.util.queue import Queue
 
 from sr_tune.checkpoint import load_checkpoint
 from sr_tune.console import SweepView, trial_label
-from sr_tune.distributed import WorkerOptions, build_trainer, init_ray
+from sr_tune.distributed import WorkerOptions, build_trainer, init_ray, run_loop
 from sr_tune.engine import EvalResult
 from sr_tune.storage import STORAGE_ENV, Storage, scratch_dir
 from sr_tune.study import Distribution, Study
@@ -175,7 +177,8 @@ def _trial_run_id(context: TrialContext, trial_id: str, name: str, config: Any, 
 
 
 def _trial(params: dict[str, Any], context: TrialContext) -> None:
-    """One Tune trial: train ``params`` through Ray Train, relaying reports and checkpoints to Tune."""
+    """One Tune trial: train ``params`` (in this process, or through Ray Train over several workers) and
+    report each evaluation and checkpoint to Tune."""
     study, paths = context.study, context.paths
     trial_id, name = tune.get_context().get_trial_id(), tune.get_context().get_trial_name()
     sampled = {key: params[key] for key in study.search}
@@ -185,8 +188,6 @@ def _trial(params: dict[str, Any], context: TrialContext) -> None:
     numeric = {key: float(value) for key, value in sampled.items() if isinstance(value, (int, float))}
 
     start = tune.get_checkpoint()
-    reports = Queue(actor_options={"num_cpus": 0})  # Train controller -> driver: (kind, metrics, checkpoint)
-    gate = Queue(actor_options={"num_cpus": 0})  # driver -> rank 0: Tune took the report, go on
     options = WorkerOptions(
         config=config,
         checkpoint_dir=str(paths.runs / trial_id),
@@ -197,12 +198,49 @@ def _trial(params: dict[str, Any], context: TrialContext) -> None:
         hyperparameters=numeric if study.scheduler.name == "pbt" else {},
         close_run=False,
         quiet=True,
-        report_gate=gate,
     )
+    tagged = {"mlflow_run_id": run_id or "", "trial_name": name}
+    if runs_in_trial(study):
+        _train_in_trial(options, tagged)
+    else:
+        _train_on_workers(options, tagged, trial_id, storage_path=paths.train_storage)
+
+
+def runs_in_trial(study: Study) -> bool:
+    """A trial of one CPU worker trains in the trial's own process: Ray Train would start a controller, a
+    worker and their helpers (five more processes, two of them importing torch) for no parallelism."""
+    return study.resources.workers == 1 and not study.resources.gpus_per_worker
+
+
+def _trial_resources(study: Study) -> dict[str, float]:
+    if runs_in_trial(study):
+        return {"CPU": study.resources.cpus_per_worker}
+    return {"CPU": DRIVER_CPUS}  # the driver only waits on its Train workers, which get the rest
+
+
+def _train_in_trial(options: WorkerOptions, tagged: dict[str, str]) -> None:
+    """``run_loop`` in this process, reporting straight to Tune: ``tune.report`` returns only when Tune lets
+    the trial go on, so a stopped trial ends inside it, having logged nothing Tune did not see."""
+
+    def send(metrics: dict[str, Any], checkpoint: Path | None) -> bool:
+        held = tune.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None
+        tune.report({**metrics, **tagged}, checkpoint=held)  # Tune copies the checkpoint into the trial's folder
+        return False
+
+    start = options.start_checkpoint
+    run_loop(options, rank=0, world_size=1, device=torch.device("cpu"), start=start, send=send)
+
+
+def _train_on_workers(options: WorkerOptions, tagged: dict[str, str], trial_id: str, storage_path: str) -> None:
+    """A Ray Train run over the trial's workers, whose every report (and persisted checkpoint) this driver
+    relays to Tune; rank 0 waits at the report gate until Tune has taken it."""
+    start = options.start_checkpoint
+    reports = Queue(actor_options={"num_cpus": 0})  # Train controller -> driver: (kind, metrics, checkpoint)
+    gate = Queue(actor_options={"num_cpus": 0})  # driver -> rank 0: Tune took the report, go on
     trainer = build_trainer(
-        options,
+        replace(options, report_gate=gate),
         name=_train_run_name(trial_id, start),
-        storage_path=paths.train_storage,
+        storage_path=storage_path,
         driver_cpus=DRIVER_CPUS,
         callbacks=[_ReportBridge(reports)],
         checkpoint_config=CheckpointConfig(num_to_keep=1),  # Tune keeps the trial's best; Train only the latest
@@ -225,7 +263,7 @@ def _trial(params: dict[str, Any], context: TrialContext) -> None:
         held = tune.Checkpoint(path=checkpoint.path, filesystem=checkpoint.filesystem) if checkpoint else None
         # Returns only once Tune has copied the checkpoint and its scheduler lets the trial continue; a
         # stopped or paused trial never gets here, and its workers find the gate gone.
-        tune.report({**payload, "mlflow_run_id": run_id or "", "trial_name": name}, checkpoint=held)
+        tune.report({**payload, **tagged}, checkpoint=held)
         gate.put(True)
 
 
@@ -535,7 +573,7 @@ def _fit_tuner(
     study: Study, paths: SweepPaths, context: TrialContext, callback: _SweepCallback, restoring: bool
 ) -> list[TrialRecord]:
     """Step 2: build Tune's ``Tuner`` (or restore the interrupted one) and run every trial."""
-    trainable = tune.with_resources(tune.with_parameters(_trial, context=context), {"CPU": DRIVER_CPUS})
+    trainable = tune.with_resources(tune.with_parameters(_trial, context=context), _trial_resources(study))
     if restoring:
         tuner = tune.Tuner.restore(paths.experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
         # The restored run config holds the pickled (emptied) callback of the first run: this run's replaces it.

@@ -279,6 +279,8 @@ class Tracker(Protocol):
 
     def log_eval(self, result: EvalResult, extra: dict[str, float] | None = None) -> None: ...
 
+    def catch_up(self) -> None: ...
+
     def flush(self) -> None: ...
 
     def finish(self, result: TrainResult, model: torch.nn.Module | None = None) -> None: ...
@@ -290,6 +292,9 @@ class NullTracker:
     run_id: str | None = None
 
     def log_eval(self, result: EvalResult, extra: dict[str, float] | None = None) -> None:
+        pass
+
+    def catch_up(self) -> None:
         pass
 
     def flush(self) -> None:
@@ -348,23 +353,26 @@ class MlflowTracker:
 
     def _send(self) -> None:
         while (request := self.outbox.get()) is not None:
-            self.sending_since = time.monotonic()
-            while True:
-                try:
-                    request()
+            self._send_one(request)
+            self.outbox.task_done()
+        self.outbox.task_done()
+
+    def _send_one(self, request: Callable[[], Any]) -> None:
+        self.sending_since = time.monotonic()
+        while True:
+            try:
+                request()
+                break
+            except Exception as error:  # MLflow's own retries gave up: the server is still away
+                if time.monotonic() - self.sending_since > self.GIVE_UP_S:
+                    log.error("MLflow run %s: not logged, given up: %s", self.run_id, last_line(str(error)))
                     break
-                except Exception as error:  # MLflow's own retries gave up: the server is still away
-                    if time.monotonic() - self.sending_since > self.GIVE_UP_S:
-                        log.error("MLflow run %s: not logged, given up: %s", self.run_id, last_line(str(error)))
-                        break
-                    self._warn_if_silent(force=True)
-                    time.sleep(self.QUIET_S)
-            if self.warned:
-                log.warning(
-                    "MLflow run %s: the tracking server answers again; the evaluations held are sent", self.run_id
-                )
-                self.warned = False
-            self.sending_since = None
+                self._warn_if_silent(force=True)
+                time.sleep(self.QUIET_S)
+        if self.warned:
+            log.warning("MLflow run %s: the tracking server answers again; the evaluations held are sent", self.run_id)
+            self.warned = False
+        self.sending_since = None
 
     def _warn_if_silent(self, force: bool = False) -> None:
         """Once per outage: when a request has waited ``QUIET_S`` (or, ``force``, failed)."""
@@ -380,6 +388,12 @@ class MlflowTracker:
             time.monotonic() - since,
             self.outbox.qsize() + 1,
         )
+
+    def catch_up(self) -> None:
+        """Until what was logged so far is sent, unless the server is away (then at once, or within
+        ``QUIET_S``, when the outage is about to be warned of)."""
+        with self.outbox.all_tasks_done:
+            self.outbox.all_tasks_done.wait_for(lambda: not self.outbox.unfinished_tasks or self.warned, self.QUIET_S)
 
     def flush(self) -> None:
         """Until every evaluation logged so far has been sent (however long the server takes)."""

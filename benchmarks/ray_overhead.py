@@ -1,0 +1,144 @@
+"""What a sweep spends besides training: the quickstart's wall time against the seconds its trials trained.
+
+Runs ``sr-tune tune`` on a study exactly as a user does (a fresh local Ray, MLflow in a SQLite file, a
+fresh folder each time), with this checkout and, given ``--baseline REV``, with that git revision (a
+worktree on ``PYTHONPATH``), alternating runs so that noise hits both. For each run:
+
+- wall: the command's whole run, from start to exit (Ray start, trial starts, training, MLflow, summary);
+- trained: the seconds the trials' training loops ran (steps and validation), summed over trials, from each
+  trial's latest checkpoint;
+- overhead: 1 - trained / (wall x concurrent trials), the share of the sweep's CPU slots not spent training;
+- first eval: seconds from the parent MLflow run's start to the first evaluation any trial logged.
+
+    python benchmarks/ray_overhead.py [--quick] [--baseline REV] [--repeats N]
+
+``--quick``: 4 trials x 20 steps of the smoke SRCNN (about 3 min a run on 2 CPUs at the baseline below);
+otherwise the quickstart study itself (``search_spaces/quickstart.yaml``, about 10 minutes a run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from sr_tune.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK_STUDY = """name: overhead
+base: {base}
+fixed:
+  training.eval_interval: 10
+search:
+  optimizer.lr: {{type: loguniform, low: 3.0e-4, high: 1.0e-2}}
+objective: {{metric: val_psnr, mode: max}}
+sampler: {{name: random, seed: 0}}
+scheduler: {{name: none}}
+budget: {{num_samples: 4, max_steps: 20, max_concurrent: 2}}
+resources: {{workers: 1, cpus_per_worker: 1}}
+"""
+
+
+@dataclass(frozen=True)
+class Run:
+    code: str
+    wall_s: float
+    trained_s: float
+    concurrent: int
+    first_eval_s: float
+
+    @property
+    def overhead(self) -> float:
+        return 1 - self.trained_s / (self.wall_s * self.concurrent)
+
+
+def run_sweep(code: str, source: Path, study_text: str | None, study: Path, concurrent: int) -> Run:
+    """One sweep in a fresh folder, with the package at ``source`` first on the path."""
+    with tempfile.TemporaryDirectory(prefix="overhead-") as folder:
+        work = Path(folder)
+        if study_text is not None:
+            study = work / "study.yaml"
+            study.write_text(study_text)
+        env = {**os.environ, "PYTHONPATH": str(source), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+        started = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-m", "sr_tune", "tune", str(study)], cwd=work, env=env, capture_output=True, text=True
+        )
+        wall = time.perf_counter() - started
+        if done.returncode != 0:
+            output = done.stdout[-3000:] + done.stderr[-3000:]
+            raise SystemExit(f"{code}: sr-tune tune failed ({done.returncode}):\n{output}")
+        sweep = next((work / "runs" / "sweeps").glob("*/trial_*")).parent
+        trained = 0.0
+        for trial in sweep.glob("trial_*"):
+            latest = max(trial.glob("checkpoint_*"))  # Tune numbers them in order
+            trained += load_checkpoint(latest).state["history"][-1]["seconds"]
+        client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+        runs = client.search_runs([client.get_experiment_by_name("sr_tune").experiment_id])
+        parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+        first = min(
+            client.get_metric_history(r.info.run_id, "val_psnr")[0].timestamp
+            for r in runs
+            if "mlflow.parentRunId" in r.data.tags
+        )
+    return Run(code, wall, trained, concurrent, (first - parent.info.start_time) / 1000)
+
+
+def baseline_tree(revision: str, folder: Path) -> Path:
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(folder), revision], check=True)
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="4 trials x 20 steps instead of the quickstart")
+    parser.add_argument("--baseline", help="a git revision to compare with, e.g. the commit before a change")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each version, alternating")
+    args = parser.parse_args()
+
+    study_text = QUICK_STUDY.format(base=ROOT / "configs" / "smoke.yaml") if args.quick else None
+    study = ROOT / "search_spaces" / "quickstart.yaml"
+    versions = {"this checkout": ROOT}
+    with tempfile.TemporaryDirectory(prefix="baseline-") as folder:
+        if args.baseline:
+            versions[f"baseline {args.baseline}"] = baseline_tree(args.baseline, Path(folder) / "tree")
+        try:
+            runs: list[Run] = []
+            for repeat in range(args.repeats):
+                for code, source in versions.items():
+                    runs.append(run_sweep(code, source, study_text, study, concurrent=2))
+                    r = runs[-1]
+                    print(
+                        f"[{repeat + 1}/{args.repeats}] {code}: wall {r.wall_s:.1f} s, trained {r.trained_s:.1f} s, "
+                        f"overhead {r.overhead:.1%}, first eval after {r.first_eval_s:.1f} s",
+                        flush=True,
+                    )
+        finally:
+            if args.baseline:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(Path(folder) / "tree")])
+
+    print(f"\n{'version':<28} {'wall s':>8} {'trained s':>10} {'overhead':>9} {'first eval s':>13}")
+    medians = {}
+    for code in versions:
+        mine = [r for r in runs if r.code == code]
+        wall = statistics.median(r.wall_s for r in mine)
+        overhead = statistics.median(r.overhead for r in mine)
+        medians[code] = wall
+        trained = statistics.median(r.trained_s for r in mine)
+        first = statistics.median(r.first_eval_s for r in mine)
+        print(f"{code:<28} {wall:>8.1f} {trained:>10.1f} {overhead:>9.1%} {first:>13.1f}")
+    if args.baseline:
+        current, baseline = medians["this checkout"], medians[f"baseline {args.baseline}"]
+        print(f"\nwall time, this checkout / baseline: {current / baseline:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
