@@ -55,6 +55,14 @@ class Service:
         finally:
             print(f"stopped {self.name} in {time.monotonic() - started:.1f} s", file=sys.stderr)
 
+    def kill(self) -> None:
+        """SIGKILL to its whole process group at once, as when its machine dies."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(10)
+
     def _stop(self) -> None:
         if self.process.poll() is not None:
             return

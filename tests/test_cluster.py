@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +34,11 @@ class Cluster:
 
     def __init__(self, root: Path, started: list) -> None:
         """Each server is added to ``started`` as soon as it runs, so that a later one failing stops it too."""
-        self.root = root
+        self.root, self.started = root, started
         self.s3 = start_seaweedfs(root / "s3")
         started.append(self.s3.service)
-        self.tracking_uri, mlflow_server = start_mlflow_server(root / "mlflow", self.s3, BUCKET)
-        started.append(mlflow_server)
+        self.tracking_uri, self.mlflow_server = start_mlflow_server(root / "mlflow", self.s3, BUCKET)
+        started.append(self.mlflow_server)
         self.ray = start_ray_cluster(root / "ray", self.s3.env())
         started.append(self.ray)
         self.storage = self.s3.uri(f"{BUCKET}/sweeps")
@@ -63,6 +64,19 @@ class Cluster:
             text=True,
             timeout=timeout,
         )
+
+    def free_cpus(self) -> float:
+        """The CPUs no task or actor holds, as the cluster's scheduler counts them."""
+        probe = "import ray; ray.init(); print(ray.available_resources().get('CPU', 0.0))"
+        done = subprocess.run(
+            [sys.executable, "-c", probe],
+            env={**self.ray.env, "RAY_ADDRESS": self.ray.gcs_address},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return float(done.stdout.split()[-1])
 
     def submit(
         self, project: Path, *job: str, flags: tuple[str, ...] = (), **env: str | None
@@ -270,3 +284,54 @@ def test_a_sweep_whose_every_trial_fails_exits_1_and_its_parent_run_is_failed(cl
     parent = client.search_runs([experiment], filter_string="tags.`sr_tune.study` = 'diverges'")
     parents = [run for run in parent if "mlflow.parentRunId" not in run.data.tags]
     assert [run.info.status for run in parents] == ["FAILED"]
+
+
+def test_a_sweep_survives_the_loss_of_a_node_and_a_tracking_server_outage(cluster: Cluster, tmp_path: Path):
+    """Runs last: the second node is stopped for good. Its trial fails with it, Tune starts it again on the
+    head (``distributed.max_failures``) from its last checkpoint in S3, and the sweep completes; meanwhile
+    the MLflow server is down for 10 s, and every evaluation still reaches it."""
+    deadline = time.monotonic() + 120
+    while (free := cluster.free_cpus()) < 2:  # what earlier jobs held is given back: a trial for each node
+        assert time.monotonic() < deadline, f"the cluster still has only {free} free CPU(s)"
+        time.sleep(2)
+    project = write_project(tmp_path / "project", "node_lost")
+    study = (project / "study.yaml").read_text()
+    study = study.replace("training.device: cpu", "training.device: cpu\n  distributed.max_failures: 2")
+    study = study.replace("num_samples: 4", "num_samples: 2").replace("max_steps: 40", "max_steps: 60")
+    (project / "study.yaml").write_text(study)
+    submitted = cluster.submit(project, "tune", "study.yaml", flags=("--no-wait",))
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-2000:]
+    job_id = submitted.stdout.split("submitted job ", 1)[1].split(":", 1)[0]
+
+    client = MlflowClient(cluster.tracking_uri)
+    experiment = client.get_experiment_by_name("sr_tune").experiment_id
+
+    def trial_runs_logged() -> dict[str, list[int]]:
+        runs = client.search_runs([experiment], "tags.`sr_tune.study` = 'node_lost'")
+        return {
+            run.data.tags["sr_tune.node_id"]: [m.step for m in client.get_metric_history(run.info.run_id, "val_psnr")]
+            for run in runs
+            if "sr_tune.node_id" in run.data.tags
+        }
+
+    deadline = time.monotonic() + 300
+    while not (len(logged := trial_runs_logged()) == 2 and all(logged.values())):  # both nodes train
+        assert time.monotonic() < deadline, logged
+        time.sleep(1)
+    cluster.ray.nodes[1].kill()  # node_b: its raylet, workers and trial, gone at once
+    # And the tracking server goes away for a while: the trial still training and the restarted one go on.
+    cluster.mlflow_server.stop()
+    time.sleep(10)
+    port = int(cluster.tracking_uri.rsplit(":", 1)[1])
+    _, cluster.mlflow_server = start_mlflow_server(cluster.root / "mlflow", cluster.s3, BUCKET, port=port)
+    cluster.started.append(cluster.mlflow_server)
+
+    followed = cluster.sr_tune("jobs", "logs", job_id, "--follow", "--address", cluster.ray.address, cwd=tmp_path)
+    status = cluster.sr_tune("jobs", "status", job_id, "--address", cluster.ray.address, cwd=tmp_path)
+    assert f"job {job_id} SUCCEEDED" in status.stdout, followed.stdout[-4000:] + status.stdout
+    assert "best 2 of 2 trial(s) of node_lost" in followed.stdout
+    runs = client.search_runs([experiment], "tags.`sr_tune.study` = 'node_lost'")
+    trials = [run for run in runs if "sr_tune.trial_id" in run.data.tags]
+    assert len(trials) == 2 and all(run.info.status == "FINISHED" for run in trials)
+    for run in trials:  # the restarted trial's run continued: each evaluation once
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_psnr")] == [20, 40, 60]

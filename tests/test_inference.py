@@ -17,7 +17,7 @@ from sr_tune.config import load_config
 from sr_tune.data.degrade import imresize, to_8bit
 from sr_tune.data.sources import skimage_photo
 from sr_tune.inference import Upscaler, receptive_radius, upscale_tiled
-from sr_tune.metrics import psnr
+from sr_tune.metrics import psnr, rgb_to_ycbcr, ycbcr_to_rgb
 from sr_tune.models import create_model
 
 SR_TUNE = Path(sys.executable).with_name("sr-tune")
@@ -133,3 +133,58 @@ def test_eval_command_prints_the_paper_table_by_the_8_bit_protocol_unless_told_f
         assert float(fields[3]) == round(sum(bicubic_psnr) / 2, 2)
         assert float(fields[6]) == pytest.approx(sum(model_psnr) / 2, abs=0.006)
     assert rows[True] != rows[False]
+
+
+@pytest.mark.parametrize("color", ["y", "rgb"])
+def test_8_bit_upscaling_tile_by_tile_equals_the_whole_image_pass(color: str):
+    """Chroma (bicubic) and the model both work per tile, from the 8-bit input to the 8-bit output; the
+    result is the whole-image pass's, and the model never sees more than one tile and its margins."""
+    torch.manual_seed(2)
+    channels = 1 if color == "y" else 3
+    upscaler = Upscaler(create_model("fsrcnn_s", scale=3, in_channels=channels), scale=3, color=color, tile=40)
+    image = skimage_photo("coffee")[:, :101, :139]  # odd sizes: partial tiles at both borders
+    largest: list[int] = []
+    hook = upscaler.model.register_forward_pre_hook(lambda module, inputs: largest.append(inputs[0].shape[-1]))
+    tiled = upscaler.rgb(image)
+    hook.remove()
+    assert tiled.shape == (3, 303, 417) and tiled.dtype == torch.uint8
+    assert len(largest) == 3 * 4 and max(largest) <= 40 + 2 * upscaler.margin
+
+    with torch.no_grad():  # the whole image at once, in floating point, quantized once at the end
+        rgb = image[None].float() / 255
+        if color == "rgb":
+            whole = upscaler.model(rgb).clamp(0, 1)
+        else:
+            ycbcr = rgb_to_ycbcr(rgb)
+            luma = upscaler.model(ycbcr[:, :1]).clamp(0, 1)
+            whole = ycbcr_to_rgb(torch.cat([luma, imresize(ycbcr[:, 1:], scale=3)], dim=1))
+    expected = (whole[0].clamp(0, 1) * 255).round()
+    differences = (tiled.float() - expected).abs()
+    assert float(differences.max()) <= 1 and float((differences > 0).float().mean()) < 1e-3  # float rounding
+
+
+PEAK_PROBE = """
+import resource, sys, torch
+from sr_tune.data.sources import skimage_photo
+from sr_tune.inference import Upscaler
+from sr_tune.models import create_model
+torch.manual_seed(0)
+upscaler = Upscaler(create_model("fsrcnn_s", scale=2, in_channels=1), scale=2, color="y", tile=int(sys.argv[1]))
+image = skimage_photo("coffee").repeat(1, 4, 4)[:, :1500, :2000].contiguous()  # 2000x1500 RGB
+upscaler.rgb(image[:, :64, :64])  # warmed up: what any call allocates once
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+sr = upscaler.rgb(image)
+print(sr.shape[1], sr.shape[2], (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_upscaling_memory_is_set_by_the_tile_not_the_image():
+    """A 2000x1500 photo at x2: the process grows by little more than the 8-bit output (36 MB), for small and
+    large tiles alike (whole-image float buffers took over 1 GB)."""
+    grown = {}
+    for tile in (64, 256):
+        probe = subprocess.run([sys.executable, "-c", PEAK_PROBE, str(tile)], capture_output=True, text=True)
+        assert probe.returncode == 0, probe.stderr[-2000:]
+        height, width, grown[tile] = map(int, probe.stdout.split())
+        assert (height, width) == (3000, 4000)
+    assert max(grown.values()) < 200, grown  # MiB
