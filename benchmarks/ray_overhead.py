@@ -12,8 +12,8 @@ worktree on ``PYTHONPATH``), alternating runs so that noise hits both. For each 
 
     python benchmarks/ray_overhead.py [--quick] [--baseline REV] [--repeats N]
 
-``--quick``: 4 trials x 20 steps of the smoke SRCNN (about 3 min a run on 2 CPUs at the baseline below);
-otherwise the quickstart study itself (``search_spaces/quickstart.yaml``, about 10 minutes a run).
+``--quick``: 4 trials x 20 steps of the smoke SRCNN (about 1.5 min a run on 2 CPUs, 3 min for b8ff40b);
+otherwise the quickstart study itself (``search_spaces/quickstart.yaml``, 4 to 8 minutes a run).
 """
 
 from __future__ import annotations

@@ -163,6 +163,8 @@ def run_loop(
     for past in resume.state.get("history", []) if resume else []:
         log(EvalResult(**past))
 
+    reported = checkpoint_dir / ".reported"  # rank 0's copy of the checkpoint it reports
+
     def report(result: EvalResult, checkpoint: Path | None) -> bool:
         patches_seen = log(result)
         if rank == 0 and not options.quiet:
@@ -176,8 +178,6 @@ def run_loop(
         # next report replaces: a sweep may end this process inside `send`, before anything could be removed.
         shutil.rmtree(reported, ignore_errors=True)
         return send(metrics, shutil.copytree(checkpoint, reported / checkpoint.name))
-
-    reported = checkpoint_dir / ".reported"
 
     try:
         result: TrainResult = train(

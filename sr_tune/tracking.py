@@ -266,6 +266,8 @@ def log_model(
             name=name,
             input_example=example,
             serialization_format="pt2",
+            # What loading needs, stated: inferring it runs the model in a subprocess (15 s on 2 CPUs).
+            pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
             registered_model_name=registered_name,
             run_id=run_id,
         )

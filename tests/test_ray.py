@@ -214,8 +214,6 @@ budget: {num_samples: 4, max_steps: 60}
         assert not [key for key in child.data.metrics if key.startswith("hp/")]  # params already; only PBT varies them
         assert len(client.list_artifacts(child.info.run_id, "grids")) == len(history)
         assert {a.path for a in client.list_artifacts(child.info.run_id)} >= {"curves.png", "best_checkpoint", "grids"}
-    stopped = [c for c in children if c.data.tags["sr_tune.stopped_early"] == "true"]
-    assert min(c.info.end_time for c in stopped) < parent.info.end_time - 10_000
 
     best = result.trials[0]
     best_run = next(c for c in children if c.data.tags[TRIAL_TAG] == best.trial_id)

@@ -1,0 +1,32 @@
+"""The benchmark scripts still run (tiny sizes): they are not tests of speed, and assert nothing about it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from .conftest import REPO
+
+
+def run_script(name: str, *args: str) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / name), *args], capture_output=True, text=True, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.splitlines()
+
+
+def test_train_step_prints_the_engine_to_bare_ratio_of_each_model():
+    lines = run_script("train_step.py", "--models", "espcn,fsrcnn", "--steps", "3", "--warmup", "2", "--repeats", "1")
+    header = next(i for i, line in enumerate(lines) if line.startswith("model"))
+    rows = [line.split() for line in lines[header + 1 :]]
+    assert [row[0] for row in rows] == ["espcn", "fsrcnn"]
+    assert all(float(row[-1]) > 0 and row[-2].endswith("%") for row in rows)
+
+
+def test_upscale_prints_throughput_and_memory_of_each_tile_beside_the_whole_image():
+    lines = run_script("upscale.py", "--quick", "--model", "fsrcnn_s", "--scale", "2", "--tiles", "64")
+    header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["tile"])
+    rows = [line.split() for line in lines[header + 1 :]]
+    assert [row[0] for row in rows] == ["whole", "64"]
+    assert rows[0][-1] == "1.00x" and float(rows[1][-1].rstrip("x")) > 0
