@@ -444,6 +444,8 @@ def _stop_signal_handler() -> list[int]:
 
     def stop(signum: int, frame: object) -> None:
         received.append(signum)
+        if not callable(signal.getsignal(signal.SIGINT)):  # ignored: started in the background by a shell
+            raise KeyboardInterrupt
         signal.raise_signal(signal.SIGINT)
 
     signal.signal(signal.SIGTERM, stop)

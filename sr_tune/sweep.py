@@ -595,8 +595,6 @@ def _fit_tuner(
                 max_concurrent_trials=None if search_alg else concurrent,  # else the searcher's limiter caps it
                 trial_name_creator=_trial_namer(study),
                 trial_dirname_creator=_trial_dirname,
-                # A new trial takes over an ended trial's process: Python, torch and sr_tune imported already.
-                reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=study.name,

@@ -44,7 +44,14 @@ def test_a_stopped_training_says_how_to_continue_and_its_resume_continues_the_sa
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "sr_tune", "train", config, *overrides]
     process = subprocess.Popen(
-        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # As in a terminal: a shell's background job (CI's runner, for one) starts with SIGINT ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL) if stop == signal.SIGINT else None,
     )
     last = tmp_path / "runs" / "srcnn_915_x3" / "last"
     try:
