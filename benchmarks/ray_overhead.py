@@ -8,7 +8,11 @@ worktree on ``PYTHONPATH``), alternating runs so that noise hits both. For each 
 - trained: the seconds the trials' training loops ran (steps and validation), summed over trials, from each
   trial's latest checkpoint;
 - overhead: 1 - trained / (wall x concurrent trials), the share of the sweep's CPU slots not spent training;
-- first eval: seconds from the parent MLflow run's start to the first evaluation any trial logged.
+- first eval: seconds from the parent MLflow run's start to the first evaluation any trial logged;
+- where the slots' time went, from the MLflow runs' start and end times: before the sweep's parent run opened
+  (imports, Ray's start), inside trial runs but not training (a trial's set-up, its reports and checkpoints),
+  between trial runs (a trial process's start, a slot with nothing to run, e.g. the last trial alone), and
+  after the last trial ended (the sweep's summary, curves and registered model, Ray's stop).
 
     python benchmarks/ray_overhead.py [--quick] [--baseline REV] [--repeats N]
 
@@ -54,10 +58,24 @@ class Run:
     trained_s: float
     concurrent: int
     first_eval_s: float
+    before_s: float  # process start -> the parent run's start
+    in_trials_s: float  # the trial runs' durations, summed
+    after_s: float  # the last trial run's end -> process exit
 
     @property
     def overhead(self) -> float:
         return 1 - self.trained_s / (self.wall_s * self.concurrent)
+
+    def shares(self) -> dict[str, float]:
+        """Each part of the slots' time (wall x concurrent trials) as a share of it."""
+        slots = self.wall_s * self.concurrent
+        between = slots - self.concurrent * (self.before_s + self.after_s) - self.in_trials_s
+        return {
+            "before the sweep": self.concurrent * self.before_s / slots,
+            "in trials, not training": (self.in_trials_s - self.trained_s) / slots,
+            "between trials": between / slots,
+            "after the last trial": self.concurrent * self.after_s / slots,
+        }
 
 
 def run_sweep(code: str, source: Path, study_text: str | None, study: Path, concurrent: int) -> Run:
@@ -68,11 +86,11 @@ def run_sweep(code: str, source: Path, study_text: str | None, study: Path, conc
             study = work / "study.yaml"
             study.write_text(study_text)
         env = {**os.environ, "PYTHONPATH": str(source), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         done = subprocess.run(
             [sys.executable, "-m", "sr_tune", "tune", str(study)], cwd=work, env=env, capture_output=True, text=True
         )
-        wall = time.perf_counter() - started
+        wall, ended_at = time.perf_counter() - started, time.time()
         if done.returncode != 0:
             output = done.stdout[-3000:] + done.stderr[-3000:]
             raise SystemExit(f"{code}: sr-tune tune failed ({done.returncode}):\n{output}")
@@ -84,12 +102,20 @@ def run_sweep(code: str, source: Path, study_text: str | None, study: Path, conc
         client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
         runs = client.search_runs([client.get_experiment_by_name("sr_tune").experiment_id])
         parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
-        first = min(
-            client.get_metric_history(r.info.run_id, "val_psnr")[0].timestamp
-            for r in runs
-            if "mlflow.parentRunId" in r.data.tags
-        )
-    return Run(code, wall, trained, concurrent, (first - parent.info.start_time) / 1000)
+        trials = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+        first = min(client.get_metric_history(r.info.run_id, "val_psnr")[0].timestamp for r in trials)
+        in_trials = sum(r.info.end_time - r.info.start_time for r in trials) / 1000
+        last_end = max(r.info.end_time for r in trials) / 1000
+    return Run(
+        code,
+        wall,
+        trained,
+        concurrent,
+        first_eval_s=(first - parent.info.start_time) / 1000,
+        before_s=parent.info.start_time / 1000 - started_at,
+        in_trials_s=in_trials,
+        after_s=ended_at - last_end,
+    )
 
 
 def baseline_tree(revision: str, folder: Path) -> Path:
@@ -135,6 +161,13 @@ def main() -> None:
         trained = statistics.median(r.trained_s for r in mine)
         first = statistics.median(r.first_eval_s for r in mine)
         print(f"{code:<28} {wall:>8.1f} {trained:>10.1f} {overhead:>9.1%} {first:>13.1f}")
+    print("\nwhere the CPU slots' time went (medians):")
+    print(f"{'version':<28} " + " ".join(f"{part:>24}" for part in runs[0].shares()) + f" {'training':>9}")
+    for code in versions:
+        mine = [r for r in runs if r.code == code]
+        parts = {part: statistics.median(r.shares()[part] for r in mine) for part in runs[0].shares()}
+        training = statistics.median(1 - r.overhead for r in mine)
+        print(f"{code:<28} " + " ".join(f"{share:>24.1%}" for share in parts.values()) + f" {training:>9.1%}")
     if args.baseline:
         current, baseline = medians["this checkout"], medians[f"baseline {args.baseline}"]
         print(f"\nwall time, this checkout / baseline: {current / baseline:.2f}x")

@@ -318,45 +318,49 @@ def ema_update(ema: nn.Module | None, model: nn.Module, decay: float) -> None:
 
 
 class LossWindow:
-    """The loss terms of the steps since the last evaluation, summed on the device (no host sync per step),
-    with the first step whose terms were not finite; read once per evaluation by ``close``."""
+    """The loss terms of the steps since the last evaluation, one row per step in a buffer on the device (one
+    op per step, no host sync), read once per evaluation by ``close``."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.sums: dict[str, torch.Tensor] = {}
-        self.bad_step = torch.zeros((), dtype=torch.int64, device=device)  # 0 = every term finite so far
-        self.bad_values: torch.Tensor | None = None  # the terms at bad_step, in the order of ``sums``
+        self.names: list[str] = []
+        self.rows = torch.empty(0)  # (capacity, T) float32: row k holds the terms of step first_step + k
+        self.count = 0
+        self.first_step = 0
         self.patches = 0
         self.started = time.perf_counter()
 
     def add(self, step: int, terms: dict[str, torch.Tensor], patches: int) -> None:
-        values = torch.stack([value.detach().double() for value in terms.values()])  # (T,)
-        for name, value in zip(terms, values):
-            self.sums[name] = self.sums[name] + value if name in self.sums else value
-        first_bad = (self.bad_step == 0) & ~torch.isfinite(values).all()
-        self.bad_step.masked_fill_(first_bad, step)
-        self.bad_values = values if self.bad_values is None else torch.where(first_bad, values, self.bad_values)
+        if not self.count:
+            self.names, self.first_step = list(terms), step
+            self.rows = torch.empty(64, len(terms), device=self.device)
+        elif self.count == len(self.rows):  # doubled when full: amortized, no op per step
+            self.rows = torch.cat([self.rows, torch.empty_like(self.rows)])
+        torch.stack([value.detach().float() for value in terms.values()], out=self.rows[self.count])
+        self.count += 1
         self.patches += patches
 
     def close(self, steps: int, world_size: int) -> tuple[dict[str, float], float]:
         """Mean of each term per step (over every rank under ``torch.distributed``) and patches per second;
         raises ``FloatingPointError`` naming the first step and term that was not finite on this rank."""
-        names = list(self.sums)
-        if int(self.bad_step) and self.bad_values is not None:
-            values = dict(zip(names, self.bad_values.tolist()))
+        rows = self.rows[: self.count].double()  # (steps, T)
+        finite = torch.isfinite(rows).all(1)  # (steps,)
+        if not bool(finite.all()):
+            first = int((~finite).nonzero()[0])
+            values = dict(zip(self.names, rows[first].tolist()))
             bad = {name: value for name, value in values.items() if name != "total" and not math.isfinite(value)}
             bad = bad or {"total": values["total"]}  # finite terms whose sum overflowed
             described = ", ".join(f"{name} = {value}" for name, value in bad.items())
             raise FloatingPointError(
-                f"step {int(self.bad_step)}: loss term {described} is not finite; lower optimizer.lr or set "
+                f"step {self.first_step + first}: loss term {described} is not finite; lower optimizer.lr or set "
                 f"optimizer.grad_clip_norm"
             )
-        totals = torch.stack([self.sums[name] for name in names])
+        totals = rows.sum(0)  # (T,)
         if world_size > 1 and dist.is_initialized():  # losses averaged over every rank's patches
             dist.all_reduce(totals)
             totals /= world_size
         seconds = time.perf_counter() - self.started
-        return {name: total / steps for name, total in zip(names, totals.tolist())}, self.patches / seconds
+        return {name: total / steps for name, total in zip(self.names, totals.tolist())}, self.patches / seconds
 
 
 def build_data(

@@ -573,45 +573,64 @@ def _fit_tuner(
     study: Study, paths: SweepPaths, context: TrialContext, callback: _SweepCallback, restoring: bool
 ) -> list[TrialRecord]:
     """Step 2: build Tune's ``Tuner`` (or restore the interrupted one) and run every trial."""
-    trainable = tune.with_resources(tune.with_parameters(_trial, context=context), _trial_resources(study))
     if restoring:
+        trainable = tune.with_resources(tune.with_parameters(_trial, context=context), _trial_resources(study))
         tuner = tune.Tuner.restore(paths.experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
         # The restored run config holds the pickled (emptied) callback of the first run: this run's replaces it.
         tuner._local_tuner.get_run_config().callbacks = [callback]
     else:
-        concurrent = max_concurrent_trials(study)
-        search_alg, scheduler, param_space, num_samples = _search(study, paths, concurrent)
-        objective = study.objective
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                metric=objective.metric,
-                mode=objective.mode,
-                search_alg=search_alg,
-                scheduler=scheduler,
-                num_samples=num_samples,
-                time_budget_s=study.budget.time_limit_s or None,
-                max_concurrent_trials=None if search_alg else concurrent,  # else the searcher's limiter caps it
-                trial_name_creator=_trial_namer(study),
-                trial_dirname_creator=_trial_dirname,
-            ),
-            run_config=tune.RunConfig(
-                name=study.name,
-                storage_path=paths.storage.uri,
-                verbose=1,
-                callbacks=[callback],
-                # PBT clones a trial from whatever checkpoint it had when the decision was made, and the
-                # clone restores seconds later: nothing may be deleted meanwhile. Pruned after the sweep.
-                checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=None if study.scheduler.name == "pbt" else study.keep_checkpoints,
-                    checkpoint_score_attribute=objective.metric,
-                    checkpoint_score_order=objective.mode,
-                ),
-                failure_config=tune.FailureConfig(max_failures=study.base_config().distributed.max_failures),
-            ),
-        )
+        tuner = new_tuner(study, paths, context, [callback])
     return [_record(study, result) for result in tuner.fit()]
+
+
+def new_tuner(
+    study: Study,
+    paths: SweepPaths,
+    context: TrialContext,
+    callbacks: list[tune.Callback],
+    *,
+    stop: tune.Stopper | None = None,
+) -> tune.Tuner:
+    """Tune's ``Tuner`` for a new sweep of ``study``: its searcher and scheduler, a trial per sampled config.
+    ``stop`` (e.g. a budget over all trials) serves benchmarks."""
+    trainable = tune.with_resources(tune.with_parameters(_trial, context=context), _trial_resources(study))
+    concurrent = max_concurrent_trials(study)
+    search_alg, scheduler, param_space, num_samples = _search(study, paths, concurrent)
+    objective = study.objective
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=objective.metric,
+            mode=objective.mode,
+            search_alg=search_alg,
+            scheduler=scheduler,
+            num_samples=num_samples,
+            time_budget_s=study.budget.time_limit_s or None,
+            max_concurrent_trials=None if search_alg else concurrent,  # else the searcher's limiter caps it
+            trial_name_creator=_trial_namer(study),
+            trial_dirname_creator=_trial_dirname,
+            # On the local Ray a new trial takes over an ended trial's process (Python, torch and sr_tune already
+            # imported: about 4 s a trial on 2 cores). Not on a cluster, where Tune then packed a sweep's trials
+            # onto the node whose process it reused instead of spreading them.
+            reuse_actors=not os.environ.get("RAY_ADDRESS"),
+        ),
+        run_config=tune.RunConfig(
+            name=study.name,
+            storage_path=paths.storage.uri,
+            verbose=1,
+            callbacks=callbacks,
+            stop=stop,
+            # PBT clones a trial from whatever checkpoint it had when the decision was made, and the
+            # clone restores seconds later: nothing may be deleted meanwhile. Pruned after the sweep.
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=None if study.scheduler.name == "pbt" else study.keep_checkpoints,
+                checkpoint_score_attribute=objective.metric,
+                checkpoint_score_order=objective.mode,
+            ),
+            failure_config=tune.FailureConfig(max_failures=study.base_config().distributed.max_failures),
+        ),
+    )
 
 
 def _publish(

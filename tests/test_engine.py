@@ -15,7 +15,16 @@ from sr_tune.checkpoint import load_checkpoint
 from sr_tune.config import ConfigError, OptimizerConfig, load_config
 from sr_tune.data.degrade import imresize, to_8bit
 from sr_tune.data.sources import BadImageError, skimage_photo
-from sr_tune.engine import EvalResult, build_data, build_optimizer, evaluate, lr_factor, parameter_groups, train
+from sr_tune.engine import (
+    EvalResult,
+    LossWindow,
+    build_data,
+    build_optimizer,
+    evaluate,
+    lr_factor,
+    parameter_groups,
+    train,
+)
 from sr_tune.metrics import psnr, rgb_to_y
 from sr_tune.models import create_model
 from sr_tune.visualize import grid_captions, preview_grid
@@ -96,6 +105,27 @@ def test_a_diverging_run_names_the_step_and_the_loss_term():
     )
     with pytest.raises(FloatingPointError, match=r"step \d+: loss term pixel = (nan|inf)"):
         train(config)
+
+
+def test_the_loss_window_averages_each_term_and_names_the_first_step_that_was_not_finite():
+    window = LossWindow(torch.device("cpu"))
+    for step in range(11, 211):  # more steps than its first buffer holds
+        pixel = torch.tensor(step / 10)
+        window.add(step, {"total": pixel * 2, "pixel": pixel, "vgg": pixel}, patches=16)
+    means, _ = window.close(steps=200, world_size=1)
+    assert means == pytest.approx({"total": 2 * 11.05, "pixel": 11.05, "vgg": 11.05})
+    assert window.patches == 3200
+
+    window = LossWindow(torch.device("cpu"))
+    for step, pixel in enumerate([0.5, 0.25, float("inf"), float("nan"), 0.5], start=101):
+        window.add(step, {"total": torch.tensor(pixel + 1), "pixel": torch.tensor(pixel), "ssim": torch.tensor(1.0)}, 1)
+    with pytest.raises(FloatingPointError, match=r"^step 103: loss term pixel = inf is not finite"):
+        window.close(steps=5, world_size=1)
+
+    window = LossWindow(torch.device("cpu"))  # finite terms whose sum overflowed name the total
+    window.add(7, {"total": torch.tensor(float("inf")), "pixel": torch.tensor(3e38), "vgg": torch.tensor(3e38)}, 1)
+    with pytest.raises(FloatingPointError, match=r"^step 7: loss term total = inf"):
+        window.close(steps=1, world_size=1)
 
 
 def test_resume_after_a_stop_continues_exactly(tmp_path: Path):

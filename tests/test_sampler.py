@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sr_tune.data.augment import Augmenter, dihedral
 from sr_tune.data.degrade import imresize
 from sr_tune.data.sampler import ImageBank, PatchSampler
 from sr_tune.data.sources import shard_for_rank, skimage_photo
@@ -35,6 +36,27 @@ def test_crops_are_the_exact_pixels_of_their_images(images):
         image = images[int(index[k])]
         expected = image[:, int(top[k]) : int(top[k]) + 33, int(left[k]) : int(left[k]) + 33]
         assert torch.equal(patches[k], expected)
+
+
+def test_flips_and_rotations_folded_into_the_gather_equal_the_dihedral_of_the_crop(images):
+    bank = ImageBank(images)
+    index, top, left = sampler(bank, batch_size=64).draw(step=3)
+    choice = torch.arange(64) % 8  # every transform, on crops of every image
+    turned = bank.crop(index, top, left, size=33, dihedral=choice)
+    assert torch.equal(turned, dihedral(bank.crop(index, top, left, size=33), choice))
+    assert not torch.equal(turned, bank.crop(index, top, left, size=33))
+
+
+@pytest.mark.parametrize("color", ["y", "rgb"])
+def test_steps_drawn_together_give_each_step_what_it_draws_alone(images, color):
+    bank, turns = ImageBank(images), Augmenter(flip_rot=True)
+    together = sampler(bank, color=color, augmenter=turns, quantize_lr=True)
+    alone = sampler(bank, color=color, augmenter=turns, quantize_lr=True)
+    alone.steps_at_once = 1
+    assert together.steps_at_once == 8
+    for step in (5, 3, 11, 12, 0, 7, 8):  # out of order, across runs of steps
+        for mine, its in zip(together.batch(step), alone.batch(step)):
+            assert torch.equal(mine, its) and mine.shape[0] == 8
 
 
 def test_patches_reach_every_edge_and_stay_inside(images):

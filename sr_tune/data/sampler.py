@@ -32,7 +32,7 @@ def to_model_space(images: torch.Tensor, color: str) -> torch.Tensor:
 
 
 class ImageBank:
-    """uint8 RGB images packed into one (3, total_pixels) buffer on ``device``."""
+    """uint8 RGB images packed into one (total_pixels, 3) buffer on ``device``."""
 
     def __init__(self, images: Sequence[torch.Tensor], device: torch.device | str = "cpu") -> None:
         if not images:
@@ -44,21 +44,41 @@ class ImageBank:
         self.heights, self.widths = self.cpu_heights.to(self.device), self.cpu_widths.to(self.device)
         sizes = self.heights * self.widths
         self.offsets = torch.cumsum(sizes, 0) - sizes  # (N,) start of each image in the buffer
-        self.pixels = torch.cat([im.reshape(3, -1) for im in images], dim=1).to(self.device)  # (3, total)
+        # (total, 3): pixel after pixel, each image row by row.
+        self.pixels = torch.cat([im.permute(1, 2, 0).reshape(-1, 3) for im in images]).to(self.device)
 
     def __len__(self) -> int:
         return len(self.heights)
 
-    def crop(self, index: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int) -> torch.Tensor:
-        """Patches ``size`` x ``size`` at (top, left) of images ``index`` (each (B,)) -> uint8 (B, 3, size, size)."""
-        span = torch.arange(size, device=self.device)
-        rows = top[:, None] + span[None, :]  # (B, P)
-        cols = left[:, None] + span[None, :]  # (B, P)
-        flat = (
-            self.offsets[index, None, None] + rows[:, :, None] * self.widths[index, None, None] + cols[:, None, :]
-        )  # (B, P, P) positions in the flat buffer
-        patches = self.pixels[:, flat]  # (3, B, P, P)
-        return patches.permute(1, 0, 2, 3).contiguous()  # (B, 3, P, P)
+    def crop(
+        self,
+        index: torch.Tensor,
+        top: torch.Tensor,
+        left: torch.Tensor,
+        size: int,
+        dihedral: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Patches ``size`` x ``size`` at (top, left) of images ``index`` (each (B,)) -> uint8 (B, 3, size, size),
+        each turned by ``dihedral`` (B,) in 0..7 as ``augment.dihedral`` turns it, folded into the gather."""
+        span = torch.arange(size, device=self.device)[None, :]  # (1, P)
+        widths = self.widths[index]  # (B,)
+        corner = self.offsets[index] + top * widths + left  # (B,) the crop's top-left pixel in the buffer
+        if dihedral is None:
+            down, across, row_stride, col_stride = span, span, widths, torch.ones_like(widths)
+        else:
+            # dihedral: transpose if bit 4, then flip rows if bit 2, then columns if bit 1. Output (i, j) then
+            # reads the crop at row down[i], column across[j]; transposed, at row across[j], column down[i].
+            flipped = size - 1 - span
+            down = torch.where((dihedral & 2).bool()[:, None], flipped, span)  # (B, P)
+            across = torch.where((dihedral & 1).bool()[:, None], flipped, span)  # (B, P)
+            transposed = (dihedral & 4).bool()
+            row_stride, col_stride = torch.where(transposed, 1, widths), torch.where(transposed, widths, 1)
+        rows = corner[:, None] + down * row_stride[:, None]  # (B, P)
+        cols = across * col_stride[:, None]  # (B, P)
+        flat = rows[:, :, None] + cols[:, None, :]  # (B, P, P) pixels of the buffer
+        # Whole 3-byte pixels by one row gather: several times faster than indexing a channel-first buffer.
+        patches = self.pixels.index_select(0, flat.reshape(-1)).view(*flat.shape, 3)  # (B, P, P, 3)
+        return patches.permute(0, 3, 1, 2)  # (B, 3, P, P), a view
 
 
 class PatchSampler:
@@ -83,6 +103,10 @@ class PatchSampler:
         self.crop_size = augmenter.crop_size(self.hr_size)
         self.color, self.blur_sigma, self.seed, self.rank = color, blur_sigma, seed, rank
         self.quantize_lr = quantize_lr
+        # Steps drawn together when nothing warps: up to 8, while their HR batch stays within 2^21 values (8 MB).
+        channels = 1 if color == "y" else 3
+        self.steps_at_once = max(1, min(8, 2**21 // (batch_size * channels * self.hr_size**2)))
+        self._run_first, self._run = -1, (torch.empty(0), torch.empty(0))
         too_small = int(((bank.cpu_heights < self.crop_size) | (bank.cpu_widths < self.crop_size)).sum())
         if too_small:
             need = f"the {self.crop_size}px crop that a {self.hr_size}px HR patch needs"
@@ -91,21 +115,52 @@ class PatchSampler:
             raise ValueError(f"{too_small} image(s) are smaller than {need}")
 
     def _draw(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Image index, top and left of every crop (each (B,), on the CPU)."""
         index = torch.randint(len(self.bank), (self.batch_size,), generator=generator)
         room_h = self.bank.cpu_heights[index] - self.crop_size + 1
         room_w = self.bank.cpu_widths[index] - self.crop_size + 1
         top = (torch.rand(self.batch_size, generator=generator, dtype=torch.float64) * room_h).long()
         left = (torch.rand(self.batch_size, generator=generator, dtype=torch.float64) * room_w).long()
-        return upload(index, self.bank.device), upload(top, self.bank.device), upload(left, self.bank.device)
+        return index, top, left
 
-    def draw(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def draw(self, step: int) -> tuple[torch.Tensor, ...]:
         """Image index, top and left of every crop of ``step`` (each (B,), on the bank's device)."""
-        return self._draw(step_generator(self.seed, self.rank, step))
+        return self._on_device(*self._draw(step_generator(self.seed, self.rank, step)))
+
+    def _on_device(self, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(upload(value, self.bank.device) for value in values)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(lr, hr) float batches for ``step``: (B, C, p, p) and (B, C, p*s, p*s), C = 1 for Y, 3 for RGB."""
-        generator = step_generator(self.seed, self.rank, step)
-        crops = self.bank.crop(*self._draw(generator), size=self.crop_size)  # uint8 (B, 3, S, S)
-        hr = to_model_space(self.augmenter(crops, self.hr_size, generator), self.color)
+        if self.augmenter.warps:
+            generator = step_generator(self.seed, self.rank, step)
+            crops = self.bank.crop(*self._on_device(*self._draw(generator)), size=self.crop_size)  # (B, 3, S, S)
+            return self._degrade(self.augmenter(crops, self.hr_size, generator))
+        # Flips and rotations alone move whole pixels: the gather does them, for a run of steps at once. A small
+        # batch's time is the per-op cost of some 20 ops, which a run of steps shares.
+        first = step - step % self.steps_at_once  # runs start at multiples: a resumed run cuts the same ones
+        if self._run_first != first:
+            self._run = self._plain_run(first)
+            self._run_first = first
+        lr, hr = self._run
+        rows = slice((step - first) * self.batch_size, (step - first + 1) * self.batch_size)
+        return lr[rows], hr[rows]
+
+    def _plain_run(self, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lr, hr) of steps first .. first + steps_at_once - 1 stacked along the batch axis; each step's crops
+        and turns drawn from that step's own generator, as ``draw`` and ``Augmenter`` draw them."""
+        index, top, left, turns = [], [], [], []
+        for step in range(first, first + self.steps_at_once):
+            generator = step_generator(self.seed, self.rank, step)
+            for drawn, values in zip((index, top, left), self._draw(generator)):
+                drawn.append(values)
+            turns.append(self.augmenter.draw_dihedral(generator, index[-1]))
+        drawn = self._on_device(*(torch.cat(values) for values in (index, top, left)))
+        dihedral = self._on_device(torch.cat(turns))[0] if self.augmenter.flip_rot else None
+        return self._degrade(self.bank.crop(*drawn, size=self.hr_size, dihedral=dihedral))
+
+    def _degrade(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RGB patches (N, 3, P, P), uint8 or float in [0, 1] -> (lr, hr) in the model's colour space."""
+        hr = to_model_space(rgb, self.color).contiguous()
         lr = degrade(hr, self.scale, blur_sigma=self.blur_sigma)
         return (to_8bit(lr) if self.quantize_lr else lr), hr

@@ -1,0 +1,273 @@
+"""Search efficiency: the compute each search method needs to find a good model, at equal total budget.
+
+One fixed task, FSRCNN x2 (Y) on the built-in sample photographs with Adam, batch 16, searching the learning
+rate, L2 and the gradient-clipping norm (all three changeable inside a running trial, so PBT searches the same
+space). Every method runs through the product's own sweep (``sweep.new_tuner``: Optuna samplers inside Ray
+Tune, ASHA and PBT as a study configures them, trials training in their Tune process), one local Ray for all:
+
+- random, tpe, qmc: ``--trials`` trials of ``--max-steps`` steps each, the whole budget;
+- asha+random, asha+tpe: ASHA with the studies' defaults (grace period one evaluation interval, reduction
+  factor 2, or ``--grace`` / ``--reduction-factor``), drawing trials until they have used the same budget;
+- pbt: a population of ``--trials`` trials of ``--max-steps`` steps, exploiting every evaluation interval.
+
+Compute is counted in patches trained (one evaluation interval's patches per reported evaluation), not in
+seconds, so a busy machine changes nothing but the wall time. Each method runs with seeds 0..``--seeds``-1.
+
+Printed last: for each method, the compute it needed to reach random search's final best (the median over
+random's seeds), its share of the budget and of random's own compute to get there; the rank correlation
+(Spearman) between a trial's PSNR at each ASHA rung and its final best, over the trials that ran to the end.
+``--out DIR`` gets the plot (best-so-far validation PSNR vs compute, mean and min-max over seeds) and the
+raw reports as JSON lines.
+
+    python benchmarks/hpo_efficiency.py [--quick] [--seeds 3] [--trials 12] [--max-steps 400] [--out DIR]
+
+``--quick``: one seed, 4 trials of 96 steps (about 4 minutes on 2 CPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from sr_tune.distributed import init_ray
+from sr_tune.study import Study, load_study
+from sr_tune.sweep import TrialContext, new_tuner, sweep_paths
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = {  # name: (sampler, scheduler)
+    "random": ("random", "none"),
+    "tpe": ("tpe", "none"),
+    "qmc": ("qmc", "none"),
+    "asha+random": ("random", "asha"),
+    "asha+tpe": ("tpe", "asha"),
+    "pbt": ("random", "pbt"),
+}
+STUDY = """name: {name}
+base: {base}
+fixed:
+  optimizer.name: adam
+  optimizer.last_layer_lr_scale: 1.0
+  data.batch_size: 16
+  data.val_crop: 96
+  training.eval_interval: {interval}
+  training.output_dir: {output}
+search:
+  optimizer.lr: {{type: loguniform, low: 1.0e-4, high: 1.0e-1}}
+  optimizer.weight_decay: {{type: loguniform, low: 1.0e-8, high: 1.0e-2}}
+  optimizer.grad_clip_norm: {{type: loguniform, low: 1.0e-2, high: 10.0}}
+objective: {{metric: val_psnr, mode: max}}
+sampler: {{name: {sampler}, seed: {seed}}}
+scheduler: {scheduler}
+budget: {{num_samples: {samples}, max_steps: {max_steps}, max_concurrent: 2}}
+resources: {{workers: 1, cpus_per_worker: 1}}
+keep_checkpoints: 1
+"""
+
+
+@dataclass(frozen=True)
+class Report:
+    trial: str
+    step: int
+    psnr: float  # -inf for a diverged trial's NaN
+    compute: int  # patches trained by the whole sweep when this evaluation arrived
+
+
+class BudgetStopper(tune.Stopper):
+    """Counts the sweep's compute as reports arrive (each one evaluation interval of patches), writes each
+    report to ``log`` and stops the whole sweep once ``budget`` patches are trained."""
+
+    def __init__(self, budget: int, interval_patches: int, log: Path) -> None:
+        self.budget, self.interval_patches, self.log, self.spent = budget, interval_patches, log, 0
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        if "val_psnr" not in result:
+            return False
+        self.spent += self.interval_patches
+        psnr = float(result["val_psnr"])
+        report = {"trial": trial_id, "step": int(result["step"]), "psnr": psnr if math.isfinite(psnr) else -math.inf}
+        with self.log.open("a") as out:
+            out.write(json.dumps({**report, "compute": self.spent}) + "\n")
+        return False
+
+    def stop_all(self) -> bool:
+        return self.spent >= self.budget
+
+
+def method_study(method: str, seed: int, args: argparse.Namespace, folder: Path) -> Study:
+    sampler, scheduler = METHODS[method]
+    interval = args.max_steps // 8
+    schedulers = {
+        "none": "{name: none}",
+        "asha": f"{{name: asha, grace_period: {args.grace * interval}, reduction_factor: {args.reduction_factor}}}",
+        "pbt": "{name: pbt}",
+    }
+    # ASHA draws trials until the budget is spent: more than it can ever start.
+    samples = args.trials * 8 if scheduler == "asha" else args.trials
+    path = folder / f"{method.replace('+', '_')}_{seed}.yaml"
+    path.write_text(
+        STUDY.format(
+            name=path.stem,
+            base=ROOT / "configs" / "fsrcnn_x2.yaml",
+            interval=interval,
+            output=folder / "runs",
+            sampler=sampler,
+            seed=seed,
+            scheduler=schedulers[scheduler],
+            samples=samples,
+            max_steps=args.max_steps,
+        )
+    )
+    return load_study(path)
+
+
+def run_method(method: str, seed: int, args: argparse.Namespace, folder: Path) -> list[Report]:
+    study = method_study(method, seed, args, folder)
+    (folder / "sweeps").mkdir(exist_ok=True)  # the Optuna studies' SQLite file lies there
+    paths = sweep_paths(study, None, storage=str(folder / "sweeps"))
+    log = folder / f"{study.name}.jsonl"
+    stopper = BudgetStopper(
+        budget=args.trials * study.patches(args.max_steps),
+        interval_patches=study.patches(study.eval_interval_steps()),
+        log=log,
+    )
+    context = TrialContext(study=study, paths=paths, tracking_uri=None, parent_run_id=None)
+    new_tuner(study, paths, context, callbacks=[], stop=stopper).fit()
+    return [Report(**json.loads(line)) for line in log.read_text().splitlines()]
+
+
+def best_so_far(reports: list[Report]) -> list[tuple[int, float]]:
+    """(compute, best PSNR yet) after each report."""
+    best, curve = -math.inf, []
+    for report in reports:
+        best = max(best, report.psnr)
+        curve.append((report.compute, best))
+    return curve
+
+
+def compute_to_reach(reports: list[Report], target: float) -> float:
+    return next((compute for compute, best in best_so_far(reports) if best >= target), math.inf)
+
+
+def rung_correlations(runs: dict[str, list[list[Report]]], args: argparse.Namespace) -> list[tuple[int, float, int]]:
+    """(rung step, Spearman rho, trials) of a trial's best PSNR up to each ASHA rung vs its final best, over
+    the trials of the methods without a scheduler (all of them ran to the end)."""
+    from scipy.stats import spearmanr
+
+    interval = args.max_steps // 8
+    trials: list[list[Report]] = []
+    for method, (_, scheduler) in METHODS.items():
+        for reports in runs.get(method, []) if scheduler == "none" else []:
+            by_trial: dict[str, list[Report]] = {}
+            for report in reports:
+                by_trial.setdefault(report.trial, []).append(report)
+            trials.extend(by_trial.values())
+    finals = [max(r.psnr for r in trial) for trial in trials]
+    rows = []
+    rung = args.grace * interval
+    while rung < args.max_steps:
+        early = [max(r.psnr for r in trial if r.step <= rung) for trial in trials]
+        rows.append((rung, float(spearmanr(early, finals).statistic), len(trials)))
+        rung = int(rung * args.reduction_factor)
+    return rows
+
+
+def plot(runs: dict[str, list[list[Report]]], budget: int, target: float, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = [budget * i / 200 for i in range(1, 201)]
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for method, seeds in runs.items():
+        curves = []
+        for reports in seeds:
+            curve = best_so_far(reports)
+            curves.append([max((b for c, b in curve if c <= x), default=math.nan) for x in grid])
+        mean = [statistics.fmean(column) if all(map(math.isfinite, column)) else math.nan for column in zip(*curves)]
+        low, high = [min(column) for column in zip(*curves)], [max(column) for column in zip(*curves)]
+        millions = [x / 1e6 for x in grid]
+        (line,) = axes.plot(millions, mean, label=method)
+        axes.fill_between(millions, low, high, color=line.get_color(), alpha=0.15)
+    axes.axhline(target, color="black", linestyle=":", linewidth=1, label="random search's final best")
+    finite = [r.psnr for seeds in runs.values() for reports in seeds for r in reports if math.isfinite(r.psnr)]
+    axes.set_ylim(bottom=statistics.median(finite) - 2, top=max(finite) + 0.5)
+    axes.set_xlabel("compute (million patches trained, all trials)")
+    axes.set_ylabel("best validation PSNR so far (dB)")
+    axes.set_title("FSRCNN x2 search: best-so-far vs compute (mean, min-max over seeds)")
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(out, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one seed, 4 trials of 96 steps")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--trials", type=int, default=12, help="trials of the methods without early stopping")
+    parser.add_argument("--max-steps", type=int, default=400, help="a trial's steps (8 evaluations)")
+    parser.add_argument("--grace", type=int, default=1, help="ASHA grace period in evaluation intervals")
+    parser.add_argument("--reduction-factor", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="folder for the plot and the raw reports")
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.trials, args.max_steps = 1, 4, 96
+    if args.max_steps % 8:
+        parser.error("--max-steps: a multiple of 8 (8 evaluations of equal length)")
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or "random" not in methods:
+        parser.error(f"--methods: {unknown or 'random is the reference and must be one of them'}")
+
+    init_ray()
+    runs: dict[str, list[list[Report]]] = {}
+    with tempfile.TemporaryDirectory(prefix="hpo-") as scratch:
+        for seed in range(args.seeds):
+            for method in methods:  # seed by seed, so that an early stop still compares every method
+                runs.setdefault(method, []).append(run_method(method, seed, args, Path(scratch)))
+                best = max(r.psnr for r in runs[method][-1])
+                print(f"{method} seed {seed}: best {best:.3f} dB after {runs[method][-1][-1].compute} patches")
+    budget = args.trials * args.max_steps * 16
+    target = statistics.median(max(r.psnr for r in reports) for reports in runs["random"])
+    random_reach = statistics.median(compute_to_reach(reports, target) for reports in runs["random"])
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        plot(runs, budget, target, args.out / "hpo_efficiency.png")
+        with (args.out / "hpo_efficiency.jsonl").open("w") as out:
+            for method, seeds in runs.items():
+                for seed, reports in enumerate(seeds):
+                    for r in reports:
+                        out.write(json.dumps({"method": method, "seed": seed, **vars(r)}) + "\n")
+
+    print(f"\nbudget {budget} patches per run ({args.trials} x {args.max_steps} steps x 16); random search's final")
+    print(f"best (median of {args.seeds} seeds): {target:.3f} dB, reached after {random_reach:.0f} patches (median)")
+    columns = ("final best dB (mean, min-max)", "reached target", "compute to reach", "of budget", "of random's")
+    print("| method | " + " | ".join(columns) + " |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for method, seeds in runs.items():
+        finals = [max(r.psnr for r in reports) for reports in seeds]
+        reach = [compute_to_reach(reports, target) for reports in seeds]
+        median = statistics.median(reach)
+        share = f"{median / budget:.2f}" if math.isfinite(median) else "-"
+        versus = f"{median / random_reach:.2f}" if math.isfinite(median) else "-"
+        print(
+            f"| {method} | {statistics.fmean(finals):.3f} ({min(finals):.3f}-{max(finals):.3f}) "
+            f"| {sum(map(math.isfinite, reach))}/{len(reach)} | {median:.0f} | {share} | {versus} |"
+        )
+    print("\n| ASHA rung (step) | Spearman rho, PSNR by the rung vs final best | trials |")
+    print("| --- | --- | --- |")
+    for rung, rho, count in rung_correlations(runs, args):
+        print(f"| {rung} | {rho:.2f} | {count} |")
+
+
+if __name__ == "__main__":
+    main()

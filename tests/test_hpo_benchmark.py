@@ -1,0 +1,44 @@
+"""The search-efficiency benchmark still runs (tiny sizes): it starts a local Ray, hence a Ray file of its own."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import REPO
+
+
+def test_hpo_efficiency_compares_each_method_with_random_search_at_equal_budget(tmp_path: Path):
+    args = [
+        "--methods",
+        "random,asha+tpe",
+        "--seeds",
+        "1",
+        "--trials",
+        "2",
+        "--max-steps",
+        "16",
+        "--out",
+        str(tmp_path),
+    ]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "hpo_efficiency.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in done.stdout.splitlines() if line[:2] == "| "}
+    assert rows["random"][-1].strip() == "1.00"  # random's own compute to reach its final best
+    assert "asha+tpe" in rows
+
+    reports = [json.loads(line) for line in (tmp_path / "hpo_efficiency.jsonl").read_text().splitlines()]
+    budget = 2 * 16 * 16  # trials x steps x batch
+    for method in ("random", "asha+tpe"):
+        computes = [r["compute"] for r in reports if r["method"] == method]
+        assert computes == sorted(computes) and budget <= computes[-1] < budget + 2 * 2 * 16  # stopped at the budget
+    random_trials = {r["trial"] for r in reports if r["method"] == "random"}
+    assert len(random_trials) == 2 and sum(r["method"] == "random" for r in reports) == 16  # 8 evaluations each
+    assert (tmp_path / "hpo_efficiency.png").stat().st_size > 10_000
