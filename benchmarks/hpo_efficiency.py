@@ -143,17 +143,24 @@ def run_method(method: str, seed: int, args: argparse.Namespace, folder: Path) -
     return [Report(**json.loads(line)) for line in log.read_text().splitlines()]
 
 
-def best_so_far(reports: list[Report]) -> list[tuple[int, float]]:
-    """(compute, best PSNR yet) after each report."""
-    best, curve = -math.inf, []
-    for report in reports:
-        best = max(best, report.psnr)
-        curve.append((report.compute, best))
+def best_so_far(reports: list[Report], grid: list[int]) -> list[float]:
+    """The best PSNR reported by each compute of ``grid`` (-inf before the first report)."""
+    best, curve, arrived = -math.inf, [], iter(reports)
+    upcoming = next(arrived, None)
+    for compute in grid:
+        while upcoming is not None and upcoming.compute <= compute:
+            best, upcoming = max(best, upcoming.psnr), next(arrived, None)
+        curve.append(best)
     return curve
 
 
-def compute_to_reach(reports: list[Report], target: float) -> float:
-    return next((compute for compute, best in best_so_far(reports) if best >= target), math.inf)
+def mean_curve(seeds: list[list[Report]], grid: list[int]) -> list[float]:
+    """Best-so-far averaged over seeds at each compute of ``grid``."""
+    return [statistics.fmean(column) for column in zip(*(best_so_far(reports, grid) for reports in seeds))]
+
+
+def compute_to_reach(curve: list[float], grid: list[int], target: float) -> float:
+    return next((compute for compute, best in zip(grid, curve) if best >= target), math.inf)
 
 
 def rung_correlations(runs: dict[str, list[list[Report]]], args: argparse.Namespace) -> list[tuple[int, float, int]]:
@@ -179,33 +186,50 @@ def rung_correlations(runs: dict[str, list[list[Report]]], args: argparse.Namesp
     return rows
 
 
-def plot(runs: dict[str, list[list[Report]]], budget: int, target: float, out: Path) -> None:
+def plot(runs: dict[str, list[list[Report]]], grid: list[int], target: float, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = [budget * i / 200 for i in range(1, 201)]
     figure, axes = plt.subplots(figsize=(8, 5))
+    thousands = [x / 1000 for x in grid]
     for method, seeds in runs.items():
-        curves = []
-        for reports in seeds:
-            curve = best_so_far(reports)
-            curves.append([max((b for c, b in curve if c <= x), default=math.nan) for x in grid])
-        mean = [statistics.fmean(column) if all(map(math.isfinite, column)) else math.nan for column in zip(*curves)]
+        curves = [best_so_far(reports, grid) for reports in seeds]
+        (line,) = axes.plot(thousands, mean_curve(seeds, grid), label=method, drawstyle="steps-post")
         low, high = [min(column) for column in zip(*curves)], [max(column) for column in zip(*curves)]
-        millions = [x / 1e6 for x in grid]
-        (line,) = axes.plot(millions, mean, label=method)
-        axes.fill_between(millions, low, high, color=line.get_color(), alpha=0.15)
-    axes.axhline(target, color="black", linestyle=":", linewidth=1, label="random search's final best")
+        axes.fill_between(thousands, low, high, color=line.get_color(), alpha=0.12, step="post")
+    axes.axhline(target, color="black", linestyle=":", linewidth=1, label="random search's final best (mean)")
     finite = [r.psnr for seeds in runs.values() for reports in seeds for r in reports if math.isfinite(r.psnr)]
     axes.set_ylim(bottom=statistics.median(finite) - 2, top=max(finite) + 0.5)
-    axes.set_xlabel("compute (million patches trained, all trials)")
+    axes.set_xlabel("compute (thousand patches trained, all trials together)")
     axes.set_ylabel("best validation PSNR so far (dB)")
-    axes.set_title("FSRCNN x2 search: best-so-far vs compute (mean, min-max over seeds)")
+    axes.set_title("FSRCNN x2 search at equal budget: mean over seeds, band = min-max")
     axes.legend(loc="lower right")
     figure.tight_layout()
     figure.savefig(out, dpi=120)
+
+
+def run_methods(methods: list[str], args: argparse.Namespace) -> dict[str, list[list[Report]]]:
+    init_ray()
+    runs: dict[str, list[list[Report]]] = {}
+    with tempfile.TemporaryDirectory(prefix="hpo-") as scratch:
+        for seed in range(args.seeds):
+            for method in methods:  # seed by seed, so that an early stop still compares every method
+                runs.setdefault(method, []).append(run_method(method, seed, args, Path(scratch)))
+                best = max(r.psnr for r in runs[method][-1])
+                print(f"{method} seed {seed}: best {best:.3f} dB after {runs[method][-1][-1].compute} patches")
+    return runs
+
+
+def read_reports(path: Path, methods: list[str]) -> dict[str, list[list[Report]]]:
+    runs: dict[str, dict[int, list[Report]]] = {}
+    for line in path.read_text().splitlines():
+        report = json.loads(line)
+        method, seed = report.pop("method"), report.pop("seed")
+        if method in methods:
+            runs.setdefault(method, {}).setdefault(seed, []).append(Report(**report))
+    return {method: [seeds[seed] for seed in sorted(seeds)] for method, seeds in runs.items()}
 
 
 def main() -> None:
@@ -218,6 +242,7 @@ def main() -> None:
     parser.add_argument("--grace", type=int, default=1, help="ASHA grace period in evaluation intervals")
     parser.add_argument("--reduction-factor", type=int, default=2)
     parser.add_argument("--out", type=Path, help="folder for the plot and the raw reports")
+    parser.add_argument("--reports", type=Path, help="analyse the reports an earlier run wrote (--out) instead")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.trials, args.max_steps = 1, 4, 96
@@ -228,40 +253,33 @@ def main() -> None:
     if unknown or "random" not in methods:
         parser.error(f"--methods: {unknown or 'random is the reference and must be one of them'}")
 
-    init_ray()
-    runs: dict[str, list[list[Report]]] = {}
-    with tempfile.TemporaryDirectory(prefix="hpo-") as scratch:
-        for seed in range(args.seeds):
-            for method in methods:  # seed by seed, so that an early stop still compares every method
-                runs.setdefault(method, []).append(run_method(method, seed, args, Path(scratch)))
-                best = max(r.psnr for r in runs[method][-1])
-                print(f"{method} seed {seed}: best {best:.3f} dB after {runs[method][-1][-1].compute} patches")
+    runs = read_reports(args.reports, methods) if args.reports else run_methods(methods, args)
     budget = args.trials * args.max_steps * 16
-    target = statistics.median(max(r.psnr for r in reports) for reports in runs["random"])
-    random_reach = statistics.median(compute_to_reach(reports, target) for reports in runs["random"])
+    grid = list(range(budget // (8 * args.trials), budget + 1, budget // (8 * args.trials)))  # one report apart
+    target = statistics.fmean(max(r.psnr for r in reports) for reports in runs["random"])
+    random_reach = compute_to_reach(mean_curve(runs["random"], grid), grid, target)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        plot(runs, budget, target, args.out / "hpo_efficiency.png")
+        plot(runs, grid, target, args.out / "hpo_efficiency.png")
         with (args.out / "hpo_efficiency.jsonl").open("w") as out:
             for method, seeds in runs.items():
                 for seed, reports in enumerate(seeds):
                     for r in reports:
                         out.write(json.dumps({"method": method, "seed": seed, **vars(r)}) + "\n")
 
-    print(f"\nbudget {budget} patches per run ({args.trials} x {args.max_steps} steps x 16); random search's final")
-    print(f"best (median of {args.seeds} seeds): {target:.3f} dB, reached after {random_reach:.0f} patches (median)")
-    columns = ("final best dB (mean, min-max)", "reached target", "compute to reach", "of budget", "of random's")
+    print(f"\nbudget {budget} patches a run ({args.trials} trials x {args.max_steps} steps x 16 patches); random")
+    print(f"search's final best, mean of {args.seeds} seeds: {target:.3f} dB; its mean curve gets there after")
+    print(f"{random_reach} patches. 'compute to reach': where a method's mean best-so-far curve first gets there.")
+    columns = ("final best dB, mean (min-max)", "seeds reaching it", "compute to reach", "of budget", "of random's")
     print("| method | " + " | ".join(columns) + " |")
     print("| --- | --- | --- | --- | --- | --- |")
     for method, seeds in runs.items():
         finals = [max(r.psnr for r in reports) for reports in seeds]
-        reach = [compute_to_reach(reports, target) for reports in seeds]
-        median = statistics.median(reach)
-        share = f"{median / budget:.2f}" if math.isfinite(median) else "-"
-        versus = f"{median / random_reach:.2f}" if math.isfinite(median) else "-"
+        reach = compute_to_reach(mean_curve(seeds, grid), grid, target)
+        shares = (f"{reach / budget:.2f}", f"{reach / random_reach:.2f}") if math.isfinite(reach) else ("-", "-")
         print(
             f"| {method} | {statistics.fmean(finals):.3f} ({min(finals):.3f}-{max(finals):.3f}) "
-            f"| {sum(map(math.isfinite, reach))}/{len(reach)} | {median:.0f} | {share} | {versus} |"
+            f"| {sum(final >= target for final in finals)}/{len(finals)} | {reach} | {shares[0]} | {shares[1]} |"
         )
     print("\n| ASHA rung (step) | Spearman rho, PSNR by the rung vs final best | trials |")
     print("| --- | --- | --- |")

@@ -107,6 +107,8 @@ class PatchSampler:
         channels = 1 if color == "y" else 3
         self.steps_at_once = max(1, min(8, 2**21 // (batch_size * channels * self.hr_size**2)))
         self._run_first, self._run = -1, (torch.empty(0), torch.empty(0))
+        # (2, N): how many tops and lefts each image has for a crop
+        self.room = torch.stack([bank.cpu_heights, bank.cpu_widths]) - self.crop_size + 1
         too_small = int(((bank.cpu_heights < self.crop_size) | (bank.cpu_widths < self.crop_size)).sum())
         if too_small:
             need = f"the {self.crop_size}px crop that a {self.hr_size}px HR patch needs"
@@ -117,10 +119,10 @@ class PatchSampler:
     def _draw(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Image index, top and left of every crop (each (B,), on the CPU)."""
         index = torch.randint(len(self.bank), (self.batch_size,), generator=generator)
-        room_h = self.bank.cpu_heights[index] - self.crop_size + 1
-        room_w = self.bank.cpu_widths[index] - self.crop_size + 1
-        top = (torch.rand(self.batch_size, generator=generator, dtype=torch.float64) * room_h).long()
-        left = (torch.rand(self.batch_size, generator=generator, dtype=torch.float64) * room_w).long()
+        # One draw of 2B numbers is the two draws of B (the generator fills in order): tops, then lefts.
+        top, left = (
+            torch.rand(2, self.batch_size, generator=generator, dtype=torch.float64) * self.room[:, index]
+        ).long()
         return index, top, left
 
     def draw(self, step: int) -> tuple[torch.Tensor, ...]:
