@@ -7,11 +7,19 @@ sample with PIL and torchvision transforms, batched by a torch DataLoader with 2
 rows: flips/rot90 only, and flips plus random affine and perspective warps at strength 1.
 
     python benchmarks/sampler.py [--device cuda] [--batches 200] [--batch-size 16] [--lr-patch 11] [--scale 3]
+
+``--baseline REV`` instead times our sampler's batches (flips/rot90, Y) against the sampler of git revision
+REV (a worktree), each in a fresh process, in rounds of this, REV, REV, this; it prints ms per batch and the
+ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -83,6 +91,54 @@ def patches_per_second(batches, count: int, batch_size: int, device: torch.devic
     return count * batch_size / (time.perf_counter() - start)
 
 
+ROOT = Path(__file__).resolve().parent.parent
+TIME_BATCHES = """
+import time, torch
+from sr_tune.data.augment import Augmenter
+from sr_tune.data.sampler import ImageBank, PatchSampler
+from sr_tune.data.sources import sample_images
+torch.set_num_threads({threads})
+bank = ImageBank([image.hr for image in sample_images("train")], "{device}")
+sampler = PatchSampler(bank, scale={scale}, lr_patch_size={lr_patch}, batch_size={batch_size}, color="y",
+                       augmenter=Augmenter(flip_rot=True))
+for step in range(24):
+    sampler.batch(step)
+started = time.perf_counter()
+for step in range(24, 24 + {batches}):
+    sampler.batch(step)
+print((time.perf_counter() - started) / {batches})
+"""
+
+
+def compare_with(revision: str, args: argparse.Namespace, rounds: int = 3) -> None:
+    """ms per batch of this checkout's sampler and of ``revision``'s, each in a fresh process."""
+    code = TIME_BATCHES.format(threads=torch.get_num_threads(), **vars(args))
+    with tempfile.TemporaryDirectory(prefix="baseline-") as folder:
+        tree = Path(folder) / "tree"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), revision], check=True)
+        try:
+            seconds: dict[str, list[float]] = {"this checkout": [], revision: []}
+            for _ in range(rounds):
+                for label, source in (
+                    ("this checkout", ROOT),
+                    (revision, tree),
+                    (revision, tree),
+                    ("this checkout", ROOT),
+                ):
+                    env = {**os.environ, "PYTHONPATH": str(source)}
+                    done = subprocess.run(  # in the tree: `python -c` puts the working folder first on the path
+                        [sys.executable, "-c", code], cwd=source, env=env, capture_output=True, text=True, check=True
+                    )
+                    seconds[label].append(float(done.stdout))
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=True)
+    mine, theirs = (statistics.median(seconds[label]) * 1000 for label in seconds)
+    hr_size = args.lr_patch * args.scale
+    print(f"HR patch {hr_size}, x{args.scale}, batch {args.batch_size}, Y, flips/rot90, {args.batches} batches")
+    print(f"this checkout {mine:.3f} ms/batch, {revision} {theirs:.3f} ms/batch (medians of {2 * rounds})")
+    print(f"this checkout / {revision}: {mine / theirs:.2f}x the time")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -91,7 +147,11 @@ def main() -> None:
     parser.add_argument("--lr-patch", type=int, default=11)
     parser.add_argument("--scale", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--baseline", help="compare our sampler with this git revision's instead")
     args = parser.parse_args()
+    if args.baseline:
+        compare_with(args.baseline, args)
+        return
     device = torch.device(args.device)
     hr_size = args.lr_patch * args.scale
 

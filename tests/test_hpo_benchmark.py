@@ -38,7 +38,7 @@ def test_hpo_efficiency_compares_each_method_with_random_search_at_equal_budget(
     budget = 2 * 16 * 16  # trials x steps x batch
     for method in ("random", "asha+tpe"):
         computes = [r["compute"] for r in reports if r["method"] == method]
-        assert computes == sorted(computes) and budget <= computes[-1] < budget + 2 * 2 * 16  # stopped at the budget
+        assert computes == sorted(computes) and budget <= computes[-1] <= budget + 4 * 2 * 16  # stopped at the budget
     random_trials = {r["trial"] for r in reports if r["method"] == "random"}
     assert len(random_trials) == 2 and sum(r["method"] == "random" for r in reports) == 16  # 8 evaluations each
     assert (tmp_path / "hpo_efficiency.png").stat().st_size > 10_000

@@ -1,11 +1,12 @@
 """Device-resident image bank and a batched random-patch sampler: no DataLoader, no Python per sample.
 
-The decoded HR images of one rank live as uint8 in a single flat buffer on the worker's device. A batch is
-cut out with one gather: for B crops of S x S pixels we build a (B, S, S) index into that buffer from
-each crop's image offset, row stride and top-left corner, augment the whole batch at once (S is larger
-than the patch when warps need room), then degrade it with the MATLAB-compatible bicubic. The draw for a
-step depends only on (seed, rank, step), so a resumed run draws exactly the patches it would have drawn.
-"""
+The decoded HR images of one rank live as uint8 in a single (pixels, 3) buffer on the worker's device. A
+batch is cut out with one gather: for B crops of S x S pixels we build a (B, S, S) index into that buffer
+from each crop's image offset, row stride and top-left corner, augment the whole batch at once (S is larger
+than the patch when warps need room), then degrade it with the MATLAB-compatible bicubic. Without warps the
+flips and rotations are folded into the gather's index, and 8 steps are cut at once (a small batch's time is
+per-op cost). The draw for a step depends only on (seed, rank, step), so a resumed run draws exactly the
+patches it would have drawn."""
 
 from __future__ import annotations
 
