@@ -2,7 +2,7 @@
 
 Both train the same model (same seed, so the same initial weights) with the same batch, optimizer (Adam)
 and threads. The bare loop is what a hand-written script does at best: ``model(lr)``, MSE, ``zero_grad``,
-``backward``, ``step``, on batches drawn before the clock starts. The engine runs as a training run does
+``backward``, ``step`` (Adam's fused kernels, as the engine's), on batches drawn before the clock starts. The engine runs as a training run does
 (its patch sampler with the default augmentation, the lr schedule, its loss window), with ``eval_interval``
 set so that its second evaluation window holds exactly the timed steps: the engine's own patches/s of that
 window (validation and start-up excluded) is compared. Each of ``--repeats`` rounds runs engine, bare, bare,
@@ -60,7 +60,7 @@ def bare_steps_per_second(config: TrainConfig, device: torch.device, warmup: int
     batches = [sampler.batch(step) for step in range(1, warmup + steps + 1)]  # drawn before the clock starts
     torch.manual_seed(config.training.seed)
     model = create_model(config.model.name, scale=config.model.scale, in_channels=config.in_channels).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.optimizer.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.optimizer.lr, fused=True)  # as the engine's
     loss_fn = nn.MSELoss()
 
     def step(lr: torch.Tensor, hr: torch.Tensor) -> None:

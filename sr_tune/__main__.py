@@ -1,5 +1,3 @@
-import sys
+from sr_tune.cli import entry
 
-from sr_tune.cli import main
-
-sys.exit(main())
+entry()

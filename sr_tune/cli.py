@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import inspect
 import os
 import shlex
@@ -11,7 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import yaml
 
@@ -476,5 +477,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def entry() -> NoReturn:
+    """The ``sr-tune`` command: ``main``, then exit."""
+    code = main()
+    # The interpreter's exit runs garbage collections over every object torch, Ray and MLflow made: 3 to 4 s
+    # after a sweep on 2 cores. Frozen, they are left to reference counting, and the exit takes 0.5 s.
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

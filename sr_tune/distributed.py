@@ -62,13 +62,14 @@ class WorkerOptions:
     report_gate: Any = None
 
 
-def init_ray(num_cpus: float | None = None) -> None:
+def init_ray(num_cpus: float | None = None, *, dashboard: bool = True) -> None:
     """Connect to ``RAY_ADDRESS`` when set; otherwise start a local Ray that listens on 127.0.0.1 only, with
-    its dashboard (stopped runs free their workers' CPUs only through the dashboard's cleanup)."""
+    its dashboard unless ``dashboard`` is false: stopped Ray Train runs free their workers' CPUs only through
+    the dashboard's cleanup, and a sweep that starts none does without it (2 s less start-up on 2 cores)."""
     if ray.is_initialized():
         return
     with _sigterm_handler_kept():
-        _start_or_connect(num_cpus)
+        _start_or_connect(num_cpus, dashboard)
 
 
 @contextlib.contextmanager
@@ -83,7 +84,7 @@ def _sigterm_handler_kept() -> Iterator[None]:
             signal.signal(signal.SIGTERM, ours)
 
 
-def _start_or_connect(num_cpus: float | None) -> None:
+def _start_or_connect(num_cpus: float | None, dashboard: bool) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
         return
@@ -94,7 +95,7 @@ def _start_or_connect(num_cpus: float | None) -> None:
         ray.init(
             address="local",  # a new one: never a cluster some `ray start` left on this machine
             num_cpus=int(num_cpus) if num_cpus else None,
-            include_dashboard=True,
+            include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
             configure_logging=False,
         )

@@ -759,7 +759,7 @@ def run_sweep(
     logging to ``client``'s MLflow store (None: not tracked) and showing its trials on ``view``."""
     paths = sweep_paths(study, client.tracking_uri if client else None, storage)
     restoring = _check_storage(study, paths, resume)
-    init_ray()
+    init_ray(dashboard=not runs_in_trial(study))
     tags = {**run_tags(str(study.path)), **(tags or {}), "sr_tune.study": study.name}
     if restoring:
         parent_run_id = json.loads(paths.storage.read_text(paths.state))["parent_run_id"]

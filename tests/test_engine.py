@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -76,6 +77,29 @@ def test_unknown_optimizer_and_schedule_names_raise_instead_of_falling_back():
         build_optimizer(unchecked, parameter_groups(create_model("fsrcnn", scale=2), 1e-3, 1.0))
     with pytest.raises(ValueError, match="optimizer.schedule: 'linear' is not a schedule"):
         lr_factor(unchecked, 1, 10)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_optimizers_update_in_fused_kernels_as_the_reference_loop_does(name: str):
+    config = OptimizerConfig(name=name, lr=1e-2, weight_decay=1e-3)
+    model = create_model("fsrcnn", scale=2)
+    reference, before = copy.deepcopy(model), copy.deepcopy(model)
+    fused = build_optimizer(config, parameter_groups(model, config.lr, 0.5))
+    plain_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name]
+    extra = {"momentum": config.momentum} if name == "sgd" else {"betas": config.betas}
+    plain = plain_class(
+        parameter_groups(reference, config.lr, 0.5), lr=config.lr, weight_decay=1e-3, foreach=False, **extra
+    )
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    lr = torch.rand(4, 1, 12, 12)
+    for _ in range(3):
+        for net, optimizer in ((model, fused), (reference, plain)):
+            optimizer.zero_grad()
+            net(lr).square().mean().backward()
+            optimizer.step()
+    for got, expected in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(next(model.parameters()), next(before.parameters()))  # it did train
 
 
 def test_the_last_layer_gets_its_own_learning_rate():

@@ -7,7 +7,7 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from sr_tune.data.degrade import imresize
-from sr_tune.metrics import psnr, rgb_to_y, ssim
+from sr_tune.metrics import psnr, rgb_to_y, ssim, uint8_rgb_to_y
 
 from .conftest import PHOTOS
 
@@ -54,6 +54,18 @@ def test_y_is_matlab_rgb2ycbcr():
     white, black = torch.ones(3, 1, 1), torch.zeros(3, 1, 1)
     assert rgb_to_y(white).item() == pytest.approx(235 / 255)
     assert rgb_to_y(black).item() == pytest.approx(16 / 255)
+
+
+def test_y_of_uint8_pixels_is_y_of_their_floats(photos):
+    image = photos["astronaut"][:, :40, :50]  # (3, 40, 50) uint8
+    channel_last = image.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # a crop of the sampler's bank
+    for rgb in (image, channel_last, torch.stack([image, image.flip(-1)])):
+        got = uint8_rgb_to_y(rgb)
+        assert got.shape == (*rgb.shape[:-3], 1, 40, 50) and got.dtype == torch.float32
+        torch.testing.assert_close(got, rgb_to_y(rgb.float() / 255), rtol=0, atol=1e-6)
+    assert uint8_rgb_to_y(torch.full((3, 1, 1), 255, dtype=torch.uint8)).item() == pytest.approx(235 / 255)
+    with pytest.raises(ValueError, match="3 channels"):
+        uint8_rgb_to_y(image[:2])
 
 
 def test_batch_gives_one_value_per_image_in_float64(photos):

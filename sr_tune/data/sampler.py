@@ -17,7 +17,7 @@ import torch
 
 from sr_tune.data.augment import Augmenter, upload
 from sr_tune.data.degrade import degrade, to_8bit
-from sr_tune.metrics import rgb_to_y
+from sr_tune.metrics import rgb_to_y, uint8_rgb_to_y
 
 
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
@@ -28,6 +28,8 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
 
 def to_model_space(images: torch.Tensor, color: str) -> torch.Tensor:
     """RGB (B, 3, H, W), uint8 or float in [0, 1] -> float (B, 3, H, W) for 'rgb', BT.601 Y (B, 1, H, W) for 'y'."""
+    if images.dtype == torch.uint8 and color == "y":
+        return uint8_rgb_to_y(images)
     rgb = images.float() / 255.0 if images.dtype == torch.uint8 else images
     return rgb_to_y(rgb) if color == "y" else rgb
 

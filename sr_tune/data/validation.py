@@ -54,13 +54,13 @@ def validation_pairs(
         rows, cols = _centred(lr_height, crop // scale), _centred(lr_width, crop // scale)
         hr_rows = slice(rows.start * scale, rows.stop * scale)
         hr_cols = slice(cols.start * scale, cols.stop * scale)
-        hr_rgb = image.hr[None, :, hr_rows, hr_cols].to(device).float() / 255.0  # (1, 3, H, W)
-        if scale in image.lr:
-            lr_rgb = image.lr[scale][None, :, rows, cols].to(device).float() / 255.0
-        else:
-            lr_rgb = None
-        hr = to_model_space(hr_rgb, color)
-        lr = to_model_space(lr_rgb, color) if lr_rgb is not None else degrade(hr, scale, blur_sigma=blur_sigma)
+        # uint8 into to_model_space, as the training patches go: the same pixel gets the same Y in both.
+        hr_pixels = image.hr[None, :, hr_rows, hr_cols].to(device)  # (1, 3, H, W) uint8
+        lr_pixels = image.lr[scale][None, :, rows, cols].to(device) if scale in image.lr else None
+        hr_rgb = hr_pixels.float() / 255.0
+        lr_rgb = lr_pixels.float() / 255.0 if lr_pixels is not None else None
+        hr = to_model_space(hr_pixels, color)
+        lr = to_model_space(lr_pixels, color) if lr_pixels is not None else degrade(hr, scale, blur_sigma=blur_sigma)
         chroma = None
         if color == "y":  # colour previews show the model's Y with the LR's own chroma
             source = lr_rgb if lr_rgb is not None else degrade(hr_rgb, scale, blur_sigma=blur_sigma)
