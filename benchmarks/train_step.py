@@ -1,14 +1,14 @@
 """Steps per second of ``engine.train``'s loop against a minimal PyTorch loop, side by side.
 
-Both train the same model (same seed, so the same initial weights) with the same batch, optimizer (Adam)
-and threads. The bare loop is what a hand-written script does at best: ``model(lr)``, MSE, ``zero_grad``,
-``backward``, ``step`` (Adam's fused kernels, as the engine's), on batches drawn before the clock starts. The engine runs as a training run does
-(its patch sampler with the default augmentation, the lr schedule, its loss window), with ``eval_interval``
-set so that its second evaluation window holds exactly the timed steps: the engine's own patches/s of that
-window (validation and start-up excluded) is compared. Each of ``--repeats`` rounds runs engine, bare, bare,
-engine (on this machine the second of two runs in a row is measurably faster, so plain alternation with an odd
-number of rounds favours one side); the medians of all runs are compared, and the sampler alone is timed
-over the same steps for its share of an engine step.
+Both train the same model (same seed, so the same initial weights) with the same batch, optimizer (Adam, in
+its fused kernels as the engine builds it) and threads. The bare loop is what a hand-written script does at
+best: ``model(lr)``, MSE, ``zero_grad``, ``backward``, ``step``, on batches drawn before the clock starts. The
+engine runs as a training run does (its patch sampler with the default augmentation, the lr schedule, its
+loss window), with ``eval_interval`` set so that its second evaluation window holds exactly the timed steps:
+the engine's own patches/s of that window (validation and start-up excluded) is compared. Each of
+``--repeats`` rounds runs engine, bare, bare, engine (on this machine the second of two runs in a row is
+measurably faster, so plain alternation with an odd number of rounds favours one side); the medians of all
+runs are compared, and the sampler alone is timed over the same steps for its share of an engine step.
 
     python benchmarks/train_step.py [--quick] [--models espcn,fsrcnn,...] [--steps 60] [--repeats 3] [--device cpu]
 
