@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
+import operator
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
@@ -322,32 +324,27 @@ def ema_update(ema: nn.Module | None, model: nn.Module, decay: float) -> None:
 
 
 class LossWindow:
-    """The loss terms of the steps since the last evaluation, one row per step in a buffer on the device (one
-    op per step, no host sync), read once per evaluation by ``close``."""
+    """The loss terms of the steps since the last evaluation, each step's kept as they are (detached, on the
+    device: no op and no host sync per step), stacked and read once per evaluation by ``close``."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.names: list[str] = []
-        self.rows = torch.empty(0)  # (capacity, T) float32: row k holds the terms of step first_step + k
-        self.count = 0
+        self.values: list[torch.Tensor] = []  # 0-d, T per step: those of step first_step + k from k * T on
         self.first_step = 0
         self.patches = 0
         self.started = time.perf_counter()
 
     def add(self, step: int, terms: dict[str, torch.Tensor], patches: int) -> None:
-        if not self.count:
+        if not self.values:
             self.names, self.first_step = list(terms), step
-            self.rows = torch.empty(64, len(terms), device=self.device)
-        elif self.count == len(self.rows):  # doubled when full: amortized, no op per step
-            self.rows = torch.cat([self.rows, torch.empty_like(self.rows)])
-        torch.stack([value.detach().float() for value in terms.values()], out=self.rows[self.count])
-        self.count += 1
+        self.values.extend(value.detach() for value in terms.values())
         self.patches += patches
 
     def close(self, steps: int, world_size: int) -> tuple[dict[str, float], float]:
         """Mean of each term per step (over every rank under ``torch.distributed``) and patches per second;
         raises ``FloatingPointError`` naming the first step and term that was not finite on this rank."""
-        rows = self.rows[: self.count].double()  # (steps, T)
+        rows = torch.stack(self.values).double().view(-1, len(self.names))  # (steps, T)
         finite = torch.isfinite(rows).all(1)  # (steps,)
         if not bool(finite.all()):
             first = int((~finite).nonzero()[0])
@@ -518,11 +515,14 @@ def train(
     last_path = best_path = None
     window = LossWindow(device)
 
+    factor = math.nan
     for step in range(first_step, training.steps + 1):
-        factor = lr_factor(opt_config, step, training.steps)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * factor
+        step_factor = lr_factor(opt_config, step, training.steps)
+        if step_factor != factor:  # a constant lr is set once, not on every step
+            factor = step_factor
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = group["initial_lr"] * factor
 
         lr_batch, hr = sampler.batch(step)  # (B, C, p, p), (B, C, p*s, p*s) on the device
         if channels_last:
@@ -535,7 +535,7 @@ def train(
             d_loss, d_real, d_fake = discriminator_step(gan, hr, sr, autocast)
 
         terms = loss_fn(sr, hr, d_real, d_fake)
-        loss = sum(terms.values())
+        loss = functools.reduce(operator.add, terms.values())  # sum() would add a 0 first: one more op
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if opt_config.grad_clip_norm > 0:

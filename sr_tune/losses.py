@@ -136,6 +136,10 @@ def loss_terms(config: LossConfig) -> tuple[str, ...]:
     return tuple(name for name, on in switched_on.items() if on)
 
 
+def _weighted(weight: float, term: torch.Tensor) -> torch.Tensor:
+    return term if weight == 1 else weight * term  # a weight of 1: no op, no autograd node, on every step
+
+
 class SRLoss(nn.Module):
     """Weighted loss terms for the generator: {'pixel', 'perceptual', 'adversarial'} (those switched on)."""
 
@@ -153,11 +157,11 @@ class SRLoss(nn.Module):
         c = self.config
         terms = {}
         if "pixel" in self.terms:
-            terms["pixel"] = c.pixel_weight * self.pixel(sr, hr)
+            terms["pixel"] = _weighted(c.pixel_weight, self.pixel(sr, hr))
         if self.perceptual is not None:
-            terms["perceptual"] = c.perceptual_weight * self.perceptual(sr, hr)
+            terms["perceptual"] = _weighted(c.perceptual_weight, self.perceptual(sr, hr))
         if "adversarial" in self.terms:
             if d_real is None or d_fake is None:
                 raise ValueError("adversarial loss needs the discriminator's logits on HR and SR")
-            terms["adversarial"] = c.adversarial_weight * generator_loss(c.adversarial, d_real, d_fake)
+            terms["adversarial"] = _weighted(c.adversarial_weight, generator_loss(c.adversarial, d_real, d_fake))
         return terms

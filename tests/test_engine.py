@@ -133,7 +133,7 @@ def test_a_diverging_run_names_the_step_and_the_loss_term():
 
 def test_the_loss_window_averages_each_term_and_names_the_first_step_that_was_not_finite():
     window = LossWindow(torch.device("cpu"))
-    for step in range(11, 211):  # more steps than its first buffer holds
+    for step in range(11, 211):
         pixel = torch.tensor(step / 10)
         window.add(step, {"total": pixel * 2, "pixel": pixel, "vgg": pixel}, patches=16)
     means, _ = window.close(steps=200, world_size=1)
