@@ -218,6 +218,11 @@ def _trial_resources(study: Study) -> dict[str, float]:
     return {"CPU": DRIVER_CPUS}  # the driver only waits on its Train workers, which get the rest
 
 
+def _trainable(study: Study, context: TrialContext) -> Any:
+    """What Tune runs for each trial: ``_trial`` with the sweep's context, asking for the trial's CPUs."""
+    return tune.with_resources(tune.with_parameters(_trial, context=context), _trial_resources(study))
+
+
 def _train_in_trial(options: WorkerOptions, tagged: dict[str, str]) -> None:
     """``run_loop`` in this process, reporting straight to Tune: ``tune.report`` returns only when Tune lets
     the trial go on, so a stopped trial ends inside it, having logged nothing Tune did not see."""
@@ -574,8 +579,9 @@ def _fit_tuner(
 ) -> list[TrialRecord]:
     """Step 2: build Tune's ``Tuner`` (or restore the interrupted one) and run every trial."""
     if restoring:
-        trainable = tune.with_resources(tune.with_parameters(_trial, context=context), _trial_resources(study))
-        tuner = tune.Tuner.restore(paths.experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(
+            paths.experiment, trainable=_trainable(study, context), resume_unfinished=True, resume_errored=True
+        )
         # The restored run config holds the pickled (emptied) callback of the first run: this run's replaces it.
         tuner._local_tuner.get_run_config().callbacks = [callback]
     else:
@@ -593,12 +599,11 @@ def new_tuner(
 ) -> tune.Tuner:
     """Tune's ``Tuner`` for a new sweep of ``study``: its searcher and scheduler, a trial per sampled config.
     ``stop`` (e.g. a budget over all trials) serves benchmarks."""
-    trainable = tune.with_resources(tune.with_parameters(_trial, context=context), _trial_resources(study))
     concurrent = max_concurrent_trials(study)
     search_alg, scheduler, param_space, num_samples = _search(study, paths, concurrent)
     objective = study.objective
     return tune.Tuner(
-        trainable,
+        _trainable(study, context),
         param_space=param_space,
         tune_config=tune.TuneConfig(
             metric=objective.metric,

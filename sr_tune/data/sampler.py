@@ -112,7 +112,7 @@ class PatchSampler:
         self._run_first, self._run = -1, (torch.empty(0), torch.empty(0))
         # (2, N): how many tops and lefts each image has for a crop
         self.room = torch.stack([bank.cpu_heights, bank.cpu_widths]) - self.crop_size + 1
-        too_small = int(((bank.cpu_heights < self.crop_size) | (bank.cpu_widths < self.crop_size)).sum())
+        too_small = int((self.room < 1).any(0).sum())
         if too_small:
             need = f"the {self.crop_size}px crop that a {self.hr_size}px HR patch needs"
             if self.crop_size > self.hr_size:
