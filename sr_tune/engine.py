@@ -327,8 +327,7 @@ class LossWindow:
     """The loss terms of the steps since the last evaluation, each step's kept as they are (detached, on the
     device: no op and no host sync per step), stacked and read once per evaluation by ``close``."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self) -> None:
         self.names: list[str] = []
         self.values: list[torch.Tensor] = []  # 0-d, T per step: those of step first_step + k from k * T on
         self.first_step = 0
@@ -513,7 +512,7 @@ def train(
     eval_model = ema if ema is not None else model
     best_psnr = max((r.psnr for r in history), default=-math.inf)
     last_path = best_path = None
-    window = LossWindow(device)
+    window = LossWindow()
 
     factor = math.nan
     for step in range(first_step, training.steps + 1):
@@ -582,7 +581,7 @@ def train(
         best_psnr = max(best_psnr, result.psnr)
         if on_eval(result, last_path if rank == 0 else None):  # the caller stops the run (e.g. a sweep's scheduler)
             break
-        window = LossWindow(device)
+        window = LossWindow()
 
     if checkpoint_dir is not None and best_path is None and (Path(checkpoint_dir) / "best").is_dir():
         best_path = Path(checkpoint_dir) / "best"  # a resumed run whose best came before the resume

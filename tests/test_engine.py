@@ -132,7 +132,7 @@ def test_a_diverging_run_names_the_step_and_the_loss_term():
 
 
 def test_the_loss_window_averages_each_term_and_names_the_first_step_that_was_not_finite():
-    window = LossWindow(torch.device("cpu"))
+    window = LossWindow()
     for step in range(11, 211):
         pixel = torch.tensor(step / 10)
         window.add(step, {"total": pixel * 2, "pixel": pixel, "vgg": pixel}, patches=16)
@@ -140,13 +140,13 @@ def test_the_loss_window_averages_each_term_and_names_the_first_step_that_was_no
     assert means == pytest.approx({"total": 2 * 11.05, "pixel": 11.05, "vgg": 11.05})
     assert window.patches == 3200
 
-    window = LossWindow(torch.device("cpu"))
+    window = LossWindow()
     for step, pixel in enumerate([0.5, 0.25, float("inf"), float("nan"), 0.5], start=101):
         window.add(step, {"total": torch.tensor(pixel + 1), "pixel": torch.tensor(pixel), "ssim": torch.tensor(1.0)}, 1)
     with pytest.raises(FloatingPointError, match=r"^step 103: loss term pixel = inf is not finite"):
         window.close(steps=5, world_size=1)
 
-    window = LossWindow(torch.device("cpu"))  # finite terms whose sum overflowed name the total
+    window = LossWindow()  # finite terms whose sum overflowed name the total
     window.add(7, {"total": torch.tensor(float("inf")), "pixel": torch.tensor(3e38), "vgg": torch.tensor(3e38)}, 1)
     with pytest.raises(FloatingPointError, match=r"^step 7: loss term total = inf"):
         window.close(steps=1, world_size=1)
