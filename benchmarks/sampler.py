@@ -8,9 +8,9 @@ rows: flips/rot90 only, and flips plus random affine and perspective warps at st
 
     python benchmarks/sampler.py [--device cuda] [--batches 200] [--batch-size 16] [--lr-patch 11] [--scale 3]
 
-``--baseline REV`` instead times our sampler's batches (flips/rot90, Y) against the sampler of git revision
-REV (a worktree), each in a fresh process, in rounds of this, REV, REV, this; it prints ms per batch and the
-ratio.
+``--baseline REV`` instead times our sampler's batches (flips/rot90, Y, built as training builds it) against
+the sampler of git revision REV (a worktree), each in a fresh process, in rounds of this, REV, REV, this; it
+prints ms per batch and the ratio.
 """
 
 from __future__ import annotations
@@ -94,13 +94,11 @@ def patches_per_second(batches, count: int, batch_size: int, device: torch.devic
 ROOT = Path(__file__).resolve().parent.parent
 TIME_BATCHES = """
 import time, torch
-from sr_tune.data.augment import Augmenter
-from sr_tune.data.sampler import ImageBank, PatchSampler
-from sr_tune.data.sources import sample_images
+from sr_tune.config import load_config
+from sr_tune.engine import build_data
 torch.set_num_threads({threads})
-bank = ImageBank([image.hr for image in sample_images("train")], "{device}")
-sampler = PatchSampler(bank, scale={scale}, lr_patch_size={lr_patch}, batch_size={batch_size}, color="y",
-                       augmenter=Augmenter(flip_rot=True))
+settings = ["model.scale={scale}", "data.lr_patch_size={lr_patch}", "data.batch_size={batch_size}", "data.color=y"]
+sampler, _ = build_data(load_config(None, settings), torch.device("{device}"), 0, 1)  # as training builds it
 for step in range(24):
     sampler.batch(step)
 started = time.perf_counter()
@@ -161,11 +159,12 @@ def main() -> None:
         files = list_image_files(Path(folder))
 
         start = time.perf_counter()
-        bank = ImageBank([read_image(f) for f in files], device)  # decoding once is part of our cost
+        decoded = [read_image(f) for f in files]  # decoding once is part of our cost
         load_seconds = time.perf_counter() - start
 
         rows = []
         for label, strength in (("flips/rot90", 0.0), ("flips + warps at strength 1", 1.0)):
+            bank = ImageBank(decoded, device, luma=strength == 0)  # as training builds it for a Y model
             dataset = ClassicPatches(files, hr_size, args.scale, (args.batches + 1) * args.batch_size, strength)
             classic = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, persistent_workers=True)
             classic_rate = patches_per_second(classic, args.batches, args.batch_size, device)
@@ -184,7 +183,7 @@ def main() -> None:
 
     print(
         f"device {device}, {len(files)} images, HR patch {hr_size}, x{args.scale}, batch {args.batch_size}, "
-        f"{args.batches} batches; our bank built in {load_seconds:.1f} s"
+        f"{args.batches} batches; our images decoded in {load_seconds:.1f} s"
     )
     print(f"{'augmentation':<30}{'classic (patches/s)':>22}{'sr_tune (patches/s)':>22}{'ratio':>9}")
     for label, classic_rate, ours_rate in rows:

@@ -378,7 +378,7 @@ def build_data(
     )
     train_images = large_enough(train_images, crop_size, why=why, skip_bad=data.skip_bad, source=data.train)
     sampler = PatchSampler(
-        ImageBank([image.hr for image in train_images], device),
+        ImageBank([image.hr for image in train_images], device, luma=data.color == "y" and not augmenter.warps),
         scale=scale,
         lr_patch_size=data.lr_patch_size,
         batch_size=data.batch_size,

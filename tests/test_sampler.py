@@ -7,7 +7,7 @@ import torch
 
 from sr_tune.data.augment import Augmenter, dihedral
 from sr_tune.data.degrade import imresize
-from sr_tune.data.sampler import ImageBank, PatchSampler
+from sr_tune.data.sampler import ImageBank, PatchSampler, step_uniforms, to_model_space
 from sr_tune.data.sources import shard_for_rank, skimage_photo
 
 
@@ -47,9 +47,9 @@ def test_flips_and_rotations_folded_into_the_gather_equal_the_dihedral_of_the_cr
     assert not torch.equal(turned, bank.crop(index, top, left, size=33))
 
 
-@pytest.mark.parametrize("color", ["y", "rgb"])
-def test_steps_drawn_together_give_each_step_what_it_draws_alone(images, color):
-    bank, turns = ImageBank(images), Augmenter(flip_rot=True)
+@pytest.mark.parametrize(("color", "luma"), [("y", False), ("y", True), ("rgb", False)])
+def test_steps_drawn_together_give_each_step_what_it_draws_alone(images, color, luma):
+    bank, turns = ImageBank(images, luma=luma), Augmenter(flip_rot=True)
     together = sampler(bank, color=color, augmenter=turns, quantize_lr=True)
     alone = sampler(bank, color=color, augmenter=turns, quantize_lr=True)
     alone.steps_at_once = 1
@@ -57,6 +57,47 @@ def test_steps_drawn_together_give_each_step_what_it_draws_alone(images, color):
     for step in (5, 3, 11, 12, 0, 7, 8):  # out of order, across runs of steps
         for mine, its in zip(together.batch(step), alone.batch(step)):
             assert torch.equal(mine, its) and mine.shape[0] == 8
+
+
+def test_a_bank_of_y_gives_the_patches_of_the_rgb_bank():
+    images = [skimage_photo(name) for name in ("astronaut", "coffee")]  # whole photos: odd sizes, real colours
+    options = {"scale": 3, "lr_patch_size": 11, "batch_size": 16, "color": "y", "augmenter": Augmenter(flip_rot=True)}
+    rgb, luma = PatchSampler(ImageBank(images), **options), PatchSampler(ImageBank(images, luma=True), **options)
+    assert luma.bank.pixels.shape == (sum(im.shape[1] * im.shape[2] for im in images),)
+    for step in (0, 9):
+        for from_rgb, from_y in zip(rgb.batch(step), luma.batch(step)):
+            torch.testing.assert_close(from_y, from_rgb, rtol=0, atol=2e-7)  # float rounding of the same formula
+    # Each pixel's Y is what validation computes from the whole image.
+    index, top, left = luma.draw(3)
+    k = 5
+    image = images[int(index[k])][None, :, int(top[k]) : int(top[k]) + 33, int(left[k]) : int(left[k]) + 33]
+    torch.testing.assert_close(luma.bank.crop(index, top, left, size=33)[k : k + 1], to_model_space(image, "y"))
+    with pytest.raises(ValueError, match="a bank of Y pixels serves Y training without warps"):
+        PatchSampler(ImageBank(images, luma=True), **options | {"augmenter": Augmenter(strength=0.5)})
+    with pytest.raises(ValueError, match="a bank of Y pixels serves Y training without warps"):
+        PatchSampler(ImageBank(images, luma=True), **options | {"color": "rgb"})
+
+
+def test_draws_depend_only_on_their_stream_step_and_place_and_are_uniform():
+    together = step_uniforms(key=77, first=5, steps=6, count=40)
+    assert together.shape == (6, 40) and together.dtype == torch.float64
+    assert torch.equal(together[3], step_uniforms(key=77, first=8, steps=1, count=40)[0])
+    assert not torch.equal(together[0], step_uniforms(key=78, first=5, steps=1, count=40)[0])
+    many = step_uniforms(key=3, first=0, steps=1000, count=400).flatten()  # 400,000 draws
+    assert 0.0 <= float(many.min()) and float(many.max()) < 1.0
+    counts = torch.histc(many, bins=100, min=0, max=1)
+    expected = len(many) / 100
+    chi_square = float(((counts - expected) ** 2 / expected).sum())
+    assert chi_square < 160  # 99 degrees of freedom: p < 1e-4 above 160
+    neighbours = torch.corrcoef(torch.stack([many[:-1], many[1:]]))[0, 1]
+    assert abs(float(neighbours)) < 0.01  # consecutive counters do not give related draws
+
+
+def test_crops_and_turns_cover_images_and_transforms_evenly(images):
+    s = sampler(ImageBank(images), batch_size=4096, augmenter=Augmenter(flip_rot=True))
+    index, _, _, turn = s._draw(first=2)
+    assert torch.bincount(index, minlength=3).min() > 4096 / 3 * 0.9
+    assert torch.bincount(turn, minlength=8).min() > 4096 / 8 * 0.85 and int(turn.max()) == 7
 
 
 def test_patches_reach_every_edge_and_stay_inside(images):

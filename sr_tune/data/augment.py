@@ -164,22 +164,14 @@ class Augmenter:
         """Whether pixels move by anything but whole-pixel flips and rotations (or change colour)."""
         return self.strength > 0
 
-    def draw_dihedral(self, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor | None:
-        """Each sample's flip/rotation (B,) in 0..7 on ``like``'s device, or None without flips; drawn where
-        ``__call__`` draws it, so both give the same patches."""
-        if not self.flip_rot:
-            return None
-        return upload(torch.randint(8, like.shape, generator=generator), like.device)
-
     def __call__(self, crops: torch.Tensor, patch: int, generator: torch.Generator) -> torch.Tensor:
         """uint8 crops (B, 3, crop_size, crop_size) -> augmented float RGB patches (B, 3, patch, patch) in [0, 1]."""
         batch = crops.shape[0]
         rgb = crops.float() / 255.0
         if self.warps:
             rgb = warp(rgb, self.warp_matrices(batch, generator), patch).clamp(0, 1)
-        choice = self.draw_dihedral(generator, crops[:, 0, 0, 0])
-        if choice is not None:
-            rgb = dihedral(rgb, choice)
+        if self.flip_rot:
+            rgb = dihedral(rgb, upload(torch.randint(8, (batch,), generator=generator), rgb.device))
         if self.color_jitter and self.warps:
             s = self.strength
             factors = [1 + _uniform(generator, batch, r * s) for r in (MAX_BRIGHTNESS, MAX_CONTRAST, MAX_SATURATION)]
