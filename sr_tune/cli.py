@@ -135,22 +135,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
     uri = _tracking_uri(study.base_config(), args.tracking_uri)
     paths = sweep_paths(study, uri, args.storage)
     if args.verbose:  # Ray's and Tune's output on the console, the view as plain lines between it
-        client = _tracking_client(uri)
         view = SweepView(study, sys.stdout, live=False)
         try:
-            result = run_sweep(study, client=client, resume=args.resume, view=view, storage=args.storage)
+            result = run_sweep(study, tracking_uri=uri, resume=args.resume, view=view, storage=args.storage)
         finally:
             shutdown_ray()
     else:
         print(f"Ray and Tune log to {paths.log} (--verbose shows them here)", flush=True)
-        with ray_output_to(paths.log) as console:
+        with ray_output_to(paths.log) as console:  # opening a new MLflow store logs its table creation there
             view = SweepView(study, console, live=console.isatty())
             try:
-                client = _tracking_client(uri)  # opening a new store logs its table creation
-                result = run_sweep(study, client=client, resume=args.resume, view=view, storage=args.storage)
+                result = run_sweep(study, tracking_uri=uri, resume=args.resume, view=view, storage=args.storage)
             finally:
                 view.close()
                 shutdown_ray()
+    client = _tracking_client(uri)  # the store exists by now: opening it again takes milliseconds
     if result.unfinished:
         again = shlex.join(
             ["sr-tune", "tune", args.study, "--resume", *(["--storage", args.storage] if args.storage else [])]

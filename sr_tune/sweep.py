@@ -75,6 +75,7 @@ from sr_tune.tracking import (
     flatten,
     log_model,
     log_summary,
+    prepare_model_logging,
     register_best,
     run_tags,
     start_run,
@@ -328,7 +329,7 @@ def _search(study: Study, paths: SweepPaths, max_concurrent: int) -> tuple[Any, 
             resample_probability=settings.resample_probability,
             synch=settings.synch,
         )
-        return None, scheduler, space, study.budget.num_samples
+        return None, scheduler, space, num_trials(study)
 
     seed = study.sampler.seed
     samplers = {
@@ -357,11 +358,14 @@ def _search(study: Study, paths: SweepPaths, max_concurrent: int) -> tuple[Any, 
             grace_period=study.patches(settings.grace_period or interval),
             reduction_factor=settings.reduction_factor,
         )
+    return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent), scheduler, {}, num_trials(study)
+
+
+def num_trials(study: Study) -> int:
+    """How many trials the sweep runs: every point of a grid, else the budget's ``num_samples``."""
     if study.sampler.name == "grid":
-        num_samples = math.prod(len(dist.grid()) for dist in study.search.values())
-    else:
-        num_samples = study.budget.num_samples
-    return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent), scheduler, {}, num_samples
+        return math.prod(len(dist.grid()) for dist in study.search.values())
+    return study.budget.num_samples
 
 
 def max_concurrent_trials(study: Study) -> int:
@@ -464,7 +468,8 @@ class _SweepCallback(tune.Callback):
     """In the sweep's driver: keeps the console view current, and ends each trial's MLflow run the moment
     Tune stops or finishes the trial, so the run's end time (and duration) is the trial's. Runs are closed
     (curves drawn, checkpoint uploaded) on a thread of their own: Tune's loop, which starts the next trial
-    and lets running ones past their report gate, does not wait for it."""
+    and lets running ones past their report gate, does not wait for it. When a trial ends with none left to
+    start, that thread also prepares the best model's export in the slot left idle."""
 
     def __init__(
         self,
@@ -481,6 +486,7 @@ class _SweepCallback(tune.Callback):
         self.unfinished: list[str] = []  # trial ids a stop signal (Ctrl-C, SIGTERM) left unfinished
         self.running: list[str] = []
         self.tune_sigint: Any = None  # the SIGINT handler Tune installs for its loop
+        self.export_prepared = False
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its run config, callbacks included, into the experiment; a resumed sweep sets fresh ones.
@@ -517,9 +523,21 @@ class _SweepCallback(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._ended(trial, None)
+        self._prepare_export(trials)
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._ended(trial, _error_line(trial))
+        self._prepare_export(trials)
+
+    def _prepare_export(self, trials: list[Any]) -> None:
+        """Every trial has started and none waits for the slot this one freed: it stays idle until the sweep
+        ends, so the export's warm-up (5 s of imports on 2 CPUs) runs there instead of after the last trial."""
+        waiting = any(trial.status in ("PENDING", "PAUSED") for trial in trials)
+        if self.client is None or self.export_prepared or waiting or len(trials) < num_trials(self.study):
+            return
+        self.export_prepared = True
+        # Not among ``closed``: should it fail, the export fails where the model is logged, with its context.
+        self.closing.submit(prepare_model_logging, self.study.base_config().in_channels)
 
     def _ended(self, trial: Any, error: str | None) -> None:
         patches = int(trial.last_result.get("patches_seen", 0))
@@ -754,17 +772,21 @@ def _check_storage(study: Study, paths: SweepPaths, resume: bool) -> bool:
 def run_sweep(
     study: Study,
     *,
-    client: MlflowClient | None = None,
+    tracking_uri: str | None = None,
     resume: bool = False,
     tags: dict[str, str] | None = None,
     view: SweepView | None = None,
     storage: str | None = None,
 ) -> SweepResult:
     """Run (or with ``resume``, continue) ``study`` on the Ray cluster (``RAY_ADDRESS``) or a local Ray,
-    logging to ``client``'s MLflow store (None: not tracked) and showing its trials on ``view``."""
-    paths = sweep_paths(study, client.tracking_uri if client else None, storage)
+    logging to the MLflow store at ``tracking_uri`` (None: not tracked) and showing its trials on ``view``."""
+    paths = sweep_paths(study, tracking_uri, storage)
     restoring = _check_storage(study, paths, resume)
-    init_ray(dashboard=not runs_in_trial(study))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="open-tracking") as pool:
+        # A new SQLite store runs its schema migrations (3 s on 2 CPUs) while the local Ray starts (5 s).
+        opening = pool.submit(lambda: MlflowClient(tracking_uri) if tracking_uri else None)
+        init_ray(dashboard=not runs_in_trial(study))
+        client = opening.result()
     tags = {**run_tags(str(study.path)), **(tags or {}), "sr_tune.study": study.name}
     if restoring:
         parent_run_id = json.loads(paths.storage.read_text(paths.state))["parent_run_id"]

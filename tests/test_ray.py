@@ -90,7 +90,7 @@ def kill_the_train_worker_after(client: MlflowClient, run_name: str, evaluations
 
 
 def test_two_gloo_workers_match_one_killed_and_restarted_worker_at_double_batch_and_log_to_mlflow(
-    tmp_path: Path, local_ray
+    tmp_path: Path, local_ray, monkeypatch
 ):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     two = fit(
@@ -134,7 +134,7 @@ def test_two_gloo_workers_match_one_killed_and_restarted_worker_at_double_batch_
     assert [m.step for m in history] == [30, 60, 90] and history[-1].value == pytest.approx(two.metrics["val_psnr"])
     grids = [a.path for a in client.list_artifacts(two.run_id, "grids")]
     assert grids == ["grids/step_0000030.png", "grids/step_0000060.png", "grids/step_0000090.png"]
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")  # this test's own fluent reads
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # this test's own fluent reads
     grid = np.asarray(mlflow.artifacts.load_image(f"runs:/{two.run_id}/grids/step_0000090.png"))
     # LR | bicubic | SR | HR, the 48 px crops enlarged 4x, under a caption strip; in colour though the model is Y.
     assert grid.shape == (192 + 24, 4 * 192 + 6, 3)
@@ -176,7 +176,7 @@ budget: {num_samples: 4, max_steps: 60}
 """,
         )
     )
-    result = run_sweep(study, client=MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    result = run_sweep(study, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
 
     trials = {t.trial_id: t for t in result.trials}
     assert len(trials) == 4 and all(t.error is None for t in trials.values())
@@ -246,8 +246,9 @@ budget: {num_samples: 4, max_steps: 60}
         "scale": "3",
         "val_psnr": f"{max(values):.4f}",
     }
-    mlflow.set_tracking_uri(client.tracking_uri)  # this test's own fluent read of the registry
-    registered = mlflow.pytorch.load_model("models:/sr_tune-asha/1")
+    with pytest.MonkeyPatch.context() as patch:  # this test's own fluent read of the registry, undone after it
+        patch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
+        registered = mlflow.pytorch.load_model("models:/sr_tune-asha/1")
     lr = torch.rand(1, 1, 48, 48)
     expected = load_checkpoint(best.best_checkpoint).build_model()(lr)
     assert torch.allclose(registered(lr), expected, atol=1e-5)
@@ -272,7 +273,7 @@ budget: {num_samples: 2, max_steps: 60}  # one exploit, at step 40
 """,
         )
     )
-    result = run_sweep(study, client=MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    result = run_sweep(study, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert len(result.trials) == 2 and all(t.error is None for t in result.trials)
 
     reports = {}

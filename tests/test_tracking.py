@@ -4,6 +4,8 @@ behind (a real SQLite store, no Ray)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -82,3 +84,37 @@ def test_a_registered_model_gets_a_version(tmp_path: Path):
         registered_name="sr_tune-test",
     )
     assert version == "1" and client.get_model_version("sr_tune-test", "1").run_id == run_id
+
+
+PREPARE_THEN_LOG = """
+import os, sys, tempfile
+from pathlib import Path
+from mlflow import MlflowClient
+from mlflow.utils import requirements_utils
+from sr_tune.models import create_model
+from sr_tune.tracking import log_model, prepare_model_logging, start_run
+assert "torch._dynamo" not in sys.modules and not requirements_utils._PACKAGES_TO_MODULES
+before = set(Path(tempfile.gettempdir()).glob("sr_tune-export-*"))
+prepare_model_logging(1)
+# What the first export of a process pays for is paid: the compiler stack imported, the packages mapped.
+assert "torch._dynamo" in sys.modules and requirements_utils._PACKAGES_TO_MODULES
+assert set(Path(tempfile.gettempdir()).glob("sr_tune-export-*")) == before  # its folder is gone
+assert "MLFLOW_TRACKING_URI" not in os.environ
+client = MlflowClient(sys.argv[1])
+run_id = start_run(client, "sr_tune", name="parent", tags={}, params={})
+print(log_model(client, run_id, create_model("espcn", scale=2), in_channels=1, registered_name="prepared"))
+"""
+
+
+def test_preparing_the_export_pays_its_first_call_costs_and_leaves_nothing_behind(tmp_path: Path):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run(  # a fresh process: this one has imported torch._dynamo through its optimizers
+        [sys.executable, "-c", PREPARE_THEN_LOG, store], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "1"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", store)
+        reloaded = mlflow.pytorch.load_model("models:/prepared/1")
+    assert reloaded(torch.rand(1, 1, 48, 48)).shape == (1, 1, 96, 96)  # the export example's size
