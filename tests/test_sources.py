@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from sr_tune.cli import main
+from sr_tune.data import sources
 from sr_tune.data.sources import (
     ALPHA_DROPPED,
     MANIFEST,
@@ -208,3 +209,28 @@ def test_sample_set_is_real_photographs_with_a_fixed_split():
     assert [i.name for i in val] == ["astronaut", "coffee", "chelsea", "rocket"]
     assert len(train) == 12 and not {i.name for i in train} & {i.name for i in val}
     assert all(i.hr.dtype == torch.uint8 and i.hr.shape[0] == 3 and min(i.hr.shape[1:]) >= 190 for i in train)
+
+
+def test_a_source_read_again_in_the_process_is_not_decoded_again_unless_its_files_changed(tmp_path: Path, crops):
+    folder = tmp_path / "photos"
+    save(crops[0], folder / "a.png")
+    save(crops[1], folder / "b.png")
+    first = open_source(str(folder), "train")
+    again = open_source(str(folder), "train")
+    assert [a.hr is b.hr for a, b in zip(first, again)] == [True, True]  # the decoded tensors themselves
+    assert open_source(str(folder), "train", rank=1, world_size=2)[0].hr is not first[1].hr  # another read
+    assert open_source(str(folder), "val")[0].hr is not first[0].hr  # each split keeps its own
+
+    save(crops[2], folder / "b.png")  # replaced: other pixels, another size
+    changed = open_source(str(folder), "train")
+    assert torch.equal(changed[1].hr, crops[2]) and changed[0].hr is not first[0].hr
+    (folder / "b.png").unlink()
+    assert [image.name for image in open_source(str(folder), "train")] == ["a"]
+
+
+def test_a_source_over_the_cache_limit_is_decoded_each_time(tmp_path: Path, crops, monkeypatch):
+    monkeypatch.setattr(sources, "DECODED_CACHE_BYTES", crops[0].nbytes)  # room for one of the two images
+    save(crops[0], tmp_path / "a.png")
+    save(crops[1], tmp_path / "b.png")
+    first, again = open_source(str(tmp_path), "train"), open_source(str(tmp_path), "train")
+    assert torch.equal(first[0].hr, again[0].hr) and first[0].hr is not again[0].hr
