@@ -34,8 +34,8 @@ def rgb_to_y(rgb: torch.Tensor) -> torch.Tensor:
 
 def uint8_rgb_to_y(images: torch.Tensor) -> torch.Tensor:
     """``rgb_to_y`` of uint8 (..., 3, H, W) RGB in [0, 255], within float rounding: one conversion, then the
-    weights (folded with both /255) applied in place, over the channel-last pixels that the sampler's crops are
-    views of. 4 ops instead of 9, and every pixel's value does not depend on the layout or the batch."""
+    weights (folded with both /255) applied in place. 4 ops instead of 9, and a pixel's value does not depend
+    on the layout or the batch, so the sampler's Y bank and validation give the same pixel the same Y."""
     if images.shape[-3] != 3:
         raise ValueError(f"uint8_rgb_to_y needs 3 channels in dim -3, got shape {tuple(images.shape)}")
     red, green, blue = images.movedim(-3, -1).float().unbind(-1)  # each (..., H, W)

@@ -413,8 +413,8 @@ def _source_version(spec: str) -> tuple | str | None:
                 return hashlib.sha256(stream.read()).hexdigest()
         except (OSError, ValueError):
             return None
-    files = sorted(path for path in Path(spec).rglob("*") if path.is_file())
-    return tuple((str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in files)
+    stats = sorted((str(path), path.stat()) for path in Path(spec).rglob("*") if path.is_file())
+    return tuple((name, stat.st_size, stat.st_mtime_ns) for name, stat in stats)
 
 
 def open_source(spec: str, split: str, *, skip_bad: bool = False, rank: int = 0, world_size: int = 1) -> list[SRImage]:
