@@ -5,8 +5,9 @@ fresh folder each time), with this checkout and, given ``--baseline REV``, with 
 worktree on ``PYTHONPATH``), alternating runs so that noise hits both. For each run:
 
 - wall: the command's whole run, from start to exit (Ray start, trial starts, training, MLflow, summary);
-- trained: the seconds the trials' training loops ran (steps and validation), summed over trials, from each
-  trial's latest checkpoint;
+- trained: the slot-seconds the trials' training loops ran (steps and validation), summed over trials, from
+  each trial's latest checkpoint; a trial the sweep gave more CPU threads at its end (its run's
+  ``cpu_threads`` points) counts as that many slots from then until its last evaluation;
 - overhead: 1 - trained / (wall x concurrent trials), the share of the sweep's CPU slots not spent training;
 - first eval: seconds from the parent MLflow run's start to the first evaluation any trial logged;
 - where the slots' time went, from the MLflow runs' start and end times: before the sweep's parent run opened
@@ -104,6 +105,7 @@ def run_sweep(code: str, source: Path, study_text: str | None, study: Path, conc
         parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
         trials = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
         first = min(client.get_metric_history(r.info.run_id, "val_psnr")[0].timestamp for r in trials)
+        trained += sum(_shared_slot_seconds(client, r.info.run_id) for r in trials)
         in_trials = sum(r.info.end_time - r.info.start_time for r in trials) / 1000
         last_end = max(r.info.end_time for r in trials) / 1000
     return Run(
@@ -116,6 +118,15 @@ def run_sweep(code: str, source: Path, study_text: str | None, study: Path, conc
         in_trials_s=in_trials,
         after_s=ended_at - last_end,
     )
+
+
+def _shared_slot_seconds(client: MlflowClient, run_id: str) -> float:
+    """The slot-seconds a trial trained on threads beyond its one CPU, from each ``cpu_threads`` point (the
+    driver's grant) to the trial's last evaluation."""
+    grants = sorted(client.get_metric_history(run_id, "cpu_threads"), key=lambda m: m.timestamp)
+    last_eval = max(m.timestamp for m in client.get_metric_history(run_id, "val_psnr"))
+    ends = [g.timestamp for g in grants[1:]] + [last_eval]
+    return sum(max(0, end - g.timestamp) / 1000 * (g.value - 1) for g, end in zip(grants, ends))
 
 
 def baseline_tree(revision: str, folder: Path) -> Path:

@@ -139,10 +139,18 @@ def _worker(loop_config: dict[str, WorkerOptions]) -> None:
 
 
 def run_loop(
-    options: WorkerOptions, *, rank: int, world_size: int, device: torch.device, start: Any, send: Send
+    options: WorkerOptions,
+    *,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    start: Any,
+    send: Send,
+    threads: Callable[[], int] | None = None,
 ) -> None:
     """``engine.train`` on this rank's shard, from ``start`` (a Ray checkpoint) or ``options``' own last
-    checkpoint, logging each evaluation to MLflow (rank 0) and handing it to ``send``."""
+    checkpoint, logging each evaluation to MLflow (rank 0) and handing it to ``send``; ``threads`` as
+    ``engine.train`` takes it."""
     config = options.config
     checkpoint_dir = Path(options.checkpoint_dir)
     resume = None
@@ -190,6 +198,7 @@ def run_loop(
             rank=rank,
             world_size=world_size,
             extra_state={"mlflow_run_id": options.run_id},
+            threads=threads,
         )
     finally:
         tracker.flush()  # what was logged reaches the run before it is ended, here or by a sweep's driver

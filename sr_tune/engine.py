@@ -477,13 +477,15 @@ def train(
     rank: int = 0,
     world_size: int = 1,
     extra_state: dict[str, Any] | None = None,
+    threads: Callable[[], int] | None = None,
 ) -> TrainResult:
     """Train ``config``'s model, from scratch, from ``training.init_from`` weights, or resuming ``resume``.
 
     Every ``eval_interval`` steps (and at the end) it evaluates, writes ``checkpoint_dir/last`` (and
     ``best`` when validation PSNR improved) on rank 0, then calls ``on_eval(result, last_or_None)``; a true
     return value ends training there (every rank must return the same). ``extra_state`` (JSON) is stored in
-    each ``last`` checkpoint, e.g. the tracking run to continue.
+    each ``last`` checkpoint, e.g. the tracking run to continue. ``threads``, asked before every step, says how
+    many CPU threads the steps from there on may use (a sweep's last trials take over the CPUs of ended ones).
     """
     data, training, opt_config, scale = config.data, config.training, config.optimizer, config.model.scale
     device = device or resolve_device(training.device)
@@ -516,6 +518,8 @@ def train(
 
     factor = math.nan
     for step in range(first_step, training.steps + 1):
+        if threads is not None and (wanted := threads()) != torch.get_num_threads():
+            torch.set_num_threads(wanted)
         step_factor = lr_factor(opt_config, step, training.steps)
         if step_factor != factor:  # a constant lr is set once, not on every step
             factor = step_factor

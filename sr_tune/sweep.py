@@ -35,6 +35,7 @@ import math
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -133,6 +134,7 @@ class TrialContext:
     tracking_uri: str | None  # resolved by the sweep process; None = not tracked
     parent_run_id: str | None
     tags: dict[str, str] = field(default_factory=dict)
+    share_cpus: bool = False  # the driver hands the CPUs of ended trials to the last ones (``CpuShares``)
 
 
 class _ReportBridge(UserCallback):
@@ -202,7 +204,9 @@ def _trial(params: dict[str, Any], context: TrialContext) -> None:
     )
     tagged = {"mlflow_run_id": run_id or "", "trial_name": name}
     if runs_in_trial(study):
-        _train_in_trial(options, tagged)
+        own = _own_threads(study)
+        share = ThreadShare(CpuShares.file(paths.runs, trial_id), own) if context.share_cpus else None
+        _train_in_trial(options, tagged, own, share)
     else:
         _train_on_workers(options, tagged, trial_id, storage_path=paths.train_storage)
 
@@ -224,9 +228,17 @@ def _trainable(study: Study, context: TrialContext) -> Any:
     return tune.with_resources(tune.with_parameters(_trial, context=context), _trial_resources(study))
 
 
-def _train_in_trial(options: WorkerOptions, tagged: dict[str, str]) -> None:
+def _own_threads(study: Study) -> int:
+    return max(1, int(study.resources.cpus_per_worker))
+
+
+def _train_in_trial(options: WorkerOptions, tagged: dict[str, str], own: int, share: ThreadShare | None) -> None:
     """``run_loop`` in this process, reporting straight to Tune: ``tune.report`` returns only when Tune lets
-    the trial go on, so a stopped trial ends inside it, having logged nothing Tune did not see."""
+    the trial go on, so a stopped trial ends inside it, having logged nothing Tune did not see. It trains on
+    ``own`` threads (its Ray CPUs) until ``share`` says more."""
+    # Set, not inherited: a reused process may come from a trial given more, and a user's OMP_NUM_THREADS
+    # would win over the one Ray sets from the trial's CPUs.
+    torch.set_num_threads(own)
 
     def send(metrics: dict[str, Any], checkpoint: Path | None) -> bool:
         held = tune.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None
@@ -234,7 +246,71 @@ def _train_in_trial(options: WorkerOptions, tagged: dict[str, str]) -> None:
         return False
 
     start = options.start_checkpoint
-    run_loop(options, rank=0, world_size=1, device=torch.device("cpu"), start=start, send=send)
+    run_loop(options, rank=0, world_size=1, device=torch.device("cpu"), start=start, send=send, threads=share)
+
+
+class ThreadShare:
+    """In a trial that trains in its own process: how many CPU threads its sweep's driver lets it use, from the
+    file ``CpuShares`` writes, read at most twice a second (asking on every step costs a clock read)."""
+
+    def __init__(self, path: Path, own: int) -> None:
+        self.path, self.own, self.threads, self.next_read = path, own, own, 0.0
+
+    def __call__(self) -> int:
+        now = time.monotonic()
+        if now >= self.next_read:
+            self.next_read = now + 0.5
+            try:
+                self.threads = int(self.path.read_text())
+            except FileNotFoundError:
+                self.threads = self.own
+        return self.threads
+
+
+class CpuShares:
+    """In the sweep's driver, for trials that train in processes on this machine: once every trial has started
+    and none waits, the CPUs of the trials that ended go to the running ones, so that the last trials of a
+    sweep train on the slots the others left idle instead of one slot each; a trial that waits again (a
+    retry, a PBT exploit) takes them back. Each running trial's share is written to its file in ``folder``.
+
+    Threads change a run's float sums: a trial that ends a sweep on more threads is not bit-for-bit the run
+    it would be on its own CPUs (its patches and schedule are)."""
+
+    def __init__(self, folder: Path, study: Study, slots: int) -> None:
+        self.folder, self.study = folder, study
+        self.own, self.cpus = _own_threads(study), int(slots * study.resources.cpus_per_worker)
+        self.granted: dict[str, int] = {}
+
+    @staticmethod
+    def file(folder: Path, trial_id: str) -> Path:
+        return folder / f"{trial_id}.threads"
+
+    def clear(self) -> None:
+        """Removes the shares written (a resumed sweep starts with every trial on its own CPUs)."""
+        for stale in self.folder.glob("*.threads"):
+            stale.unlink(missing_ok=True)
+
+    def update(self, trials: list[Any], ended: str | None = None) -> dict[str, int]:
+        """Writes the share of each running trial (``ended`` is on its way out); returns those that changed."""
+        running = [trial.trial_id for trial in trials if trial.status == "RUNNING" and trial.trial_id != ended]
+        share = self.own
+        if running and _none_left_to_start(self.study, trials):
+            share = max(self.own, self.cpus // len(running))
+        changed = {}
+        for trial_id in running:
+            if self.granted.get(trial_id, self.own) != share:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                partial = self.folder / f".{trial_id}.threads"
+                partial.write_text(str(share))
+                partial.replace(self.file(self.folder, trial_id))  # the trial reads a whole number or none
+                self.granted[trial_id] = changed[trial_id] = share
+        return changed
+
+
+def _none_left_to_start(study: Study, trials: list[Any]) -> bool:
+    """Every trial of the sweep has started and none waits for a slot: slots freed from now on stay idle."""
+    waiting = any(trial.status in ("PENDING", "PAUSED") for trial in trials)
+    return not waiting and len(trials) >= num_trials(study)
 
 
 def _train_on_workers(options: WorkerOptions, tagged: dict[str, str], trial_id: str, storage_path: str) -> None:
@@ -469,7 +545,8 @@ class _SweepCallback(tune.Callback):
     Tune stops or finishes the trial, so the run's end time (and duration) is the trial's. Runs are closed
     (curves drawn, checkpoint uploaded) on a thread of their own: Tune's loop, which starts the next trial
     and lets running ones past their report gate, does not wait for it. When a trial ends with none left to
-    start, that thread also prepares the best model's export in the slot left idle."""
+    start, that thread also prepares the best model's export in the slot left idle, and ``shares`` (when given)
+    hands the running trials the CPUs of the ended ones."""
 
     def __init__(
         self,
@@ -478,9 +555,10 @@ class _SweepCallback(tune.Callback):
         view: SweepView | None,
         client: MlflowClient | None,
         parent_run_id: str | None,
+        shares: CpuShares | None = None,
     ) -> None:
         self.study, self.storage, self.view = study, storage, view
-        self.client, self.parent_run_id = client, parent_run_id
+        self.client, self.parent_run_id, self.shares = client, parent_run_id, shares
         self.closing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="close-trial-run")
         self.closed: list[Future] = []
         self.unfinished: list[str] = []  # trial ids a stop signal (Ctrl-C, SIGTERM) left unfinished
@@ -501,6 +579,7 @@ class _SweepCallback(tune.Callback):
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         if self.view is not None:
             self.view.started(trial.trial_id, str(trial), {key: trial.config.get(key) for key in self.study.search})
+        self._share_cpus(trials)
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any) -> None:
         if self.view is not None:
@@ -523,17 +602,36 @@ class _SweepCallback(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._ended(trial, None)
+        self._share_cpus(trials, ended=trial.trial_id)
         self._prepare_export(trials)
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._ended(trial, _error_line(trial))
+        self._share_cpus(trials, ended=trial.trial_id)
         self._prepare_export(trials)
+
+    def _share_cpus(self, trials: list[Any], ended: str | None = None) -> None:
+        """New CPU shares go to the trials at once; their runs get a ``cpu_threads`` point on the closing thread."""
+        if self.shares is None:
+            return
+        changed = self.shares.update(trials, ended)
+        if self.client is None or self.parent_run_id is None:
+            return
+        for trial in trials:
+            if trial.trial_id in changed:
+                self.closed.append(
+                    self.closing.submit(self._log_threads, trial.trial_id, changed[trial.trial_id], trial.last_result)
+                )
+
+    def _log_threads(self, trial_id: str, threads: int, last: dict[str, Any]) -> None:
+        run_id = find_trial_run(self.client, self.study.base_config().tracking.experiment, self.parent_run_id, trial_id)
+        if run_id is not None:
+            self.client.log_metric(run_id, "cpu_threads", threads, step=int(last.get("step", 0)))
 
     def _prepare_export(self, trials: list[Any]) -> None:
         """Every trial has started and none waits for the slot this one freed: it stays idle until the sweep
         ends, so the export's warm-up (5 s of imports on 2 CPUs) runs there instead of after the last trial."""
-        waiting = any(trial.status in ("PENDING", "PAUSED") for trial in trials)
-        if self.client is None or self.export_prepared or waiting or len(trials) < num_trials(self.study):
+        if self.client is None or self.export_prepared or not _none_left_to_start(self.study, trials):
             return
         self.export_prepared = True
         # Not among ``closed``: should it fail, the export fails where the model is logged, with its context.
@@ -794,18 +892,25 @@ def run_sweep(
             client.update_run(parent_run_id, status="RUNNING")  # a stopped sweep goes on
     else:
         parent_run_id = _open_parent_run(study, paths, client, tags)
+    shares = None
+    if runs_in_trial(study) and not os.environ.get("RAY_ADDRESS"):  # the trials' processes share this machine
+        shares = CpuShares(paths.runs, study, max_concurrent_trials(study))
+        shares.clear()
     context = TrialContext(
         study=study,
         paths=paths,
         tracking_uri=client.tracking_uri if client else None,
         parent_run_id=parent_run_id,
         tags=tags,
+        share_cpus=shares is not None,
     )
-    callback = _SweepCallback(study, paths.storage, view, client, parent_run_id)
+    callback = _SweepCallback(study, paths.storage, view, client, parent_run_id, shares)
     try:
         records = _fit_tuner(study, paths, context, callback, restoring)
     finally:
         callback.wait()
+        if shares is not None:
+            shares.clear()
 
     if callback.unfinished:  # stopped by a signal: the state is saved, nothing is summarized yet
         if client and parent_run_id:

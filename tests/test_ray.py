@@ -215,6 +215,12 @@ budget: {num_samples: 4, max_steps: 60}
         assert len(client.list_artifacts(child.info.run_id, "grids")) == len(history)
         assert {a.path for a in client.list_artifacts(child.info.run_id)} >= {"curves.png", "best_checkpoint", "grids"}
 
+    # The trials the sweep ended with took over the slots of ended ones: the last one ran on both CPUs.
+    granted = {c.data.tags[TRIAL_TAG]: client.get_metric_history(c.info.run_id, "cpu_threads") for c in children}
+    last = max(children, key=lambda c: c.info.end_time).data.tags[TRIAL_TAG]
+    assert [point.value for point in granted[last]] == [2]
+    assert not list((tmp_path / "runs" / "sweeps" / "asha.runs").glob("*.threads"))  # removed after the sweep
+
     best = result.trials[0]
     best_run = next(c for c in children if c.data.tags[TRIAL_TAG] == best.trial_id)
     assert [c.info.run_id for c in children if c.data.tags.get("sr_tune.best") == "true"] == [best_run.info.run_id]
