@@ -12,8 +12,9 @@ worktree on ``PYTHONPATH``), alternating runs so that noise hits both. For each 
 - first eval: seconds from the parent MLflow run's start to the first evaluation any trial logged;
 - where the slots' time went, from the MLflow runs' start and end times: before the sweep's parent run opened
   (imports, Ray's start), inside trial runs but not training (a trial's set-up, its reports and checkpoints),
-  between trial runs (a trial process's start, a slot with nothing to run, e.g. the last trial alone), and
-  after the last trial ended (the sweep's summary, curves and registered model, Ray's stop).
+  between trial runs (a trial process's start, a slot with nothing to run, e.g. the last trial alone, less
+  the slot-seconds trials trained in slots they took over), and after the last trial ended (the sweep's
+  summary, curves and registered model, Ray's stop).
 
     python benchmarks/ray_overhead.py [--quick] [--baseline REV] [--repeats N]
 
@@ -56,7 +57,8 @@ resources: {{workers: 1, cpus_per_worker: 1}}
 class Run:
     code: str
     wall_s: float
-    trained_s: float
+    trained_s: float  # in the trials' own slots
+    shared_s: float  # in slots the trials took over at the sweep's end
     concurrent: int
     first_eval_s: float
     before_s: float  # process start -> the parent run's start
@@ -65,12 +67,12 @@ class Run:
 
     @property
     def overhead(self) -> float:
-        return 1 - self.trained_s / (self.wall_s * self.concurrent)
+        return 1 - (self.trained_s + self.shared_s) / (self.wall_s * self.concurrent)
 
     def shares(self) -> dict[str, float]:
         """Each part of the slots' time (wall x concurrent trials) as a share of it."""
         slots = self.wall_s * self.concurrent
-        between = slots - self.concurrent * (self.before_s + self.after_s) - self.in_trials_s
+        between = slots - self.concurrent * (self.before_s + self.after_s) - self.in_trials_s - self.shared_s
         return {
             "before the sweep": self.concurrent * self.before_s / slots,
             "in trials, not training": (self.in_trials_s - self.trained_s) / slots,
@@ -105,13 +107,14 @@ def run_sweep(code: str, source: Path, study_text: str | None, study: Path, conc
         parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
         trials = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
         first = min(client.get_metric_history(r.info.run_id, "val_psnr")[0].timestamp for r in trials)
-        trained += sum(_shared_slot_seconds(client, r.info.run_id) for r in trials)
+        shared = sum(_shared_slot_seconds(client, r.info.run_id) for r in trials)
         in_trials = sum(r.info.end_time - r.info.start_time for r in trials) / 1000
         last_end = max(r.info.end_time for r in trials) / 1000
     return Run(
         code,
         wall,
         trained,
+        shared,
         concurrent,
         first_eval_s=(first - parent.info.start_time) / 1000,
         before_s=parent.info.start_time / 1000 - started_at,
@@ -154,7 +157,8 @@ def main() -> None:
                     runs.append(run_sweep(code, source, study_text, study, concurrent=2))
                     r = runs[-1]
                     print(
-                        f"[{repeat + 1}/{args.repeats}] {code}: wall {r.wall_s:.1f} s, trained {r.trained_s:.1f} s, "
+                        f"[{repeat + 1}/{args.repeats}] {code}: wall {r.wall_s:.1f} s, trained {r.trained_s:.1f} s "
+                        f"(+{r.shared_s:.1f} s in shared slots), "
                         f"overhead {r.overhead:.1%}, first eval after {r.first_eval_s:.1f} s",
                         flush=True,
                     )
@@ -169,7 +173,7 @@ def main() -> None:
         wall = statistics.median(r.wall_s for r in mine)
         overhead = statistics.median(r.overhead for r in mine)
         medians[code] = wall
-        trained = statistics.median(r.trained_s for r in mine)
+        trained = statistics.median(r.trained_s + r.shared_s for r in mine)
         first = statistics.median(r.first_eval_s for r in mine)
         print(f"{code:<28} {wall:>8.1f} {trained:>10.1f} {overhead:>9.1%} {first:>13.1f}")
     print("\nwhere the CPU slots' time went (medians):")

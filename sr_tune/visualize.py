@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
+import torch
+from PIL import Image, ImageDraw, ImageFont
 
-matplotlib.use("Agg")  # files only; workers have no display
+from sr_tune.engine import EvalResult, Preview
 
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
-
-from sr_tune.engine import EvalResult, Preview  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 TILE_MIN = 192  # px: smaller crops are enlarged (nearest) to at least this
 TILE_CROP = 256  # px: larger images show their centre
@@ -59,10 +57,22 @@ def preview_grid(preview: Preview) -> Image.Image:
     return grid
 
 
+@functools.cache
+def _pyplot() -> ModuleType:
+    """matplotlib's pyplot, drawing to files only (workers have no display). Imported on first use: a sweep's
+    trial processes only make preview grids, and matplotlib is 0.5 s of each one's start on a busy core."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot
+
+
 def curves_figure(history: Sequence[EvalResult]) -> Figure:
     """Training loss (log scale) and validation PSNR-Y against bicubic, by step."""
     steps = [r.step for r in history]
-    figure, (loss_axis, psnr_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    figure, (loss_axis, psnr_axis) = _pyplot().subplots(1, 2, figsize=(10, 4))
     loss_axis.plot(steps, [r.loss for r in history], marker="o")
     loss_axis.set(xlabel="step", ylabel="training loss", yscale="log", title="loss")
     psnr_axis.plot(steps, [r.psnr for r in history], marker="o", label="model")
@@ -81,7 +91,7 @@ def best_so_far_figure(points: Sequence[tuple[float, float]], metric: str, mode:
         best = value if best is None else (max(best, value) if mode == "max" else min(best, value))
         xs.append(patches)
         ys.append(best)
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure, axis = _pyplot().subplots(figsize=(6, 4))
     axis.plot(xs, ys, drawstyle="steps-post")
     axis.set(xlabel="patches seen by the sweep", ylabel=f"best {metric} so far", title="sweep progress")
     figure.tight_layout()
@@ -114,7 +124,7 @@ def parameter_figure(
     """One searched parameter against each trial's best objective: the best trial starred and named, trials
     stopped early hollow, colours by ``group_key`` (a choice parameter). Choices sit side by side with a
     little spread so equal values stay visible."""
-    figure, axis = plt.subplots(figsize=(6, 4.5))
+    figure, axis = _pyplot().subplots(figsize=(6, 4.5))
     categories = _ordered({p.value for p in points}) if kind == "choice" else []
 
     def x(index: int, point: TrialPoint) -> float:
@@ -122,8 +132,10 @@ def parameter_figure(
             return point.value
         return categories.index(point.value) + 0.25 * ((index * 0.618) % 1 - 0.5)
 
+    from matplotlib.lines import Line2D
+
     groups = _ordered({p.group for p in points})
-    colours = {group: plt.get_cmap("tab10")(index % 10) for index, group in enumerate(groups)}
+    colours = {group: _pyplot().get_cmap("tab10")(index % 10) for index, group in enumerate(groups)}
     for index, point in enumerate(points):
         colour, where = colours[point.group], (x(index, point), point.objective)
         face = "none" if point.stopped else [colour]
@@ -147,7 +159,7 @@ def parameter_figure(
 
 def schedule_figure(key: str, schedules: dict[str, Sequence[tuple[float, float]]]) -> Figure:
     """A hyperparameter against patches seen, one line per trial (how PBT moved it)."""
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure, axis = _pyplot().subplots(figsize=(6, 4))
     for trial, points in schedules.items():
         axis.plot([p for p, _ in points], [v for _, v in points], marker=".", drawstyle="steps-post", label=trial)
     axis.set(xlabel="patches seen", ylabel=key, title=f"PBT schedule of {key}")
