@@ -21,7 +21,13 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 # Every test that starts Ray: one Ray per machine (Ray 2.60's PlacementGroupCleaner finds its cluster by
 # auto-detection, which fails when two local Ray instances run), so these files run on one xdist worker,
 # one after the other; and first, being the suite's longest path.
-RAY_FILES = ("test_ray.py", "test_cluster.py", "test_sweep_stopped.py", "test_hpo_benchmark.py")
+RAY_FILES = (
+    "test_ray.py",
+    "test_cluster.py",
+    "test_sweep_stopped.py",
+    "test_hpo_benchmark.py",
+    "test_overhead_benchmark.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

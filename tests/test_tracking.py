@@ -106,6 +106,37 @@ print(log_model(client, run_id, create_model("espcn", scale=2), in_channels=1, r
 """
 
 
+TRIAL_PROCESS_LOGS = """
+import sys
+import torch
+import sr_tune.sweep  # what a sweep's trial process imports
+from sr_tune.engine import EvalResult, Preview
+from sr_tune.tracking import open_tracker, start_run
+from mlflow import MlflowClient
+run_id = start_run(MlflowClient(sys.argv[1]), "sr_tune", name="trial", tags={}, params={})
+tracker = open_tracker(sys.argv[1], run_id, 0, 1)
+image = torch.rand(3, 16, 16)
+preview = Preview(lr=image, bicubic=image, sr=image, hr=image, bicubic_psnr=20.0, sr_psnr=21.0)
+tracker.log_eval(EvalResult(step=1, loss=0.1, losses={}, lr=1e-3, vgg={}, patches_per_second=1.0, seconds=1.0,
+                            psnr=21.0, ssim=0.5, bicubic_psnr=20.0, bicubic_ssim=0.4, preview=preview))
+tracker.flush()
+assert MlflowClient(sys.argv[1]).list_artifacts(run_id, "grids"), "no preview grid logged"
+print(sorted(name for name in sys.modules if name.split(".")[0] == "matplotlib"))
+"""
+
+
+def test_a_trial_process_logs_its_evaluations_and_grids_without_importing_matplotlib(tmp_path: Path):
+    # matplotlib is half a second of a trial process's start on a busy core; only the sweep's driver draws.
+    done = subprocess.run(
+        [sys.executable, "-c", TRIAL_PROCESS_LOGS, f"sqlite:///{tmp_path / 'mlflow.db'}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_preparing_the_export_pays_its_first_call_costs_and_leaves_nothing_behind(tmp_path: Path):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
