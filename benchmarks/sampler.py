@@ -6,7 +6,10 @@ pipeline is what most SR repositories do: a Dataset that opens, decodes, crops a
 sample with PIL and torchvision transforms, batched by a torch DataLoader with 2 worker processes. Two
 rows: flips/rot90 only, and flips plus random affine and perspective warps at strength 1.
 
-    python benchmarks/sampler.py [--device cuda] [--batches 200] [--batch-size 16] [--lr-patch 11] [--scale 3]
+    python benchmarks/sampler.py [--quick] [--device cuda] [--batches 200] [--batch-size 16] [--lr-patch 11]
+        [--scale 3]
+
+``--quick``: 20 batches a row (a check that it runs, in about half a minute on 2 CPUs; not a measurement).
 
 ``--baseline REV`` instead times our sampler's batches (flips/rot90, Y, built as training builds it) against
 the sampler of git revision REV (a worktree), each in a fresh process, in rounds of this, REV, REV, this; it
@@ -139,6 +142,7 @@ def compare_with(revision: str, args: argparse.Namespace, rounds: int = 3) -> No
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="20 batches a row: checks that it runs")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -147,6 +151,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--baseline", help="compare our sampler with this git revision's instead")
     args = parser.parse_args()
+    if args.quick:
+        args.batches = 20
     if args.baseline:
         compare_with(args.baseline, args)
         return

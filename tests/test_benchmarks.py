@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import REPO
 
 
@@ -30,3 +32,15 @@ def test_upscale_prints_throughput_and_memory_of_each_tile_beside_the_whole_imag
     rows = [line.split() for line in lines[header + 1 :]]
     assert [row[0] for row in rows] == ["whole", "64"]
     assert rows[0][-1] == "1.00x" and float(rows[1][-1].rstrip("x")) > 0
+
+
+def test_sampler_prints_the_ratio_to_a_classic_dataloader_for_each_augmentation():
+    lines = run_script("sampler.py", "--quick", "--workers", "1")
+    header = next(i for i, line in enumerate(lines) if line.startswith("augmentation"))
+    rows = [line.rsplit(None, 3) for line in lines[header + 1 :]]
+    assert [row[0] for row in rows] == ["flips/rot90", "flips + warps at strength 1"]
+    for _, classic, ours, ratio in rows:
+        classic_rate, ours_rate = float(classic.replace(",", "")), float(ours.replace(",", ""))
+        assert classic_rate > 0 and ours_rate > 0
+        # The rates are printed whole, the ratio to 0.1, each from the unrounded rates.
+        assert float(ratio.rstrip("x")) == pytest.approx(ours_rate / classic_rate, rel=1 / classic_rate, abs=0.051)
