@@ -10,6 +10,10 @@ through ``ray.tune.report``; Tune copies the checkpoint into the trial's folder 
 ``keep_checkpoints`` by the objective) before training goes on. A trial restored by Tune (a resumed sweep,
 a PBT exploit) starts from ``ray.tune.get_checkpoint()``.
 
+At the end of a sweep on a local Ray, once every trial has started and none waits, the CPUs of the trials
+that ended go to the ones still training in their own processes (``CpuShares`` in the driver writes each
+one's share, ``ThreadShare`` reads it in the trial, the engine sets torch's threads between steps).
+
 Search: Optuna (TPE multivariate, QMC, random, grid) under a concurrency limit, its study stored in an
 SQLite file beside the MLflow store (``optuna-dashboard sqlite:///.../optuna.db``), with ASHA stopping
 on the objective; or PBT (Ray refuses it with a search algorithm), which samples start points at random
