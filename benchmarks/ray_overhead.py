@@ -127,7 +127,7 @@ def _shared_slot_seconds(client: MlflowClient, run_id: str) -> float:
     """The slot-seconds a trial trained on threads beyond its one CPU, from each ``cpu_threads`` point (the
     driver's grant) to the trial's last evaluation."""
     grants = sorted(client.get_metric_history(run_id, "cpu_threads"), key=lambda m: m.timestamp)
-    last_eval = max(m.timestamp for m in client.get_metric_history(run_id, "val_psnr"))
+    last_eval = max((m.timestamp for m in client.get_metric_history(run_id, "val_psnr")), default=0)
     ends = [g.timestamp for g in grants[1:]] + [last_eval]
     return sum(max(0, end - g.timestamp) / 1000 * (g.value - 1) for g, end in zip(grants, ends))
 
