@@ -5,7 +5,9 @@ the optimizers' state and the RNG state; ``checkpoint.json`` holds the full ``Tr
 last metrics and the rest of the training state (optimizer hyperparameters, metric history), so a
 checkpoint alone rebuilds its model and resumes its run exactly. Loading never unpickles: pickle files
 (``.pt``, ``.pth``, ``.ckpt``) are refused. Writes go to a temporary sibling folder that is renamed into
-place, so a crash never leaves a half-written checkpoint under the final name.
+place, so a crash never leaves a half-written checkpoint under the final name, and a save replaces only
+a folder that holds nothing but a checkpoint's two files: a folder with anything else in it (a user's own
+files) is refused, or with ``keep_other_files`` gets the two files beside what it holds.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ WEIGHTS_FILE = "weights.safetensors"
 META_FILE = "checkpoint.json"
 FORMAT_VERSION = 2
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".bin")
+CHECKPOINT_FILES = frozenset({WEIGHTS_FILE, META_FILE})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,10 +99,22 @@ def save_checkpoint(
     modules: dict[str, nn.Module] | None = None,
     optimizers: dict[str, torch.optim.Optimizer] | None = None,
     state: dict[str, Any] | None = None,
+    keep_other_files: bool = False,
 ) -> Path:
     """Write ``model`` (plus optional extra ``modules`` and ``optimizers`` by name), the config, step,
-    metrics and JSON ``state`` atomically to folder ``path``. The torch RNG state is saved too."""
+    metrics and JSON ``state`` atomically to folder ``path``. The torch RNG state is saved too.
+
+    An existing ``path`` is replaced only when it is empty or an sr_tune checkpoint (its two files, nothing
+    else); one that holds anything else raises ``FileExistsError`` before anything is written, unless
+    ``keep_other_files``: then the two files are put into it, one rename each, and nothing else is touched."""
     path = Path(path)
+    _put_back_after_a_killed_save(path)  # its predecessor in place first, so that it is what gets retired
+    foreign = foreign_entries(path)
+    if foreign and not keep_other_files:
+        raise FileExistsError(
+            f"{path} holds files that are not an sr_tune checkpoint ({', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}); nothing was written: choose a new or empty folder"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     for name, module in (modules or {}).items():
@@ -120,14 +135,20 @@ def save_checkpoint(
         "optimizers": optimizer_meta,
         "state": state or {},
     }
-    _put_back_after_a_killed_save(path)  # its predecessor in place first, so that it is what gets retired
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         save_file(tensors, staging / WEIGHTS_FILE)
         (staging / META_FILE).write_text(json.dumps(meta, indent=2))
-        if path.exists():
+        if foreign:  # beside the user's files, which stay as they are
+            for name in (WEIGHTS_FILE, META_FILE):
+                os.replace(staging / name, path / name)
+            staging.rmdir()
+        elif path.exists():
             retired = _retired(path)
-            shutil.rmtree(retired, ignore_errors=True)
+            if retired.exists() or retired.is_symlink():
+                if foreign_entries(retired):
+                    raise FileExistsError(f"{retired} is in the way of replacing {path} and is not a checkpoint")
+                shutil.rmtree(retired)
             os.replace(path, retired)  # a kill from here to the next line leaves only the retired one
             os.replace(staging, path)
             shutil.rmtree(retired)
@@ -139,6 +160,27 @@ def save_checkpoint(
     return path
 
 
+def foreign_entries(path: Path) -> list[str]:
+    """What in folder ``path`` is not part of an sr_tune checkpoint (empty when it does not exist, is empty
+    or holds only a checkpoint's files); a file or a link at ``path`` is foreign itself."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        return [path.name]
+    if not path.exists():
+        return []
+    names = sorted(entry.name for entry in path.iterdir())
+    if (path / META_FILE).is_file() and not _written_by_sr_tune(path / META_FILE):
+        return names
+    return [name for name in names if name not in CHECKPOINT_FILES or (path / name).is_symlink()]
+
+
+def _written_by_sr_tune(meta_file: Path) -> bool:
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "format" in meta and "config" in meta
+
+
 def _retired(path: Path) -> Path:
     return path.with_name(f".{path.name}.old")
 
@@ -146,8 +188,9 @@ def _retired(path: Path) -> Path:
 def _put_back_after_a_killed_save(path: Path) -> None:
     """A save killed between its two renames (the old folder moved aside, the new one not yet in place) left
     the previous checkpoint aside: it goes back to ``path``."""
-    if not path.exists() and _retired(path).is_dir():
-        os.replace(_retired(path), path)
+    retired = _retired(path)
+    if not path.exists() and retired.is_dir() and not retired.is_symlink() and not foreign_entries(retired):
+        os.replace(retired, path)
 
 
 def has_checkpoint(path: str | Path) -> bool:

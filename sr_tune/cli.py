@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
+import math
 import os
 import shlex
 import signal
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, NoReturn
 import yaml
 
 from sr_tune.config import ConfigError, DataConfig, ModelConfig, TrainConfig, describe_fields, load_config
+from sr_tune.credentials import credential_problem, redact
 from sr_tune.submit import ClusterError
 
 if TYPE_CHECKING:
@@ -60,18 +62,43 @@ def _tracking_uri(config: TrainConfig, override: str | None) -> str | None:
     if not config.tracking.enabled:
         return None
     uri = resolve_tracking_uri(config.tracking.tracking_uri, override)
+    if problem := credential_problem(uri):
+        raise ConfigError([f"the tracking URI {uri!r} {problem}"], "--tracking-uri / MLFLOW_TRACKING_URI / config")
     check_tracking_server(uri)
     return uri
 
 
+def _storage_problems(named: str, location: str) -> list[str]:
+    """Why ``location`` (given as ``named``) cannot be a storage root: a scheme pyarrow does not open,
+    credentials in it, or (checked last, one request of at most a few seconds) a remote store that does not
+    answer from here."""
+    from sr_tune.storage import reach_problem, storage_problem
+
+    problem = storage_problem(location) or reach_problem(location)
+    return [f"{named} {location!r} {problem}"] if problem else []
+
+
+def _data_problems(config: TrainConfig) -> list[str]:
+    """Why the data folders (or shard URIs) cannot be read where this command runs: missing, unreachable, or
+    holding an image that would fail to decode (unless ``data.skip_bad``). Found before anything starts."""
+    from sr_tune.data.sources import source_image_problems, source_problem
+
+    problems = []
+    for key in ("train", "val"):
+        spec = getattr(config.data, key)
+        if problem := source_problem(spec):
+            problems.append(f"data.{key}: {problem}")
+        elif key == "train" or spec != config.data.train:
+            problems.extend(
+                f"data.{key}: {problem} (data.skip_bad=true skips such images)"
+                for problem in source_image_problems(spec, skip_bad=config.data.skip_bad)
+            )
+    return problems
+
+
 def _check_data(config: TrainConfig, source: str) -> None:
     """The data folders (or shard URIs) exist where this command runs, before anything starts."""
-    from sr_tune.data.sources import source_problem
-
-    problems = [
-        f"data.{key}: {problem}" for key in ("train", "val") if (problem := source_problem(getattr(config.data, key)))
-    ]
-    if problems:
+    if problems := _data_problems(config):
         raise ConfigError(problems, source)
 
 
@@ -83,7 +110,7 @@ def _tracking_client(uri: str | None) -> MlflowClient | None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from sr_tune.checkpoint import has_checkpoint, load_checkpoint
-    from sr_tune.distributed import fit
+    from sr_tune.distributed import earlier_run_files, fit
 
     config = load_config(args.config, args.overrides)
     _check_data(config, args.config)
@@ -93,6 +120,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and not has_checkpoint(last):
         raise ConfigError(
             [f"--resume: no checkpoint to continue from at {last} (leave out --resume to start)"], args.config
+        )
+    if not args.resume and (earlier := earlier_run_files(config)):
+        again = shlex.join(["sr-tune", "train", args.config, *args.overrides])
+        raise ConfigError(
+            [
+                f"run {config.run_name!r} exists ({', '.join(earlier)}): a new run would overwrite or resume it; "
+                f"continue it with `{again} --resume`, or start another with `{again} tracking.run_name=NEW_NAME`"
+            ],
+            args.config,
         )
     client = _tracking_client(_tracking_uri(config, args.tracking_uri))
     workers = config.distributed.num_workers
@@ -123,15 +159,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from sr_tune.console import SweepView, ray_output_to
     from sr_tune.distributed import shutdown_ray
-    from sr_tune.storage import storage_problem
+    from sr_tune.storage import STORAGE_ENV, reach_problem
     from sr_tune.study import load_study
     from sr_tune.summary import sweep_table
     from sr_tune.sweep import run_sweep, sweep_paths
 
-    study = load_study(args.study)
-    _check_data(study.base_config(), args.study)
-    if args.storage and (problem := storage_problem(args.storage)):
-        raise ConfigError([f"--storage {args.storage!r} {problem}"], "command line")
+    # Every problem in one round: the study's own, its data's, the storage's; nothing is created before.
+    named, storage = next(
+        (
+            (name, value)
+            for name, value in (("--storage", args.storage), (STORAGE_ENV, os.environ.get(STORAGE_ENV)))
+            if value
+        ),
+        ("storage", None),
+    )
+    storage_problems = _storage_problems(named, storage) if storage else []
+    study = load_study(args.study, base_checks=_data_problems, extra_problems=storage_problems)
+    if not storage and study.storage and (problem := reach_problem(study.storage)):
+        raise ConfigError([f"storage: {study.storage!r} {problem}"], args.study)
     uri = _tracking_uri(study.base_config(), args.tracking_uri)
     paths = sweep_paths(study, uri, args.storage)
     if args.verbose:  # Ray's and Tune's output on the console, the view as plain lines between it
@@ -221,30 +266,47 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from sr_tune.checkpoint import load_checkpoint
-    from sr_tune.data.sources import read_image
+    from sr_tune.data.sources import image_file_problem, read_image
     from sr_tune.inference import Upscaler
 
-    # Every input is checked before the first output is written: a bad one leaves nothing half done.
-    inputs = list(map(Path, args.inputs))
-    problems = []
-    for path in inputs:
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            problems.append(f"{path}: {error.strerror if isinstance(error, OSError) and error.strerror else error}")
-    if problems:
-        raise ConfigError(problems, "the input images")
+    # Everything is checked before the first output is written (the checkpoint, every input, the size of
+    # every output, every target file): a bad one leaves nothing half done and nothing of the user's replaced.
     checkpoint = load_checkpoint(args.checkpoint)
-    config = checkpoint.config
-    upscaler = Upscaler(checkpoint.build_model(), scale=config.model.scale, color=config.data.color, tile=args.tile)
+    scale = checkpoint.config.model.scale
     out = Path(args.out)
+    max_pixels = args.max_output_mp * 1e6
+    problems = [f"--out {out} is a file, not a folder"] if out.exists() and not out.is_dir() else []
+    targets: dict[Path, Path] = {}
+    for path in map(Path, args.inputs):
+        if problem := image_file_problem(path):
+            problems.append(problem)
+            continue
+        with Image.open(path) as image:
+            width, height = image.size
+        if width * height * scale**2 > max_pixels:
+            problems.append(
+                f"{path}: {width}x{height} upscaled x{scale} is {width * scale}x{height * scale}, "
+                f"{width * height * scale**2 / 1e6:,.0f} megapixels, over the {args.max_output_mp:g} allowed "
+                f"(--max-output-mp raises it; the output is held in memory, 3 bytes a pixel)"
+            )
+        target = out / f"{path.stem}_x{scale}.png"
+        if target in targets:
+            problems.append(
+                f"{path} and {targets[target]} would both be written to {target}: upscale them into separate --out "
+                f"folders"
+            )
+        elif (target.exists() or target.is_symlink()) and not args.overwrite:
+            problems.append(f"{target} exists: pass --overwrite to replace it, or choose another --out")
+        targets.setdefault(target, path)
+    if problems:
+        raise ConfigError(problems, "sr-tune upscale")
+    config = checkpoint.config
+    upscaler = Upscaler(checkpoint.build_model(), scale=scale, color=config.data.color, tile=args.tile)
     out.mkdir(parents=True, exist_ok=True)
-    for path in inputs:
+    for target, path in targets.items():
         image = read_image(path)
         started = time.perf_counter()
         sr = upscaler.rgb(image)
-        target = out / f"{path.stem}_x{config.model.scale}.png"
         partial = target.with_name(f".{target.name}.partial")
         Image.fromarray(sr.permute(1, 2, 0).numpy()).save(partial, format="PNG")
         os.replace(partial, target)  # whole or absent, never a truncated PNG
@@ -256,10 +318,20 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
 
 def cmd_import_weights(args: argparse.Namespace) -> int:
-    from sr_tune.checkpoint import save_checkpoint
+    from sr_tune.checkpoint import foreign_entries, has_checkpoint, save_checkpoint
     from sr_tune.models import create_model
     from sr_tune.models.waifu2x import read_vgg7_weights
 
+    out = Path(args.out)
+    foreign = foreign_entries(out)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ConfigError([f"{out} is a file or a link, not a folder: choose a new folder"], "command line")
+    if (foreign or has_checkpoint(out)) and not args.overwrite:
+        what = f"holds files of yours ({', '.join(foreign[:5])})" if foreign else "already holds a checkpoint"
+        raise ConfigError(
+            [f"{out} {what}; choose a new folder, or pass --overwrite to write the checkpoint's two files there"],
+            "command line",
+        )
     state, channels = read_vgg7_weights(args.source, args.variant)
     config = TrainConfig(
         model=ModelConfig(name="waifu2x_vgg7", scale=2),
@@ -267,14 +339,20 @@ def cmd_import_weights(args: argparse.Namespace) -> int:
     )
     model = create_model("waifu2x_vgg7", scale=2, in_channels=channels)
     model.load_state_dict(state)
-    path = save_checkpoint(args.out, model=model, config=config, step=0)
+    path = save_checkpoint(out, model=model, config=config, step=0, keep_other_files=args.overwrite)
     print(f"imported {args.format} {args.variant} ({channels} channel(s), x2) -> {path}")
     return 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from sr_tune.data.sources import iter_folder, write_shards
+    from sr_tune.data.sources import iter_folder, source_image_problems, write_shards
 
+    # Every problem at once, before a byte is written: the source, its images, the destination.
+    source = Path(args.src)
+    problems = [] if source.is_dir() else [f"{args.src}: no such folder of images"]
+    problems += source_image_problems(args.src, skip_bad=args.skip_bad) + _storage_problems("DEST", args.dest)
+    if problems:
+        raise ConfigError(problems, "sr-tune prepare")
     images = iter_folder(Path(args.src), skip_bad=args.skip_bad)
     manifest = write_shards(images, args.dest, shard_bytes=int(args.shard_mb * 2**20), source=args.src)
     print(f"wrote {manifest['images']} image(s) in {len(manifest['shards'])} shard(s) to {args.dest}")
@@ -347,6 +425,26 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return submit.exit_code(info)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sr-tune", description="Train and tune super-resolution models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -381,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="PSNR/SSIM-Y of a checkpoint vs bicubic on benchmark folders")
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint folder")
     evaluate.add_argument("--data", nargs="+", required=True, help="image folders (HR/ + LR_bicubic/ layouts too)")
-    evaluate.add_argument("--tile", type=int, default=256, help="LR tile side for inference (default 256)")
+    evaluate.add_argument("--tile", type=_positive_int, default=256, help="LR tile side for inference (default 256)")
     evaluate.add_argument(
         "--float",
         action="store_true",
@@ -393,13 +491,24 @@ def build_parser() -> argparse.ArgumentParser:
     upscale.add_argument("inputs", nargs="+", help="image files")
     upscale.add_argument("--checkpoint", required=True, help="checkpoint folder")
     upscale.add_argument("--out", required=True, help="output folder (PNG files)")
-    upscale.add_argument("--tile", type=int, default=256, help="LR tile side; memory grows with it (default 256)")
+    upscale.add_argument(
+        "--tile", type=_positive_int, default=256, help="LR tile side; memory grows with it (default 256)"
+    )
+    upscale.add_argument(
+        "--max-output-mp",
+        type=_positive_float,
+        default=200.0,
+        help="refuse an output of more megapixels than this (default 200: 600 MB as 8-bit RGB)",
+    )
+    upscale.add_argument("--overwrite", action="store_true", help="replace output files that exist")
     upscale.set_defaults(run=cmd_upscale)
 
     prepare = sub.add_parser("prepare", help="pack a folder of images into Parquet shards (+ manifest.json)")
     prepare.add_argument("src", help="folder of images (searched recursively)")
     prepare.add_argument("dest", help="output folder or URI (s3://, gs://, hdfs://)")
-    prepare.add_argument("--shard-mb", type=float, default=256.0, help="target shard size in MB (default 256)")
+    prepare.add_argument(
+        "--shard-mb", type=_positive_float, default=256.0, help="target shard size in MB (default 256)"
+    )
     prepare.add_argument("--skip-bad", action="store_true", help="warn about unreadable images instead of stopping")
     prepare.set_defaults(run=cmd_prepare)
 
@@ -428,6 +537,11 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("source", help="the .npz weight file, or the waifu2x-2024.0.1 wheel itself")
     weights.add_argument("out", help="checkpoint folder to write")
     weights.add_argument("--variant", default="anime_style_scale_y", help="member of the wheel to read")
+    weights.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a checkpoint at OUT, or add one to a folder of other files (which are left as they are)",
+    )
     weights.set_defaults(run=cmd_import_weights)
     return parser
 
@@ -460,16 +574,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except (Interrupted, KeyboardInterrupt) as stop:
-        print(f"\nsr-tune: {stop or f'{args.command} interrupted'}", file=sys.stderr)
+        print(f"\nsr-tune: {redact(str(stop)) or f'{args.command} interrupted'}", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)  # 143 or 130, as a shell reports them
     except ConfigError as error:
-        print(f"sr-tune: invalid configuration: {error}", file=sys.stderr)
+        print(f"sr-tune: invalid configuration: {redact(str(error))}", file=sys.stderr)
         return 2
     except (FileNotFoundError, FileExistsError, ValueError, ConnectionError) as error:
-        print(f"sr-tune: {error}", file=sys.stderr)
+        print(f"sr-tune: {redact(str(error))}", file=sys.stderr)
         return 2
     except ClusterError as error:
-        print(f"sr-tune: {error}", file=sys.stderr)
+        print(f"sr-tune: {redact(str(error))}", file=sys.stderr)
         return 1
     except FloatingPointError as error:
         print(f"sr-tune: training diverged: {error}", file=sys.stderr)

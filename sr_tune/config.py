@@ -14,6 +14,7 @@ import difflib
 import functools
 import inspect
 import operator
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -23,15 +24,16 @@ from typing import Any, Literal
 
 import yaml
 
+from sr_tune.credentials import credential_problem, redact
 from sr_tune.models import get_builder, list_models
-from sr_tune.models.registry import out_of_range
+from sr_tune.models.registry import out_of_range, size_problem
 
 
 class ConfigError(ValueError):
     """Invalid configuration; ``problems`` lists each one as ``"key: what is wrong"``."""
 
     def __init__(self, problems: Sequence[str], source: str | None = None) -> None:
-        self.problems = list(problems)
+        self.problems = [redact(problem) for problem in problems]  # a refused secret is not echoed either
         self.source = source
         where = f" in {source}" if source else ""
         lines = "\n".join(f"  - {p}" for p in self.problems)
@@ -129,6 +131,21 @@ def _val_crop(side: int) -> str | None:
     return None if side == 0 or side >= 16 else "is out of range (allowed: 0 for whole images, or >= 16)"
 
 
+def _no_credentials(uri: str | None) -> str | None:
+    return credential_problem(uri) if uri else None
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def path_name_problem(name: str | None) -> str | None:
+    """Why ``name`` cannot name a folder (None when it can): it becomes one under an output or storage root,
+    so only letters, digits, '.', '_' and '-', and not '.' or '..' (no separator, nothing absolute)."""
+    if name is None or (_SAFE_NAME.fullmatch(name) and name not in (".", "..")):
+        return None
+    return "is not a valid name (allowed: letters, digits, '.', '_' and '-'; it names a folder)"
+
+
 def _betas(betas: tuple[float, float]) -> str | None:
     return None if all(0.0 <= b < 1.0 for b in betas) else "is out of range (allowed: each in [0, 1))"
 
@@ -142,13 +159,20 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
-        validate(self, _model_kwargs_problems(self.name, self.kwargs))
+        problems = _model_kwargs_problems(self.name, self.kwargs)
+        if not problems and self.name in list_models() and self.scale in (2, 3, 4) and "in_channels" not in self.kwargs:
+            # in_channels 3, the larger of the two colour modes
+            if too_large := size_problem(self.name, scale=self.scale, in_channels=3, **self.kwargs):
+                problems.append(f"model: {self.name} x{self.scale} with kwargs {self.kwargs!r} {too_large}")
+        validate(self, problems)
 
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    train: str = setting("sample", "training images: 'sample' (built-in photographs) or a source spec")
-    val: str = setting("sample", "validation images, same forms as train")
+    train: str = setting(
+        "sample", "training images: 'sample' (built-in photographs) or a source spec", check=_no_credentials
+    )
+    val: str = setting("sample", "validation images, same forms as train", check=_no_credentials)
     color: Literal["y", "rgb"] = setting("y", "train on BT.601 luma (1 channel) or on RGB (3 channels)")
     lr_patch_size: int = setting(11, "LR patch side; the HR patch is lr_patch_size * scale", ge=4)
     batch_size: int = setting(16, "patches per optimizer step (per worker)", ge=1)
@@ -247,7 +271,9 @@ class DistributedConfig:
     use_gpu: bool = setting(False, "one GPU per worker (DDP over NCCL); otherwise CPU workers over gloo")
     cpus_per_worker: float = setting(1.0, "CPUs Ray reserves for each worker", gt=0.0)
     storage_path: str | None = setting(
-        None, "Ray storage for checkpoints: a folder or pyarrow.fs URI (default: training.output_dir/ray)"
+        None,
+        "Ray storage for checkpoints: a folder or pyarrow.fs URI (default: training.output_dir/ray)",
+        check=_no_credentials,
     )
     max_failures: int = setting(0, "restart from the last checkpoint this many times after a worker failure", ge=0)
     keep_checkpoints: int = setting(2, "checkpoints kept in Ray storage (best by val_psnr)", ge=1)
@@ -260,10 +286,14 @@ class DistributedConfig:
 class TrackingConfig:
     enabled: bool = setting(True, "log the run to MLflow")
     tracking_uri: str = setting(
-        "sqlite:///mlflow.db", "MLflow tracking URI (a SQLite file or a server); MLFLOW_TRACKING_URI overrides it"
+        "sqlite:///mlflow.db",
+        "MLflow tracking URI (a SQLite file or a server); MLFLOW_TRACKING_URI overrides it",
+        check=_no_credentials,
     )
     experiment: str = setting("sr_tune", "MLflow experiment name")
-    run_name: str | None = setting(None, "MLflow run name (default: model and scale)")
+    run_name: str | None = setting(
+        None, "MLflow run name and the run's folder (default: model and scale)", check=path_name_problem
+    )
 
     def __post_init__(self) -> None:
         validate(self)

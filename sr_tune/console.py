@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from sr_tune.credentials import redacted_command
 from sr_tune.study import Study
 
 # Short names for run names and table columns; other keys show their last part.
@@ -254,9 +255,15 @@ def ray_output_to(log_file: Path) -> Iterator[TextIO]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
+    try:  # never through a link: the log may lie in a shared temp folder (a remote-storage sweep's scratch)
+        descriptor = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as error:
+        raise FileExistsError(
+            f"{log_file}: cannot open the sweep's log ({error.strerror}; a link is refused)"
+        ) from None
     console = open(os.dup(1), "w", buffering=1, encoding="utf-8", errors="replace")
-    with open(log_file, "ab") as log:
-        log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n".encode())
+    with open(descriptor, "ab") as log:
+        log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {redacted_command()}\n".encode())
         log.flush()
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)

@@ -271,6 +271,29 @@ def build_trainer(
     )
 
 
+def ray_storage_path(config: TrainConfig) -> str:
+    """Where Ray Train persists the run's checkpoints: ``distributed.storage_path``, else
+    ``<training.output_dir>/ray``; the run itself is the folder ``<that>/<run name>``."""
+    return config.distributed.storage_path or str(Path(config.training.output_dir).resolve() / "ray")
+
+
+def earlier_run_files(config: TrainConfig) -> list[str]:
+    """What an earlier run of the same name left, which a fresh run would overwrite (its ``last``/``best``)
+    or, through Ray Train, silently resume from: its folder under ``training.output_dir`` when not empty,
+    and its Ray Train run folder. Empty when the name is free."""
+    from sr_tune.storage import Storage
+
+    found = []
+    output = Path(config.training.output_dir) / config.run_name
+    if (output.is_dir() and any(output.iterdir())) or output.is_file():
+        found.append(str(output))
+    if config.distributed.num_workers > 0:
+        storage = Storage.at(ray_storage_path(config))
+        if storage.exists(storage.path_of(config.run_name)):
+            found.append(storage.uri_of(config.run_name))
+    return found
+
+
 def fit(
     config: TrainConfig,
     *,
@@ -283,7 +306,7 @@ def fit(
     dist = config.distributed
     name = config.run_name
     output = Path(config.training.output_dir).resolve() / name
-    storage = dist.storage_path or str(Path(config.training.output_dir).resolve() / "ray")
+    storage = ray_storage_path(config)
     run_id = None
     if client is not None:
         if resume and has_checkpoint(output / "last"):

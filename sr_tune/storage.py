@@ -10,8 +10,12 @@ never from this URI: it is logged and passed to every trial.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import stat
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +26,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
+
+from sr_tune.credentials import credential_problem
 
 STORAGE_ENV = "SR_TUNE_STORAGE"
 
@@ -38,11 +44,55 @@ def storage_problem(location: str) -> str | None:
     """Why ``location`` cannot be a storage root (None when it can); no request is made."""
     if not is_uri(location):
         return None
+    if problem := credential_problem(location):
+        return problem
     scheme = location.split("://", 1)[0]
     if scheme not in SCHEMES:
         return f"has scheme {scheme!r}, which pyarrow.fs does not open (use a folder or one of: {', '.join(SCHEMES)})"
     if not location.split("://", 1)[1].split("?", 1)[0].strip("/"):
         return f"names no bucket or folder (e.g. {scheme}://bucket/prefix)"
+    return None
+
+
+# A remote store that does not answer is found in seconds, before anything starts: pyarrow retries an
+# unreachable S3 endpoint for about 20 s and waits on one that accepts and never answers for as long as it
+# stays open, and a thread stuck there also holds up the process's exit. So the one request is made in a child
+# process, killed at the deadline.
+REACH_TIMEOUT_S = 10.0
+_PROBE = """
+import sys
+import pyarrow.fs as pafs
+filesystem, path = pafs.FileSystem.from_uri(sys.stdin.read())
+print(filesystem.get_file_info(path).type.name)
+"""
+
+
+def probe(uri: str, timeout_s: float = REACH_TIMEOUT_S) -> str:
+    """What ``uri`` names on its store (``NotFound``, ``File`` or ``Directory``), asked with one request in a
+    child process; raises ``ConnectionError`` (one line naming ``uri``) when the store does not answer within
+    ``timeout_s`` or refuses. Credentials come from the environment, as for every other request."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _PROBE], input=uri, capture_output=True, text=True, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired:
+        raise ConnectionError(
+            f"{uri} cannot be reached: no answer in {timeout_s:g} s (check the endpoint and the network)"
+        ) from None
+    if done.returncode != 0:
+        lines = [line.strip() for line in done.stderr.strip().splitlines() if line.strip()]
+        raise ConnectionError(f"{uri} cannot be reached: {lines[-1] if lines else f'exit {done.returncode}'}")
+    return done.stdout.strip()
+
+
+def reach_problem(location: str) -> str | None:
+    """Why a remote storage root cannot be used from here (None when it answers, or is a local folder)."""
+    if not is_uri(location) or location.startswith("file://"):
+        return None
+    try:
+        probe(location)
+    except ConnectionError as error:
+        return str(error).removeprefix(location).strip()
     return None
 
 
@@ -144,5 +194,18 @@ class Storage:
 def scratch_dir(*parts: str) -> Path:
     """A node-local folder for files a remote-storage sweep needs only while it runs (the engine's working
     checkpoints, the console's log): nothing of the sweep lands in the project's output folder. Not named
-    ``sr_tune``: ``python -m sr_tune`` started in the temp folder would import that folder as the package."""
-    return Path(tempfile.gettempdir(), "sr-tune-scratch", *parts)
+    ``sr_tune``: ``python -m sr_tune`` started in the temp folder would import that folder as the package.
+
+    The temp folder is shared by every user of the machine, so the root is this user's own
+    (``sr-tune-scratch-<uid>``, mode 0700): refused when it is a link, another user's, or open to others,
+    which is what another user would plant there to read or redirect what a sweep writes."""
+    root = Path(tempfile.gettempdir(), f"sr-tune-scratch-{os.getuid()}")
+    with contextlib.suppress(FileExistsError):
+        root.mkdir(mode=0o700)
+    info = os.lstat(root)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise FileExistsError(
+            f"{root}: the scratch folder is a link or not a folder, another user's, or open to other users; "
+            f"sr_tune keeps sweep files there only in a private folder of its own (remove it to let sr_tune make one)"
+        )
+    return root.joinpath(*parts)

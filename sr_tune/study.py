@@ -16,12 +16,21 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from sr_tune.config import ConfigError, TrainConfig, build_values, parse_yaml, setting, validate, with_values
+from sr_tune.config import (
+    ConfigError,
+    TrainConfig,
+    build_values,
+    parse_yaml,
+    path_name_problem,
+    setting,
+    validate,
+    with_values,
+)
 from sr_tune.engine import EVAL_METRICS, VGG_DISTANCES, metric_names
 from sr_tune.storage import storage_problem
 
@@ -164,7 +173,9 @@ class Resources:
 
 @dataclass(frozen=True, kw_only=True)
 class Study:
-    name: str = setting(..., "the study's name: the sweep's folder and MLflow run are named after it")
+    name: str = setting(
+        ..., "the study's name: the sweep's folder and MLflow run are named after it", check=path_name_problem
+    )
     description: str = setting("", "what the study searches, shown with its runs")
     base: str = setting(..., "the base training config, relative to the study file")
     fixed: dict[str, Any] = setting({}, "section.key: value overrides of the base config for every trial")
@@ -313,15 +324,22 @@ def _valid_part(section: type, raw: Any) -> Any:
         return None
 
 
-def load_study(path: str | Path) -> Study:
-    """Read and validate a study file; every problem is reported at once, naming the file and key."""
+def load_study(
+    path: str | Path,
+    *,
+    base_checks: Callable[[TrainConfig], list[str]] | None = None,
+    extra_problems: Sequence[str] = (),
+) -> Study:
+    """Read and validate a study file; every problem is reported at once, naming the file and key, with
+    ``extra_problems`` (the command line's) and what ``base_checks`` finds in the base config (its data,
+    where the command runs) when it builds."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as error:
         raise ConfigError([f"cannot read the study: {error}"], str(path)) from None
     raw = parse_yaml(text, str(path))
-    problems: list[str] = []
+    problems: list[str] = list(extra_problems)
     values = build_values(Study, {} if raw is None else raw, "", problems)
     if values is None:
         raise ConfigError(problems, str(path))
@@ -342,6 +360,13 @@ def load_study(path: str | Path) -> Study:
     # A section with a bad key still takes part in the checks between sections, with its valid keys.
     partial = {name: _valid_part(section, raw.get(name)) for name, section in _SECTIONS.items() if name not in values}
     problems.extend(_cross_problems({**values, **{k: v for k, v in partial.items() if v is not None}}))
+    if base_checks is not None and "base_data" in values:
+        try:
+            base = _config(values["base_data"], values.get("fixed") or {}, str(path))
+        except ConfigError:
+            pass  # already reported
+        else:
+            problems.extend(base_checks(base))
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)), str(path))
     return Study(**values)

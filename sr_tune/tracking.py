@@ -16,7 +16,6 @@ import logging
 import os
 import queue
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -31,6 +30,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 
+from sr_tune.credentials import redacted_command
 from sr_tune.engine import CONSTANT_METRICS, EvalResult, TrainResult
 
 TRIAL_TAG = "sr_tune.trial_id"
@@ -107,7 +107,7 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def run_tags(config_path: str | None = None) -> dict[str, str]:
     """The command line, the config file and the git commit: of the config's repository, else of the
     checkout sr_tune runs from (an editable install), when either is one."""
-    tags = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+    tags = {"command": redacted_command()}
     if config_path:
         tags["config_path"] = str(config_path)
     folders = [Path(config_path).resolve().parent] if config_path else []

@@ -108,8 +108,9 @@ def test_model_kwargs_below_their_bound_are_refused_by_the_config_and_by_create_
     assert problem.endswith(f"(from the override 'model.kwargs.{key}={below:g}')")
     with pytest.raises(ValueError, match=f"{key}: .* is out of range"):
         create_model(name, scale=2, **{key: below})
-    at_bound = load_config(None, [f"model.name={name}", f"data.color={color}", f"model.kwargs.{key}=1"])
-    assert at_bound.model.kwargs == {key: 1}
+    lowest = 1 if bound.exclusive else int(bound.minimum)
+    at_bound = load_config(None, [f"model.name={name}", f"data.color={color}", f"model.kwargs.{key}={lowest}"])
+    assert at_bound.model.kwargs == {key: lowest}
 
 
 def test_a_problem_set_by_an_override_is_not_blamed_on_the_config_file():

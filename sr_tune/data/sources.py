@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from sr_tune.storage import filesystem_and_path
+from sr_tune.credentials import credential_problem
+from sr_tune.storage import Storage, filesystem_and_path, probe
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ def decode_image(data: bytes, name: str) -> torch.Tensor:
     """Decode 8-bit image bytes to uint8 RGB (3, H, W); errors name ``name``."""
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > MAX_INPUT_PIXELS:
+                raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels")
             image.load()  # decodes fully, so a truncated file fails here rather than later
             if image.mode not in _EIGHT_BIT_MODES:
                 raise BadImageError(f"{name}: {image.mode} images are not supported (8-bit images only)")
@@ -101,6 +104,45 @@ def decode_image(data: bytes, name: str) -> torch.Tensor:
     except (OSError, ValueError, SyntaxError) as error:
         raise BadImageError(f"{name}: cannot decode image ({error})") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+# Pillow refuses images over twice its MAX_IMAGE_PIXELS (179 MP) and only warns from 89 MP; sr_tune refuses
+# from here, before a pixel is decoded: a 17 KB PNG can declare 144 MP (432 MB as RGB, 16 GB upscaled x4).
+MAX_INPUT_PIXELS = 80_000_000
+
+
+def image_file_problem(path: Path, *, max_pixels: int = MAX_INPUT_PIXELS) -> str | None:
+    """Why image file ``path`` would fail to decode (None when it would not), found without decoding its
+    pixels: unreadable, not an image, not 8-bit, more than ``max_pixels`` pixels, or truncated (PNG chunks
+    and checksums verified; a JPEG must end with its end-of-image marker)."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if image.mode not in _EIGHT_BIT_MODES:
+                return f"{path}: {image.mode} images are not supported (8-bit images only)"
+            if width * height > max_pixels:
+                return (
+                    f"{path}: {width}x{height} is {width * height / 1e6:.0f} megapixels, over the "
+                    f"{max_pixels / 1e6:.0f} allowed (a possible decompression bomb)"
+                )
+            jpeg = image.format == "JPEG"
+            image.verify()
+        if jpeg:
+            with path.open("rb") as file:
+                file.seek(max(path.stat().st_size - 1024, 0))
+                if b"\xff\xd9" not in file.read():
+                    return f"{path}: cannot decode image (truncated: no JPEG end-of-image marker)"
+    except UnidentifiedImageError:
+        return f"{path}: cannot decode image (not a format Pillow reads, or not an image)"
+    except OSError as error:
+        if error.strerror:
+            return f"{path}: cannot read ({error.strerror})"
+        return f"{path}: cannot decode image ({error})"
+    except Image.DecompressionBombError as error:
+        return f"{path}: refused as a possible decompression bomb ({error})"
+    except (ValueError, SyntaxError) as error:
+        return f"{path}: cannot decode image ({error})"
+    return None
 
 
 def read_image(path: Path) -> torch.Tensor:
@@ -252,12 +294,20 @@ def write_shards(
 ) -> dict[str, object]:
     """Write images as Parquet shards of about ``shard_bytes`` plus ``manifest.json`` (counts, SHA-256).
 
-    Shards are written first and the manifest last, so a reader never sees a manifest whose shards are
-    missing; when writing fails (a bad image), the shards written so far are removed, and the destination too
-    when this call created it. Returns the manifest.
+    ``dest`` must be new or empty (``FileExistsError`` before anything is written). Shards are written first
+    and the manifest last, so a reader never sees a manifest whose shards are missing; when writing fails (a
+    bad image), the shards written so far are removed, and the destination too when this call created it.
+    Returns the manifest.
     """
     fs, root = filesystem_and_path(dest)
     created = fs.get_file_info(root).type == pafs.FileType.NotFound
+    if not created:
+        held = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        if fs.get_file_info(root).type != pafs.FileType.Directory or held:
+            raise FileExistsError(
+                f"{dest} is not empty ({len(held)} file(s) and folder(s)): prepare writes a data set only into a new "
+                f"or empty destination, so that one already there is never replaced or left half overwritten"
+            )
     fs.create_dir(root, recursive=True)
     written: list[str] = []
     try:
@@ -373,6 +423,16 @@ def sample_images(split: str, *, rank: int = 0, world_size: int = 1) -> list[SRI
     return [SRImage(name=name, hr=skimage_photo(name)) for name in names]
 
 
+def source_image_problems(spec: str, *, skip_bad: bool = False) -> list[str]:
+    """Every image file of a folder source that would fail to decode, found before anything starts (header
+    checks, no pixels decoded). None to find with ``skip_bad`` (they are skipped when read), nor for the
+    built-in set and shards (their checksums are verified when read)."""
+    folder = Path(spec)
+    if skip_bad or spec == "sample" or "://" in spec or (folder / MANIFEST).is_file() or not folder.is_dir():
+        return []
+    return [problem for path in list_image_files(folder) if (problem := image_file_problem(path))]
+
+
 def source_problem(spec: str) -> str | None:
     """Why data spec ``spec`` cannot be read from here (None when it can), found before anything starts:
     a folder that does not exist, or shards whose manifest is missing or unreachable. Only looks, reads
@@ -380,11 +440,12 @@ def source_problem(spec: str) -> str | None:
     if spec == "sample":
         return None
     if "://" in spec:
+        if problem := credential_problem(spec):
+            return f"{spec!r} {problem}"
         try:
-            fs, root = filesystem_and_path(spec)
-            found = fs.get_file_info(f"{root}/{MANIFEST}").type == pafs.FileType.File
-        except (OSError, ValueError) as error:
-            return f"{spec!r} cannot be reached: {error}"
+            found = probe(Storage.at(spec).uri_of(MANIFEST)) == "File"
+        except (ConnectionError, ValueError) as error:
+            return str(error)
         return None if found else f"{spec!r} holds no {MANIFEST} (write shards there with `sr-tune prepare`)"
     folder = Path(spec)
     if folder.is_dir():

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated
 
+import torch
 from torch import nn
 
 ModelBuilder = Callable[..., nn.Module]
@@ -21,20 +22,32 @@ ModelBuilder = Callable[..., nn.Module]
 
 @dataclass(frozen=True)
 class AtLeast:
-    """The lowest value a builder argument accepts; ``exclusive``: the bound itself is refused too."""
+    """The lowest value a builder argument accepts; ``exclusive``: the bound itself is refused too;
+    ``maximum``: the highest it accepts (model arguments come from files, checkpoints included)."""
 
     minimum: float
     exclusive: bool = False
+    maximum: float | None = None
 
     def problem(self, value: object) -> str | None:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             return None  # a wrong type is reported by the type check
-        if value > self.minimum or (value == self.minimum and not self.exclusive):
+        low_ok = value > self.minimum or (value == self.minimum and not self.exclusive)
+        if low_ok and (self.maximum is None or value <= self.maximum):
             return None
-        return f"{value!r} is out of range (allowed: {'>' if self.exclusive else '>='} {self.minimum:g})"
+        allowed = f"{'>' if self.exclusive else '>='} {self.minimum:g}"
+        if self.maximum is not None:
+            allowed += f" and <= {self.maximum:g}"
+        return f"{value!r} is out of range (allowed: {allowed})"
 
 
-Count = Annotated[int, AtLeast(1)]  # layers, blocks, channels: a network needs at least one
+# Layers, blocks, channels: a network needs at least one, and a count from a file (a crafted checkpoint.json
+# too) is bounded before anything is built; the parameter count is bounded as well (``MAX_PARAMETERS``).
+MAX_COUNT = 1024
+Count = Annotated[int, AtLeast(1, maximum=MAX_COUNT)]
+# The largest network a config may build: 100 M parameters (400 MB of float32 weights, 2.3x EDSR's full
+# model), far above the zoo's largest (SRResNet x4, 1.5 M) yet far below what exhausts a machine's memory.
+MAX_PARAMETERS = 100_000_000
 
 _BUILDERS: dict[str, ModelBuilder] = {}
 
@@ -85,6 +98,19 @@ def out_of_range(name: str, kwargs: Mapping[str, object]) -> list[str]:
         if key in bounds and (problem := bounds[key].problem(value))
     )
     return list(problems)
+
+
+def size_problem(name: str, *, scale: int, **kwargs: object) -> str | None:
+    """Why model ``name`` with valid ``kwargs`` is too large to build (None when it is not), found by building
+    it on PyTorch's meta device: shapes only, no memory for its weights."""
+    try:
+        with torch.device("meta"):
+            count = sum(p.numel() for p in create_model(name, scale=scale, **kwargs).parameters())
+    except (TypeError, ValueError) as error:  # a rule of the builder's own, e.g. VDSR's depth >= 2
+        return f"is refused by the model: {error}"
+    if count <= MAX_PARAMETERS:
+        return None
+    return f"builds {count:,} parameters, more than the {MAX_PARAMETERS:,} allowed"
 
 
 def create_model(name: str, *, scale: int, **kwargs: object) -> nn.Module:

@@ -7,12 +7,14 @@ a high learning rate and gradient clipping, which the training config provides.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import nn
 
 from sr_tune.data.degrade import imresize
 from sr_tune.models._layers import check_scale, conv
-from sr_tune.models.registry import Count, register_model
+from sr_tune.models.registry import MAX_COUNT, AtLeast, register_model
 
 
 class VDSR(nn.Module):
@@ -38,6 +40,6 @@ class VDSR(nn.Module):
 
 
 @register_model
-def vdsr(scale: int, in_channels: int = 1, depth: Count = 20) -> VDSR:
+def vdsr(scale: int, in_channels: int = 1, depth: Annotated[int, AtLeast(2, maximum=MAX_COUNT)] = 20) -> VDSR:
     """VDSR: 20 3x3 convs of 64 predicting the residual over the bicubic upscale."""
     return VDSR(scale=scale, in_channels=in_channels, depth=depth)
