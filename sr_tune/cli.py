@@ -365,18 +365,28 @@ def _address(args: argparse.Namespace) -> str:
         raise ConfigError(
             ["--address: the cluster's dashboard address is needed, e.g. http://HEAD:8265"], "command line"
         )
+    if problem := credential_problem(address):
+        raise ConfigError([f"--address {address!r} {problem}"], "command line")
     return address
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from sr_tune import submit
 
-    submit.send_token_if_available()
+    address = _address(args)
     command = args.job[1:] if args.job[:1] == ["--"] else args.job
     plan = submit.plan_job(
-        command, working_dir=Path(args.working_dir), storage=args.storage, tracking_uri=args.tracking_uri
+        command,
+        working_dir=Path(args.working_dir),
+        address=address,
+        storage=args.storage,
+        tracking_uri=args.tracking_uri,
+        include=[Path(path) for path in args.include],
     )
-    address = _address(args)
+    print(plan.describe(), flush=True)
+    if args.dry_run:
+        return 0
+    submit.send_token_if_available(address, insecure=args.insecure)
     client = submit.connect(address)
     job_id = submit.submit(client, plan)
     print(
@@ -398,8 +408,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_jobs(args: argparse.Namespace) -> int:
     from sr_tune import submit
 
-    submit.send_token_if_available()
     address = _address(args)
+    submit.send_token_if_available(address, insecure=args.insecure)
     client = submit.connect(address)
     if args.action == "list":
         print("\n".join(submit.job_rows(submit.jobs_call(client.list_jobs))))
@@ -522,6 +532,17 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--tracking-uri", help="the MLflow tracking server the job logs to (http://...)")
     submit.add_argument("--working-dir", default=".", help="the folder shipped with the job (default: this one)")
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return instead of following")
+    submit.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a file or folder under the working dir to ship too (repeatable; dotfiles and key files never travel)",
+    )
+    submit.add_argument("--dry-run", action="store_true", help="print what the job runs and ships; submit nothing")
+    submit.add_argument(
+        "--insecure", action="store_true", help="send the cluster's token over plain http:// to another host"
+    )
     submit.add_argument("job", nargs=argparse.REMAINDER, help="-- tune STUDY.yaml [--resume] | -- train CONFIG.yaml")
     submit.set_defaults(run=cmd_submit)
 
@@ -530,6 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("job_id", nargs="?", help="submission id (status, logs, stop)")
     jobs.add_argument("--address", help="the cluster's dashboard, e.g. http://HEAD:8265 (default: RAY_ADDRESS)")
     jobs.add_argument("--follow", action="store_true", help="logs: follow until the job ends")
+    jobs.add_argument(
+        "--insecure", action="store_true", help="send the cluster's token over plain http:// to another host"
+    )
     jobs.set_defaults(run=cmd_jobs)
 
     weights = sub.add_parser("import-weights", help="turn published weights into an sr_tune checkpoint")

@@ -3,8 +3,10 @@
 A job runs one ``sr-tune`` command (``tune STUDY`` or ``train CONFIG``) on the cluster's head node, where it
 is the Ray driver of the sweep. What it needs travels with it in the job's ``runtime_env``:
 
-- ``working_dir``: the project folder (the study, its base config, anything they name by a relative path),
-  without outputs and environments (``JOB_EXCLUDES``); the command runs from its unpacked copy.
+- ``working_dir``: a private folder with copies of exactly what the command needs: the study, its base
+  config, the data folders and checkpoint they name by a relative path, and ``--include`` paths; never a
+  dotfile or a key or credential file (``.ssh/``, ``.aws/credentials``, ``.env``, ``.ray/auth_token``, ...).
+  ``submit`` prints the list; ``--dry-run`` prints only that. The command runs from its unpacked copy.
 - ``py_modules``: this ``sr_tune`` package as it is here, so the cluster runs the code that checked the
   study; its dependencies (torch, Ray, MLflow, ...) come from the cluster's image or setup commands, because
   installing torch per job would take minutes and gigabytes.
@@ -20,47 +22,72 @@ Ray 2.59+ clusters require a token (``RAY_AUTH_MODE=token``): it is read from ``
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
+import re
 import secrets
 import shlex
+import shutil
+import socket
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 import sr_tune
 from sr_tune.config import ConfigError
+from sr_tune.credentials import credential_problem
 
-# Outputs, stores and environments never travel: a job writes its own outputs to the sweep's storage.
-JOB_EXCLUDES = [
-    ".git",
-    ".venv",
-    "venv",
-    "runs",
-    "mlruns",
-    "mlflow.db",
-    "optuna.db",
-    "*.log",
-    "__pycache__",
-    ".cache",
-    ".pytest_cache",
-    "*.egg-info",
-]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 STOPPED_EXIT_CODE = 3
 COMMANDS = ("tune", "train")
+# Every request to the cluster gives up after this long without an answer (each read, not the whole call).
+REQUEST_TIMEOUT_S = 30.0
+# Never shipped, wherever they lie in what a job takes: dotfiles and folders (.ssh, .aws, .env, .ray,
+# .git, .venv, ...), and files whose names say they hold a key or a credential.
+_SECRET_NAMES = re.compile(
+    r"(?i)^(\..*|id_(rsa|dsa|ecdsa|ed25519)(\.pub)?|.*\.(pem|key|p12|pfx|jks|keystore|kdbx|gpg|asc)"
+    r"|credentials(\..*)?|.*secret.*|.*token.*|auth_token|netrc|_netrc|.*password.*)$"
+)
+# Outputs, stores and environments: a job writes its own outputs to the sweep's storage.
+_NOT_SHIPPED = frozenset({"runs", "mlruns", "mlflow.db", "optuna.db", "__pycache__", "venv", "node_modules"})
+MAX_SHIPPED_BYTES = 100 * 2**20  # Ray's own limit for a working_dir is 100 MiB (larger files belong in storage)
 
 
 @dataclass(frozen=True)
 class JobPlan:
-    """One ``sr-tune`` command as a Ray job."""
+    """One ``sr-tune`` command as a Ray job: ``files`` (relative to ``working_dir``) are all it ships."""
 
     submission_id: str
     entrypoint: str
-    runtime_env: dict[str, Any]
+    working_dir: Path
+    files: tuple[str, ...]
     metadata: dict[str, str]
+
+    def describe(self) -> str:
+        """What the job runs and ships, as ``submit`` prints it (``--dry-run`` prints only this)."""
+        size = sum((self.working_dir / name).stat().st_size for name in self.files)
+        lines = [f"job {self.submission_id}: {self.entrypoint}", f"ships {len(self.files)} file(s), {size:,} bytes:"]
+        return "\n".join([*lines, *(f"  {name}" for name in self.files)])
+
+    @contextmanager
+    def runtime_env(self) -> Iterator[dict[str, Any]]:
+        """The job's ``runtime_env``: a private folder holding copies of exactly ``files`` as its working_dir
+        (removed afterwards: Ray has uploaded it by the time ``submit_job`` returns), and this ``sr_tune``."""
+        with tempfile.TemporaryDirectory(prefix="sr-tune-job-") as staging:
+            for name in self.files:
+                (Path(staging) / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(self.working_dir / name, Path(staging) / name, follow_symlinks=True)
+            yield {
+                "working_dir": staging,
+                "py_modules": [str(Path(sr_tune.__file__).parent)],
+                "excludes": ["__pycache__", "*.pyc"],
+            }
 
 
 def _inside(path: Path, working_dir: Path, what: str, problems: list[str]) -> str:
@@ -68,22 +95,71 @@ def _inside(path: Path, working_dir: Path, what: str, problems: list[str]) -> st
     resolved = path.resolve()
     if not resolved.is_relative_to(working_dir):
         problems.append(
-            f"{what} {path} is outside the working directory {working_dir}, the folder shipped to the cluster "
-            f"(run from the project folder or pass --working-dir)"
+            f"{what} {path} is outside the working directory {working_dir}, the folder the job's files are taken "
+            f"from (run from the project folder or pass --working-dir)"
         )
         return str(path)
     return str(resolved.relative_to(working_dir))
+
+
+def _shipped_files(paths: Sequence[Path], working_dir: Path, problems: list[str]) -> list[str]:
+    """The files under ``working_dir`` that ``paths`` (files or folders) name, relative to it: never a
+    dotfile, a key or credential file, an output folder or environment; named directly, one is a problem."""
+    found: set[str] = set()
+    for path in paths:
+        relative = _inside(path, working_dir, "the included path", problems)
+        resolved = working_dir / relative
+        if not resolved.exists():
+            problems.append(f"--include {path}: no such file or folder")
+            continue
+        if any(_SECRET_NAMES.match(part) for part in Path(relative).parts):
+            problems.append(f"--include {path}: dotfiles and key or credential files are never shipped")
+            continue
+        files = [resolved] if resolved.is_file() else sorted(p for p in resolved.rglob("*") if p.is_file())
+        for file in files:
+            parts = file.relative_to(working_dir).parts
+            if not any(_SECRET_NAMES.match(part) or part in _NOT_SHIPPED for part in parts):
+                found.add(file.relative_to(working_dir).as_posix())
+    return sorted(found)
+
+
+def _is_loopback(address: str) -> bool:
+    host = (urlsplit(address).hostname or "").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _local_paths(config: Any, working_dir: Path) -> list[Path]:
+    """The files and folders a training config names by a relative path that lies in the working dir: its
+    data folders and the checkpoint it starts from. (Absolute paths and URIs are the cluster's own.)"""
+    named = [config.data.train, config.data.val, config.training.init_from]
+    return [
+        working_dir / value
+        for value in dict.fromkeys(named)
+        if value
+        and value != "sample"
+        and "://" not in value
+        and not Path(value).is_absolute()
+        and (working_dir / value).exists()
+    ]
 
 
 def plan_job(
     command: Sequence[str],
     *,
     working_dir: Path,
+    address: str,
     storage: str | None = None,
     tracking_uri: str | None = None,
+    include: Sequence[Path] = (),
 ) -> JobPlan:
-    """Check ``command`` (``tune STUDY [options]`` / ``train CONFIG [options]``) here and turn it into a job.
-    Raises ``ConfigError`` listing every problem."""
+    """Check ``command`` (``tune STUDY [options]`` / ``train CONFIG [options]``) here and turn it into a job
+    that ships the study, its base config, the files they name and ``include``: nothing else of
+    ``working_dir``. Raises ``ConfigError`` listing every problem."""
     from sr_tune.cli import build_parser
     from sr_tune.config import load_config
     from sr_tune.storage import storage_problem
@@ -94,18 +170,51 @@ def plan_job(
     args = build_parser().parse_args(list(command))
     working_dir = working_dir.resolve()
     problems: list[str] = []
-    if storage and (problem := storage_problem(storage)):
-        problems.append(f"--storage {storage!r} {problem}")
+    if working_dir == Path.home().resolve() or working_dir == Path(working_dir.anchor):
+        problems.append(
+            f"--working-dir {working_dir} is your home folder or the file system's root: run from the project "
+            f"folder, so that nothing else is near what a job takes"
+        )
+    for flag, value in (("--storage", storage), ("--tracking-uri", tracking_uri)):
+        if value and (problem := storage_problem(value) if flag == "--storage" else credential_problem(value)):
+            problems.append(f"{flag} {value!r} {problem}")
     if command[0] == "tune":
         study = load_study(args.study)
-        name = study.name
+        name, config = study.name, study.base_config()
         shipped = _inside(Path(args.study), working_dir, "the study", problems)
         _inside(study.base_path, working_dir, "its base config", problems)
         arguments = [shipped, *command[2:]]
+        paths = [Path(args.study), study.base_path]
+        keeps_results = bool(storage or study.storage)
     else:
         config = load_config(args.config, args.overrides)
         name = config.run_name
         arguments = [_inside(Path(args.config), working_dir, "the config", problems), *command[2:]]
+        paths = [Path(args.config)]
+        keeps_results = Path(config.training.output_dir).is_absolute() or "://" in (
+            config.distributed.storage_path or ""
+        )
+    tracked = not config.tracking.enabled or (tracking_uri or config.tracking.tracking_uri).startswith(
+        ("http://", "https://", "databricks")
+    )
+    if not _is_loopback(address) and not (keeps_results and tracked):
+        where = "--storage (or the study's storage:)" if command[0] == "tune" else "an absolute training.output_dir"
+        problems.append(
+            f"the job's results would land in its temporary working directory on {address} and vanish with it: "
+            f"give {where} and --tracking-uri (a tracking server), or submit to a local cluster"
+        )
+    # The study and configs are shipped as named (they loaded as YAML configs); what they and --include name
+    # only without dotfiles, keys and credential files.
+    required = [
+        _inside(path, working_dir, "the file", []) for path in paths if path.resolve().is_relative_to(working_dir)
+    ]
+    files = sorted({*required, *_shipped_files([*_local_paths(config, working_dir), *include], working_dir, problems)})
+    size = sum((working_dir / file).stat().st_size for file in files)
+    if size > MAX_SHIPPED_BYTES:
+        problems.append(
+            f"the job would ship {size / 2**20:.0f} MiB (over Ray's 100 MiB): put data in storage "
+            f"(`sr-tune prepare DIR s3://...`) and name it by URI"
+        )
     if problems:
         raise ConfigError(problems, "sr-tune submit")
     if storage and command[0] == "tune":
@@ -116,11 +225,8 @@ def plan_job(
     return JobPlan(
         submission_id=f"sr-tune-{command[0]}-{name}-{stamp}-{secrets.token_hex(2)}",
         entrypoint=" ".join(["python", "-m", "sr_tune", command[0], *map(shlex.quote, arguments)]),
-        runtime_env={
-            "working_dir": str(working_dir),
-            "excludes": JOB_EXCLUDES,
-            "py_modules": [str(Path(sr_tune.__file__).parent)],
-        },
+        working_dir=working_dir,
+        files=tuple(files),
         metadata={"sr_tune.command": command[0], "sr_tune.name": name},
     )
 
@@ -129,20 +235,41 @@ class ClusterError(Exception):
     """The cluster cannot be reached, or refused this client: one line for the user."""
 
 
-def send_token_if_available() -> None:
-    """Send the cluster's token when one is available here and the user has not chosen a mode: Ray's client
-    sends none unless ``RAY_AUTH_MODE=token``. Must run before anything imports Ray, which reads the mode once."""
+def _token_available() -> bool:
     token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
-    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or Path(token_file).is_file()):
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or Path(token_file).is_file()
+
+
+def send_token_if_available(address: str, *, insecure: bool = False) -> None:
+    """Send the cluster's token when one is available here and the user has not chosen a mode: Ray's client
+    sends none unless ``RAY_AUTH_MODE=token``. Must run before anything imports Ray, which reads the mode once.
+
+    The token goes in clear only to this machine (a loopback address, where an SSH or kubectl port-forward
+    also lands) or over ``https://``; to another host over ``http://`` only with ``insecure``."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    sends = mode == "token" or (mode is None and _token_available())
+    if sends and urlsplit(address).scheme == "http" and not _is_loopback(address) and not insecure:
+        raise ConfigError(
+            [
+                f"--address {address}: the cluster's token would cross the network in clear (http:// to another "
+                f"host); use https://, an SSH or kubectl port-forward to 127.0.0.1, or --insecure on a network "
+                f"you trust"
+            ],
+            "command line",
+        )
+    if mode is None and sends:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def connect(address: str) -> Any:
     """A ``JobSubmissionClient`` of the cluster whose dashboard is at ``address`` (``http://HEAD:8265``); call
-    ``send_token_if_available`` first."""
+    ``send_token_if_available`` first. Every request it makes gives up after ``REQUEST_TIMEOUT_S`` without an
+    answer (Ray's client sets no timeout: its requests take the socket default set here)."""
+    import requests
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    socket.setdefaulttimeout(REQUEST_TIMEOUT_S)
     try:
         return JobSubmissionClient(address)
     except AuthenticationError as error:
@@ -152,6 +279,22 @@ def connect(address: str) -> Any:
             f"cannot reach the Ray dashboard at {address} (is the cluster up, and is this its dashboard "
             f"address, port 8265 by default?)"
         ) from None
+    except (requests.RequestException, RuntimeError, TimeoutError, ValueError, KeyError) as error:
+        raise ClusterError(_not_a_dashboard(address, error)) from None  # something else answered there
+
+
+def _not_a_dashboard(address: str, error: BaseException) -> str:
+    import requests
+
+    if isinstance(error, requests.Timeout | TimeoutError):
+        return f"the Ray dashboard at {address} did not answer within {REQUEST_TIMEOUT_S:g} s"
+    if isinstance(error, requests.HTTPError) and error.response is not None:
+        return f"{address} answered HTTP {error.response.status_code}: is this the cluster's dashboard (port 8265)?"
+    if isinstance(error, RuntimeError) and "404" in str(error):
+        return f"{address} answered HTTP 404: is this the cluster's dashboard (port 8265)?"
+    if isinstance(error, ValueError | KeyError):  # an HTML page or other JSON: r.json()["ray_version"] failed
+        return f"{address} answered, but not as a Ray dashboard does: is this the cluster's dashboard (port 8265)?"
+    return f"the Ray dashboard at {address} failed: {last_line(str(error)) or type(error).__name__}"
 
 
 def _auth_problem(address: str, message: str) -> str:
@@ -167,11 +310,22 @@ def _auth_problem(address: str, message: str) -> str:
 
 
 def jobs_call(function: Any, *args: Any) -> Any:
-    """A Jobs API call; the server's refusal (an unknown job id, ...) as one line instead of a traceback."""
+    """A Jobs API call; the server's refusal (an unknown job id, ...), a timeout or an answer that is not
+    the Jobs API's as one line instead of a traceback."""
+    import requests
+
     try:
         return function(*args)
     except RuntimeError as error:
-        raise ClusterError(str(error).strip().rstrip(".")) from None
+        raise ClusterError(last_line(str(error)).rstrip(".")) from None
+    except (requests.RequestException, TimeoutError, ValueError, KeyError) as error:
+        address = getattr(function, "__self__", None)
+        raise ClusterError(_not_a_dashboard(getattr(address, "_address", "the cluster"), error)) from None
+
+
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 def dashboard_url(address: str, job_id: str) -> str:
@@ -179,32 +333,39 @@ def dashboard_url(address: str, job_id: str) -> str:
 
 
 def submit(client: Any, plan: JobPlan) -> str:
-    try:
-        return client.submit_job(
-            entrypoint=plan.entrypoint,
-            submission_id=plan.submission_id,
-            runtime_env=plan.runtime_env,
-            metadata=plan.metadata,
-        )
-    except RuntimeError as error:  # Ray's answer to a refused request: the HTTP status and the server's text
-        raise ClusterError(f"the cluster refused the job: {error}") from None
+    with plan.runtime_env() as runtime_env:
+        try:
+            return jobs_call(
+                lambda: client.submit_job(
+                    entrypoint=plan.entrypoint,
+                    submission_id=plan.submission_id,
+                    runtime_env=runtime_env,
+                    metadata=plan.metadata,
+                )
+            )
+        except ClusterError as error:  # Ray's answer to a refused request: the HTTP status and the server's text
+            raise ClusterError(f"the cluster refused the job: {error}") from None
 
 
 def follow(client: Any, job_id: str, out: IO[str]) -> None:
-    """Copy the job's log to ``out`` until the job ends."""
+    """Copy the job's log to ``out`` until the job ends (an unknown job: ``ClusterError``)."""
+    jobs_call(client.get_job_info, job_id)  # one bounded request first: the job exists and the server answers
 
     async def tail() -> None:
         async for lines in client.tail_job_logs(job_id):
             out.write(lines)
             out.flush()
 
-    asyncio.run(tail())
+    try:
+        asyncio.run(tail())
+    except RuntimeError as error:  # the stream closed before the job ended, or the server refused it
+        raise ClusterError(f"following job {job_id}: {last_line(str(error))}") from None
 
 
 def wait(client: Any, job_id: str, poll_s: float = 1.0) -> Any:
     """The job's ``JobInfo`` once it has ended (its log can end a moment before its status does)."""
     while True:
-        info = client.get_job_info(job_id)
+        info = jobs_call(client.get_job_info, job_id)
         if str(info.status) in TERMINAL:
             return info
         time.sleep(poll_s)

@@ -59,7 +59,8 @@ def test_upscale_checks_every_input_before_writing_anything(tmp_path: Path):
         [*command, "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")], capture_output=True, text=True
     )
     assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
-    assert "missing.png: No such file or directory" in result.stderr and "fake.png: cannot identify" in result.stderr
+    assert "missing.png: cannot read (No such file or directory)" in result.stderr
+    assert "fake.png: cannot decode image (not a format Pillow reads" in result.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -16,7 +16,7 @@ import pytest
 import sr_tune
 from sr_tune.config import ConfigError
 from sr_tune.storage import Storage, storage_problem
-from sr_tune.submit import JOB_EXCLUDES, plan_job
+from sr_tune.submit import plan_job
 
 from .conftest import REPO
 from .services import free_port
@@ -43,11 +43,16 @@ def sr_tune_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_a_job_ships_the_project_folder_and_this_package_and_runs_the_command_from_it(tmp_path: Path):
+ADDRESS = "https://head.internal:8265"
+
+
+def test_a_job_ships_the_study_its_config_and_this_package_and_runs_the_command_from_it(tmp_path: Path):
     project = write_project(tmp_path / "my project")
+    (project / "notes.txt").write_text("the user's own file, not named by the study")
     plan = plan_job(
         ["tune", str(project / "study.yaml"), "--resume"],
         working_dir=project,
+        address=ADDRESS,
         storage="s3://bucket/sweeps?endpoint_override=10.0.0.5:9000&scheme=http",
         tracking_uri="http://mlflow:5000",
     )
@@ -64,26 +69,41 @@ def test_a_job_ships_the_project_folder_and_this_package_and_runs_the_command_fr
         "--tracking-uri",
         "http://mlflow:5000",
     ]
-    assert plan.runtime_env["working_dir"] == str(project.resolve())
-    assert plan.runtime_env["py_modules"] == [str(Path(sr_tune.__file__).parent)]
-    assert {"runs", ".venv", "mlflow.db", "mlruns", ".git"} <= set(plan.runtime_env["excludes"]) == set(JOB_EXCLUDES)
+    assert plan.files == ("configs/base.yaml", "study.yaml")
+    with plan.runtime_env() as runtime_env:
+        staged = Path(runtime_env["working_dir"])
+        assert sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()) == list(plan.files)
+        assert (staged / "study.yaml").read_bytes() == (project / "study.yaml").read_bytes()
+        assert runtime_env["py_modules"] == [str(Path(sr_tune.__file__).parent)]
+    assert not staged.exists()  # removed once Ray has taken it
     assert plan.submission_id.startswith("sr-tune-tune-planned-") and plan.metadata["sr_tune.name"] == "planned"
-    again = plan_job(["tune", str(project / "study.yaml")], working_dir=project)
+    again = plan_job(
+        ["tune", str(project / "study.yaml")],
+        working_dir=project,
+        address=ADDRESS,
+        storage="s3://b/x",
+        tracking_uri="http://mlflow:5000",
+    )
     assert again.submission_id != plan.submission_id  # unique per submission, readable per study
 
 
 def test_a_job_is_refused_here_for_every_problem_at_once(tmp_path: Path):
     project = write_project(tmp_path / "project", study_extra="keep_checkpoints: 0")
     with pytest.raises(ConfigError, match="keep_checkpoints"):
-        plan_job(["tune", str(project / "study.yaml")], working_dir=project)
+        plan_job(["tune", str(project / "study.yaml")], working_dir=project, address=ADDRESS)
     elsewhere = write_project(tmp_path / "elsewhere")
     with pytest.raises(ConfigError) as error:
-        plan_job(["tune", str(elsewhere / "study.yaml")], working_dir=tmp_path / "project", storage="ftp://x/y")
+        plan_job(
+            ["tune", str(elsewhere / "study.yaml")],
+            working_dir=tmp_path / "project",
+            address=ADDRESS,
+            storage="ftp://x/y",
+        )
     problems = error.value.problems
     assert any("outside the working directory" in p and "study.yaml" in p for p in problems)
     assert any("its base config" in p for p in problems) and any("--storage 'ftp://x/y'" in p for p in problems)
     with pytest.raises(ConfigError, match="must be one of: tune, train"):
-        plan_job(["upscale", "x.png"], working_dir=project)
+        plan_job(["upscale", "x.png"], working_dir=project, address=ADDRESS)
 
 
 def test_storage_uris_are_checked_without_a_request():
@@ -103,16 +123,14 @@ def test_tune_refuses_an_unreachable_tracking_server_before_anything_starts(tmp_
     assert not (project / "runs").exists()  # nothing started, nothing written
 
 
-def test_tune_refuses_missing_data_and_a_bad_storage_uri_before_anything_starts(tmp_path: Path):
-    project = write_project(tmp_path / "project", data="images/train")
+def test_tune_refuses_missing_data_a_bad_storage_uri_and_a_bad_study_key_in_one_round(tmp_path: Path):
+    project = write_project(tmp_path / "project", study_extra="keep_checkpoints: 0", data="images/train")
     refused = sr_tune_cli("tune", "study.yaml", "--storage", "ftp://host/x", cwd=project)
     assert refused.returncode == 2 and refused.stdout == "" and "Traceback" not in refused.stderr
     assert "data.train: 'images/train' does not exist" in refused.stderr
-    assert not (project / "runs").exists()
-    (project / "images" / "train").mkdir(parents=True)
-    refused = sr_tune_cli("tune", "study.yaml", "--storage", "ftp://host/x", cwd=project)
-    assert refused.returncode == 2 and "--storage 'ftp://host/x' has scheme 'ftp'" in refused.stderr
-    assert not (project / "runs").exists()
+    assert "--storage 'ftp://host/x' has scheme 'ftp'" in refused.stderr and "keep_checkpoints: 0" in refused.stderr
+    assert "3 problem(s)" in refused.stderr
+    assert sorted(p.name for p in project.iterdir()) == ["configs", "study.yaml"]  # nothing started, nothing written
 
 
 def test_the_scratch_folder_never_shadows_the_package_when_run_from_the_temp_folder():
