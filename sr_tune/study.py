@@ -146,9 +146,13 @@ class Sampler:
 @dataclass(frozen=True, kw_only=True)
 class Scheduler:
     name: Literal["asha", "pbt", "none"] = setting("asha", "trial scheduler")
-    grace_period: int = setting(0, "ASHA: steps before a trial can be stopped (0 = one evaluation interval)", ge=0)
+    grace_period: int | None = setting(
+        None, "ASHA: steps before a trial can be stopped (default: one evaluation interval)", ge=1
+    )
     reduction_factor: float = setting(2.0, "ASHA: keep the top 1/reduction_factor at each rung", gt=1.0)
-    perturbation_interval: int = setting(0, "PBT: steps between exploit/explore (0 = one evaluation interval)", ge=0)
+    perturbation_interval: int | None = setting(
+        None, "PBT: steps between exploit/explore (default: one evaluation interval)", ge=1
+    )
     quantile_fraction: float = setting(0.25, "PBT: bottom fraction copies the top fraction", gt=0.0, le=0.5)
     resample_probability: float = setting(
         0.25, "PBT: chance to resample instead of perturbing by 0.8x/1.2x", ge=0.0, le=1.0
