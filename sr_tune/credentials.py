@@ -33,7 +33,7 @@ _SECRET_QUERY = re.compile(
     r"(?i)(?P<key>[?&](?:access_key|secret_key|session_token|token|password|passwd|sig|signature)=)[^&\s#'\"]+"
 )
 _SECRET_ASSIGNMENT = re.compile(
-    r"(?i)(?P<key>\b[A-Z0-9_]*(?:SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY)[A-Z0-9_]*=)[^\s'\"]+"
+    r"(?i)(?P<key>\b[A-Z0-9_]*(?:SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY)[A-Z0-9_]*=)[^\s'\"&]+"
 )
 
 

@@ -28,7 +28,6 @@ import re
 import secrets
 import shlex
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -46,8 +45,15 @@ from sr_tune.credentials import credential_problem
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 STOPPED_EXIT_CODE = 3
 COMMANDS = ("tune", "train")
-# Every request to the cluster gives up after this long without an answer (each read, not the whole call).
+# Every request to the cluster gives up after this long without an answer (each read, not the whole call);
+# SR_TUNE_REQUEST_TIMEOUT_S sets another.
 REQUEST_TIMEOUT_S = 30.0
+
+
+def request_timeout_s() -> float:
+    return float(os.environ.get("SR_TUNE_REQUEST_TIMEOUT_S") or REQUEST_TIMEOUT_S)
+
+
 # Never shipped, wherever they lie in what a job takes: dotfiles and folders (.ssh, .aws, .env, .ray,
 # .git, .venv, ...), and files whose names say they hold a key or a credential.
 _SECRET_NAMES = re.compile(
@@ -263,15 +269,20 @@ def send_token_if_available(address: str, *, insecure: bool = False) -> None:
 
 def connect(address: str) -> Any:
     """A ``JobSubmissionClient`` of the cluster whose dashboard is at ``address`` (``http://HEAD:8265``); call
-    ``send_token_if_available`` first. Every request it makes gives up after ``REQUEST_TIMEOUT_S`` without an
-    answer (Ray's client sets no timeout: its requests take the socket default set here)."""
+    ``send_token_if_available`` first. Every request it makes gives up after ``request_timeout_s()`` without
+    an answer: Ray's client sets no timeout, so one is added where it makes its requests."""
     import requests
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    socket.setdefaulttimeout(REQUEST_TIMEOUT_S)
+    class BoundedJobSubmissionClient(JobSubmissionClient):
+        # Ray 2.60's private name for the one place its client calls `requests.request` (RAY_PRIVATE_NAMES).
+        def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> Any:
+            kwargs.setdefault("timeout", request_timeout_s())
+            return super()._do_request(method, endpoint, **kwargs)
+
     try:
-        return JobSubmissionClient(address)
+        return BoundedJobSubmissionClient(address)
     except AuthenticationError as error:
         raise ClusterError(_auth_problem(address, str(error))) from None
     except ConnectionError:
@@ -287,7 +298,7 @@ def _not_a_dashboard(address: str, error: BaseException) -> str:
     import requests
 
     if isinstance(error, requests.Timeout | TimeoutError):
-        return f"the Ray dashboard at {address} did not answer within {REQUEST_TIMEOUT_S:g} s"
+        return f"the Ray dashboard at {address} did not answer within {request_timeout_s():g} s"
     if isinstance(error, requests.HTTPError) and error.response is not None:
         return f"{address} answered HTTP {error.response.status_code}: is this the cluster's dashboard (port 8265)?"
     if isinstance(error, RuntimeError) and "404" in str(error):
