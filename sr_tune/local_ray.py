@@ -26,6 +26,19 @@ from ray.train._internal.utils import get_address_and_port
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
 
+# sr_tune is tested on this Ray minor (pyproject pins it: ray ~= 2.60.0) and uses these private names of it,
+# which another release may move or change; tests/reliability/test_cluster_hardening.py resolves each one.
+TESTED_RAY = "2.60"
+RAY_PRIVATE_NAMES = (
+    "ray._private.ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR",
+    "ray._private.ray_constants.ENABLE_RAY_CLUSTER",
+    "ray.train._internal.utils.get_address_and_port",
+    "ray.train.torch.config._set_torch_distributed_env_vars",
+    "ray.train.torch.config._TorchBackend",
+    "ray.train.v2.api.callback.UserCallback",
+    "ray.dashboard.modules.dashboard_sdk.SubmissionClient._do_request",
+)
+
 
 @contextlib.contextmanager
 def single_machine_ray() -> Iterator[None]:

@@ -27,7 +27,7 @@ def test_launcher_configs_follow_rays_schema_and_install_this_package(name: str,
     jsonschema.validate(config, ray_schema)
     # The checkout is shipped to every node and installed there; token auth is on for head and workers.
     assert "." in config["file_mounts"].values()
-    assert any("pip install -e" in command for command in config["setup_commands"])
+    assert any("pip install -c" in command and " -e " in command for command in config["setup_commands"])
     for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
         assert any("RAY_AUTH_MODE=token" in command and "ray start" in command for command in commands)
     assert any(path.endswith(".ray/auth_token") for path in config["file_mounts"])
@@ -71,11 +71,15 @@ def test_kuberay_manifests_have_the_fields_kuberay_requires_and_token_auth_from_
     pods = _containers(spec)
     if manifest["kind"] == "RayJob":
         pods += manifest["spec"]["submitterPodTemplate"]["spec"]["containers"]
+    # Ray pods get the token from KubeRay (authOptions); the job's submitter pod, which is ours, sets it itself.
+    assert spec["authOptions"] == {"mode": "token", "secretName": "sr-tune-ray-token"}
     for container in pods:
         assert container["name"] and container["image"] and container["resources"]["requests"]
-        env = {item["name"]: item for item in container["env"]}
-        assert env["RAY_AUTH_MODE"]["value"] == "token"
-        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "sr-tune-ray-token", "key": "auth_token"}
+        if container["name"] == "ray-job-submitter":
+            env = {item["name"]: item for item in container["env"]}
+            assert env["RAY_AUTH_MODE"]["value"] == "token"
+            secret = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+            assert secret == {"name": "sr-tune-ray-token", "key": "auth_token"}
 
 
 @pytest.mark.parametrize("path", [p for p in KUBERAY if p.name.startswith("rayjob")], ids=lambda path: path.name)
@@ -103,4 +107,4 @@ def test_the_image_installs_this_package_on_the_ray_version_in_use():
     assert f"FROM rayproject/ray:{ray.__version__}-py311-gpu" in dockerfile
     for folder in ("sr_tune", "configs", "search_spaces"):
         assert f"COPY --chown=ray:users {folder} ./{folder}" in dockerfile and (REPO / folder).is_dir()
-    assert 'pip install --no-cache-dir "/app[server]"' in dockerfile
+    assert 'pip install --no-cache-dir -c constraints.txt "/app[server]"' in dockerfile
