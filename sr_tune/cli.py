@@ -383,14 +383,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
         include=[Path(path) for path in args.include],
     )
-    print(plan.describe(), flush=True)
     if args.dry_run:
+        print(plan.describe())
         return 0
     submit.send_token_if_available(address, insecure=args.insecure)
     client = submit.connect(address)
     job_id = submit.submit(client, plan)
     print(
-        f"submitted job {job_id}: {plan.entrypoint}\n  dashboard: {submit.dashboard_url(address, job_id)}", flush=True
+        f"submitted {plan.describe()}\n  dashboard: {submit.dashboard_url(address, job_id)}",
+        flush=True,
     )
     if args.no_wait:
         print(f"  follow with: sr-tune jobs logs {job_id} --follow --address {address}")

@@ -78,8 +78,8 @@ class JobPlan:
     def describe(self) -> str:
         """What the job runs and ships, as ``submit`` prints it (``--dry-run`` prints only this)."""
         size = sum((self.working_dir / name).stat().st_size for name in self.files)
-        lines = [f"job {self.submission_id}: {self.entrypoint}", f"ships {len(self.files)} file(s), {size:,} bytes:"]
-        return "\n".join([*lines, *(f"  {name}" for name in self.files)])
+        lines = [f"job {self.submission_id}: {self.entrypoint}", f"  ships {len(self.files)} file(s), {size:,} bytes:"]
+        return "\n".join([*lines, *(f"    {name}" for name in self.files)])
 
     @contextmanager
     def runtime_env(self) -> Iterator[dict[str, Any]]:

@@ -242,6 +242,13 @@ def test_a_bad_study_is_refused_before_anything_is_submitted(cluster: Cluster, t
     assert outside.returncode == 2 and "outside the working directory" in outside.stderr
 
 
+def test_jobs_of_an_unknown_id_are_one_line(cluster: Cluster, tmp_path: Path):
+    for action in (["logs", "no-such-job", "--follow"], ["logs", "no-such-job"], ["status", "no-such-job"]):
+        done = cluster.sr_tune("jobs", *action, "--address", cluster.ray.address, cwd=tmp_path, timeout=120)
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr[-2000:]
+        assert "no-such-job" in done.stderr and "Traceback" not in done.stderr
+
+
 @pytest.mark.parametrize(
     ("token", "expected"),
     [(None, "requires a token and none was sent"), ("0" * 64, "refused the token (not this cluster's)")],

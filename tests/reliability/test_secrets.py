@@ -122,7 +122,7 @@ def test_a_job_ships_only_what_it_needs_never_a_key_and_never_from_home(tmp_path
         HOME=str(home),
     )
     assert result.returncode == 0, result.stderr
-    assert "ships 3 file(s)" in result.stdout and "  study.yaml\n" in result.stdout and ".ssh" not in result.stdout
+    assert "ships 3 file(s)" in result.stdout and "    study.yaml\n" in result.stdout and ".ssh" not in result.stdout
 
 
 def test_a_job_whose_results_would_vanish_with_its_working_directory_is_refused(tmp_path: Path):
