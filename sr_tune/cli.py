@@ -228,11 +228,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from sr_tune.checkpoint import load_checkpoint
     from sr_tune.data.degrade import imresize, to_8bit
-    from sr_tune.data.sources import open_source
+    from sr_tune.data.sources import open_source, source_problem
     from sr_tune.data.validation import validation_pairs
     from sr_tune.inference import Upscaler
     from sr_tune.metrics import psnr, ssim
 
+    if problems := [f"--data {problem}" for folder in args.data if (problem := source_problem(folder))]:
+        raise ConfigError(problems, "sr-tune eval")
     checkpoint = load_checkpoint(args.checkpoint)
     config, scale = checkpoint.config, checkpoint.config.model.scale
     upscaler = Upscaler(checkpoint.build_model(), scale=scale, color=config.data.color, tile=args.tile)

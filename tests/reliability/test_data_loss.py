@@ -253,3 +253,24 @@ def test_train_refuses_bad_images_before_the_mlflow_store_or_a_run_folder_exists
     )
     assert "truncated.png" in message and "bomb.png" in message and "data.skip_bad=true" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # no mlflow.db, no runs/
+
+
+def test_a_study_is_checked_in_one_round_with_its_data_and_nothing_is_created(tmp_path: Path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(500))
+    study = tmp_path / "study.yaml"
+    study.write_text(f"""
+name: one_round
+base: {REPO / "configs" / "smoke.yaml"}
+fixed: {{data.train: {images}, data.val: {tmp_path / "missing"}, training.output_dir: {tmp_path / "runs"}}}
+search: {{optimizer.lr: {{type: loguniform, low: 1.0e-4, high: 1.0e-3}}}}
+scheduler: {{name: asha, grace_period: 0}}
+budget: {{num_samples: 2, max_stepz: 40}}
+""")
+    message = refused(sr_tune("tune", str(study), "--storage", "ftp://host/x", cwd=tmp_path))
+    assert "5 problem(s)" in message
+    assert "scheduler.grace_period: 0 is out of range (allowed: >= 1)" in message and "budget.max_stepz" in message
+    assert "data.train:" in message and "truncated.jpg" in message and "data.val:" in message
+    assert "--storage 'ftp://host/x'" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "study.yaml"]

@@ -56,71 +56,43 @@ search:
     return folder
 
 
-def test_a_job_ships_only_what_it_needs_never_a_key_and_never_from_home(tmp_path: Path):
-    home = home_like(tmp_path / "home")
-    project = home / "project"
-    plan = plan_job(
+def remote_plan(project: Path, include: list[Path]):
+    """The plan of a sweep of ``project`` on a remote cluster with storage and a tracking server."""
+    return plan_job(
         ["tune", str(project / "study.yaml")],
         working_dir=project,
         address=REMOTE,
         storage="s3://bucket/sweeps",
         tracking_uri="https://mlflow.example.com",
-        include=[project / "data", project / "notes.txt"],  # data/train/.netrc stays behind
+        include=include,
     )
+
+
+def dry_run(folder: Path, *extra: str, home: Path) -> subprocess.CompletedProcess[str]:
+    remote = ["--address", REMOTE, "--storage", "s3://b/x", "--tracking-uri", "https://m", *extra]
+    return sr_tune("submit", *remote, "--dry-run", "--", "tune", "study.yaml", cwd=folder, HOME=str(home))
+
+
+def test_a_job_ships_only_what_it_needs_never_a_key_and_never_from_home(tmp_path: Path):
+    home = home_like(tmp_path / "home")
+    project = home / "project"
+    plan = remote_plan(project, [project / "data", project / "notes.txt"])  # data/train/.netrc stays behind
     assert plan.files == ("configs/base.yaml", "data/train/a.png", "notes.txt", "study.yaml")
     with plan.runtime_env() as runtime_env:
         shipped = hashes(Path(runtime_env["working_dir"]))
     assert sorted(shipped) == list(plan.files) and SECRET not in plan.describe()
-
-    with pytest.raises(ConfigError) as error:  # named directly, a key file is refused, not skipped
-        plan_job(
-            ["tune", str(project / "study.yaml")],
-            working_dir=project,
-            address=REMOTE,
-            storage="s3://bucket/sweeps",
-            tracking_uri="https://mlflow.example.com",
-            include=[project / "secrets" / "api.key"],
-        )
-    assert "never shipped" in str(error.value)
+    with pytest.raises(ConfigError, match="never shipped"):  # named directly, a key file is refused, not skipped
+        remote_plan(project, [project / "secrets" / "api.key"])
 
     # From the home folder itself: refused, whatever the study.
     (home / "study.yaml").write_text((project / "study.yaml").read_text())
     (home / "configs").mkdir()
     (home / "configs" / "base.yaml").write_text((project / "configs" / "base.yaml").read_text())
     (home / "data").symlink_to(project / "data")
-    result = sr_tune(
-        "submit",
-        "--address",
-        REMOTE,
-        "--storage",
-        "s3://b/x",
-        "--tracking-uri",
-        "https://m",
-        "--dry-run",
-        "--",
-        "tune",
-        "study.yaml",
-        cwd=home,
-        HOME=str(home),
-    )
-    assert "your home folder" in refused(result)
+    assert "your home folder" in refused(dry_run(home, home=home))
 
     # --dry-run prints the plan and submits nothing (no cluster at this address).
-    result = sr_tune(
-        "submit",
-        "--address",
-        REMOTE,
-        "--storage",
-        "s3://b/x",
-        "--tracking-uri",
-        "https://m",
-        "--dry-run",
-        "--",
-        "tune",
-        "study.yaml",
-        cwd=project,
-        HOME=str(home),
-    )
+    result = dry_run(project, home=home)
     assert result.returncode == 0, result.stderr
     assert "ships 3 file(s)" in result.stdout and "    study.yaml\n" in result.stdout and ".ssh" not in result.stdout
 
