@@ -33,6 +33,8 @@ META_FILE = "checkpoint.json"
 FORMAT_VERSION = 2
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".bin")
 CHECKPOINT_FILES = frozenset({WEIGHTS_FILE, META_FILE})
+# checkpoint.json holds a config, metrics and a run's evaluation history: kilobytes to a few megabytes.
+MAX_META_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +47,7 @@ class Checkpoint:
     metrics: dict[str, float]
     tensors: dict[str, torch.Tensor]
     state: dict[str, Any] = field(default_factory=dict)
+    path: Path = Path("checkpoint")  # the folder it was read from, named by errors
 
     def group(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors saved under ``prefix.``, with the prefix removed (empty if there are none)."""
@@ -63,7 +66,14 @@ class Checkpoint:
             in_channels=self.config.in_channels,
             **self.config.model.kwargs,
         )
-        model.load_state_dict(self.model_state)
+        try:
+            model.load_state_dict(self.model_state)
+        except RuntimeError as error:  # missing, unexpected or misshapen tensors: not this model's weights
+            problem = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
+            raise ValueError(
+                f"{self.path / WEIGHTS_FILE}: the weights do not fit {self.config.model.name} "
+                f"x{self.config.model.scale} as {META_FILE} describes it ({problem})"
+            ) from None
         return model.eval()
 
 
@@ -213,12 +223,28 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     for required in (weights, meta_file):
         if not required.is_file():
             raise FileNotFoundError(f"{required}: missing; {path} is not an sr_tune checkpoint folder")
+    if meta_file.stat().st_size > MAX_META_BYTES:
+        raise ValueError(
+            f"{meta_file}: {meta_file.stat().st_size:,} bytes, more than the {MAX_META_BYTES:,} a checkpoint's "
+            f"description takes; not a checkpoint sr_tune wrote"
+        )
     try:
         meta: dict[str, Any] = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{meta_file}: not valid JSON ({error})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_file}: not a checkpoint description (a JSON object is expected)")
     if meta.get("format") not in (1, FORMAT_VERSION):
         raise ValueError(f"{meta_file}: unsupported checkpoint format {meta.get('format')!r}")
+    required, optional = {"step": int, "config": dict}, {"metrics": dict, "optimizers": dict, "state": dict}
+    wrong = [
+        f"{key}: {'missing' if key not in meta else type(meta[key]).__name__} (expected {kind.__name__})"
+        for key, kind in {**required, **optional}.items()
+        if (key in meta or key in required)
+        and (not isinstance(meta.get(key), kind) or (kind is int and isinstance(meta.get(key), bool)))
+    ]
+    if wrong:
+        raise ValueError(f"{meta_file}: not a checkpoint sr_tune wrote: {', '.join(wrong)}")
     try:
         tensors = load_file(weights)
     except (SafetensorError, OSError, ValueError) as error:  # truncated, corrupt, or not safetensors at all
@@ -229,4 +255,5 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         metrics=dict(meta.get("metrics", {})),
         tensors=tensors,
         state={"optimizers": meta.get("optimizers", {}), **meta.get("state", {})},
+        path=path,
     )

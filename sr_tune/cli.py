@@ -96,12 +96,6 @@ def _data_problems(config: TrainConfig) -> list[str]:
     return problems
 
 
-def _check_data(config: TrainConfig, source: str) -> None:
-    """The data folders (or shard URIs) exist where this command runs, before anything starts."""
-    if problems := _data_problems(config):
-        raise ConfigError(problems, source)
-
-
 def _tracking_client(uri: str | None) -> MlflowClient | None:
     from mlflow import MlflowClient
 
@@ -113,23 +107,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sr_tune.distributed import earlier_run_files, fit
 
     config = load_config(args.config, args.overrides)
-    _check_data(config, args.config)
+    # Every problem in one round, before a run, a folder or the MLflow store exists.
+    problems = _data_problems(config)
     if config.training.init_from:  # read now: a missing or corrupt one is refused before a run exists
-        load_checkpoint(config.training.init_from)
+        try:
+            load_checkpoint(config.training.init_from)
+        except (ValueError, FileNotFoundError) as error:
+            problems.append(f"training.init_from: {error}")
     last = Path(config.training.output_dir) / config.run_name / "last"
     if args.resume and not has_checkpoint(last):
-        raise ConfigError(
-            [f"--resume: no checkpoint to continue from at {last} (leave out --resume to start)"], args.config
-        )
+        problems.append(f"--resume: no checkpoint to continue from at {last} (leave out --resume to start)")
     if not args.resume and (earlier := earlier_run_files(config)):
         again = shlex.join(["sr-tune", "train", args.config, *args.overrides])
-        raise ConfigError(
-            [
-                f"run {config.run_name!r} exists ({', '.join(earlier)}): a new run would overwrite or resume it; "
-                f"continue it with `{again} --resume`, or start another with `{again} tracking.run_name=NEW_NAME`"
-            ],
-            args.config,
+        problems.append(
+            f"run {config.run_name!r} exists ({', '.join(earlier)}): a new run would overwrite or resume it; "
+            f"continue it with `{again} --resume`, or start another with `{again} tracking.run_name=NEW_NAME`"
         )
+    if problems:
+        raise ConfigError(problems, args.config)
     client = _tracking_client(_tracking_uri(config, args.tracking_uri))
     workers = config.distributed.num_workers
     where = f"{workers} Ray Train worker(s)" if workers else "this process (Ray local mode)"
@@ -268,7 +263,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from sr_tune.checkpoint import load_checkpoint
-    from sr_tune.data.sources import image_file_problem, read_image
+    from sr_tune.data.sources import MAX_INPUT_PIXELS, image_file_problem, read_image
     from sr_tune.inference import Upscaler
 
     # Everything is checked before the first output is written (the checkpoint, every input, the size of
@@ -277,10 +272,14 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     scale = checkpoint.config.model.scale
     out = Path(args.out)
     max_pixels = args.max_output_mp * 1e6
+    # Inputs as large as the output bound allows (raising --max-output-mp raises this too), and Pillow's own
+    # decompression-bomb limit with it.
+    max_input = max(MAX_INPUT_PIXELS, int(max_pixels / scale**2))
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, max_input)
     problems = [f"--out {out} is a file, not a folder"] if out.exists() and not out.is_dir() else []
     targets: dict[Path, Path] = {}
     for path in map(Path, args.inputs):
-        if problem := image_file_problem(path):
+        if problem := image_file_problem(path, max_pixels=max_input):
             problems.append(problem)
             continue
         with Image.open(path) as image:
@@ -306,7 +305,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     upscaler = Upscaler(checkpoint.build_model(), scale=scale, color=config.data.color, tile=args.tile)
     out.mkdir(parents=True, exist_ok=True)
     for target, path in targets.items():
-        image = read_image(path)
+        image = read_image(path, max_pixels=max_input)
         started = time.perf_counter()
         sr = upscaler.rgb(image)
         partial = target.with_name(f".{target.name}.partial")

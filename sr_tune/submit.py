@@ -108,9 +108,31 @@ def _inside(path: Path, working_dir: Path, what: str, problems: list[str]) -> st
     return str(resolved.relative_to(working_dir))
 
 
+# What gives a file away as a key or credentials whatever its name: PEM private keys (OpenSSH, RSA, EC, PKCS#8)
+# and the AWS shared-credentials format. Read from files small enough to be one (keys are kilobytes).
+_SECRET_CONTENT = (b"PRIVATE KEY-----", b"aws_secret_access_key", b"aws_session_token")
+_SNIFFED_BYTES = 1 << 20
+
+
+def _secret_problem(file: Path, working_dir: Path) -> str | None:
+    """Why ``file`` must not travel (None when it may): a secret's name (or a folder of one) on its way
+    from ``working_dir``, a link out of ``working_dir``, or a key's or credentials' content."""
+    relative = file.relative_to(working_dir)
+    if any(_SECRET_NAMES.match(part) for part in relative.parts):
+        return "dotfiles and key or credential files are never shipped"
+    if not file.resolve().is_relative_to(working_dir):
+        return f"it links to {file.resolve()}, outside the working directory"
+    if file.is_file() and file.stat().st_size <= _SNIFFED_BYTES:
+        content = file.read_bytes()
+        if any(marker in content for marker in _SECRET_CONTENT):
+            return "it holds a private key or cloud credentials"
+    return None
+
+
 def _shipped_files(paths: Sequence[Path], working_dir: Path, problems: list[str]) -> list[str]:
     """The files under ``working_dir`` that ``paths`` (files or folders) name, relative to it: never a
-    dotfile, a key or credential file, an output folder or environment; named directly, one is a problem."""
+    dotfile, a key or credential file (by name or content), a link out of the folder, an output folder or an
+    environment; named directly, one is a problem, found inside a folder it stays behind."""
     found: set[str] = set()
     for path in paths:
         relative = _inside(path, working_dir, "the included path", problems)
@@ -118,13 +140,14 @@ def _shipped_files(paths: Sequence[Path], working_dir: Path, problems: list[str]
         if not resolved.exists():
             problems.append(f"--include {path}: no such file or folder")
             continue
-        if any(_SECRET_NAMES.match(part) for part in Path(relative).parts):
-            problems.append(f"--include {path}: dotfiles and key or credential files are never shipped")
+        if problem := _secret_problem(resolved, working_dir):
+            problems.append(f"--include {path}: {problem}")
             continue
         files = [resolved] if resolved.is_file() else sorted(p for p in resolved.rglob("*") if p.is_file())
         for file in files:
-            parts = file.relative_to(working_dir).parts
-            if not any(_SECRET_NAMES.match(part) or part in _NOT_SHIPPED for part in parts):
+            if any(part in _NOT_SHIPPED for part in file.relative_to(working_dir).parts):
+                continue
+            if _secret_problem(file, working_dir) is None:
                 found.add(file.relative_to(working_dir).as_posix())
     return sorted(found)
 

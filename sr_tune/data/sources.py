@@ -72,6 +72,11 @@ PARQUET_SCHEMA = pa.schema(
 )
 
 
+# Pillow refuses images over twice its MAX_IMAGE_PIXELS (179 MP) and only warns from 89 MP; sr_tune refuses
+# from here, before a pixel is decoded: a 17 KB PNG can declare 144 MP (432 MB as RGB, 16 GB upscaled x4).
+MAX_INPUT_PIXELS = 80_000_000
+
+
 class BadImageError(ValueError):
     """An image file that is missing, truncated, corrupt, not an image, or not 8-bit."""
 
@@ -83,11 +88,11 @@ class SRImage:
     lr: dict[int, torch.Tensor] = field(default_factory=dict)  # scale -> uint8 (3, H/s, W/s), when shipped
 
 
-def decode_image(data: bytes, name: str) -> torch.Tensor:
-    """Decode 8-bit image bytes to uint8 RGB (3, H, W); errors name ``name``."""
+def decode_image(data: bytes, name: str, *, max_pixels: int = MAX_INPUT_PIXELS) -> torch.Tensor:
+    """Decode 8-bit image bytes of at most ``max_pixels`` pixels to uint8 RGB (3, H, W); errors name ``name``."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > MAX_INPUT_PIXELS:
+            if image.width * image.height > max_pixels:
                 raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels")
             image.load()  # decodes fully, so a truncated file fails here rather than later
             if image.mode not in _EIGHT_BIT_MODES:
@@ -104,11 +109,6 @@ def decode_image(data: bytes, name: str) -> torch.Tensor:
     except (OSError, ValueError, SyntaxError) as error:
         raise BadImageError(f"{name}: cannot decode image ({error})") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
-
-
-# Pillow refuses images over twice its MAX_IMAGE_PIXELS (179 MP) and only warns from 89 MP; sr_tune refuses
-# from here, before a pixel is decoded: a 17 KB PNG can declare 144 MP (432 MB as RGB, 16 GB upscaled x4).
-MAX_INPUT_PIXELS = 80_000_000
 
 
 def image_file_problem(path: Path, *, max_pixels: int = MAX_INPUT_PIXELS) -> str | None:
@@ -145,13 +145,13 @@ def image_file_problem(path: Path, *, max_pixels: int = MAX_INPUT_PIXELS) -> str
     return None
 
 
-def read_image(path: Path) -> torch.Tensor:
-    """Read one image file to uint8 RGB (3, H, W)."""
+def read_image(path: Path, *, max_pixels: int = MAX_INPUT_PIXELS) -> torch.Tensor:
+    """Read one image file of at most ``max_pixels`` pixels to uint8 RGB (3, H, W)."""
     try:
         data = path.read_bytes()
     except OSError as error:
         raise BadImageError(f"{path}: cannot read ({error.strerror})") from None
-    return decode_image(data, str(path))
+    return decode_image(data, str(path), max_pixels=max_pixels)
 
 
 def shard_for_rank(items: Sequence, rank: int, world_size: int) -> list:

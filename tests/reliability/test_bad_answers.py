@@ -136,4 +136,8 @@ def test_unreachable_storage_and_data_uris_are_refused_in_seconds_with_nothing_c
         sr_tune("tune", "study.yaml", cwd=project, SR_TUNE_STORAGE=closed, AWS_EC2_METADATA_DISABLED="true")
     )
     assert "SR_TUNE_STORAGE" in message and "cannot be reached" in message
+    study = (project / "study.yaml").read_text()
+    (project / "study.yaml").write_text(f"{study}storage: {closed}\n")
+    message = refused(sr_tune("tune", "study.yaml", cwd=project, AWS_EC2_METADATA_DISABLED="true"))
+    assert "storage: 's3://bucket/sweeps?" in message and "cannot be reached" in message
     assert sorted(p.name for p in project.iterdir()) == ["configs", "data", "notes.txt", "secrets", "study.yaml"]

@@ -125,8 +125,18 @@ def test_a_second_train_under_the_same_name_is_refused_before_anything_starts(tm
     small_checkpoint(runs / "srcnn_915_x3" / "last", seed=1)
     small_checkpoint(runs / "srcnn_915_x3" / "best", seed=2)
     before = hashes(runs)
-    message = refused(sr_tune("train", str(REPO / "configs" / "smoke.yaml"), *options, cwd=tmp_path))
+    message = refused(
+        sr_tune(
+            "train",
+            str(REPO / "configs" / "smoke.yaml"),
+            *options,
+            "data.val=missing",
+            "training.init_from=nope",
+            cwd=tmp_path,
+        )
+    )  # with the run's other problems, in one round
     assert "run 'srcnn_915_x3' exists" in message and "--resume" in message and "tracking.run_name=" in message
+    assert "3 problem(s)" in message and "data.val: 'missing'" in message and "training.init_from:" in message
     assert hashes(runs) == before and sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # no mlflow.db
 
     # Through Ray Train workers: an earlier Ray Train run of the name would be resumed silently; refused too.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -83,6 +84,17 @@ def test_a_job_ships_only_what_it_needs_never_a_key_and_never_from_home(tmp_path
     assert sorted(shipped) == list(plan.files) and SECRET not in plan.describe()
     with pytest.raises(ConfigError, match="never shipped"):  # named directly, a key file is refused, not skipped
         remote_plan(project, [project / "secrets" / "api.key"])
+
+    # Whatever their names: a link out of the project, a key's or credentials' content.
+    (project / "data" / "train" / "b.png").symlink_to(home / ".ssh" / "id_ed25519")
+    (project / "data" / "train" / "readme.txt").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn...")
+    (project / "data" / "train" / "c.txt").write_text(f"[default]\naws_secret_access_key={SECRET}")
+    assert remote_plan(project, [project / "data"]).files == ("configs/base.yaml", "data/train/a.png", "study.yaml")
+    for named, said in (("b.png", "outside the working directory"), ("readme.txt", "holds a private key")):
+        with pytest.raises(ConfigError, match=said):
+            remote_plan(project, [project / "data" / "train" / named])
+    for name in ("b.png", "readme.txt", "c.txt"):
+        (project / "data" / "train" / name).unlink()
 
     # From the home folder itself: refused, whatever the study.
     (home / "study.yaml").write_text((project / "study.yaml").read_text())
@@ -225,6 +237,31 @@ def test_the_scratch_folder_is_private_and_a_planted_link_is_refused(tmp_path: P
     with pytest.raises(FileExistsError, match="a link is refused"), ray_output_to(tmp_path / "s.log"):
         pass
     assert target.read_text() == "kept"
+
+
+def test_a_crafted_checkpoint_is_one_line_naming_its_file(tmp_path: Path):
+    checkpoint = small_checkpoint(tmp_path / "ckpt")
+    meta_file = checkpoint / "checkpoint.json"
+    good = json.loads(meta_file.read_text())
+    for crafted, said in (
+        ([1, 2, 3], "a JSON object is expected"),
+        ({**good, "step": "x"}, "step: str (expected int)"),
+        ({k: v for k, v in good.items() if k != "config"}, "config: missing (expected dict)"),
+        ({**good, "state": []}, "state: list (expected dict)"),
+    ):
+        meta_file.write_text(json.dumps(crafted))
+        with pytest.raises(ValueError, match=re.escape(said)):
+            load_checkpoint(checkpoint)
+    # Weights of another model under this description: named at use, as one line, not a traceback.
+    meta_file.write_text(json.dumps({**good, "config": {**good["config"], "model": {"name": "espcn", "scale": 2}}}))
+    with pytest.raises(ValueError, match="the weights do not fit espcn x2"):
+        load_checkpoint(checkpoint).build_model()
+    result = sr_tune("upscale", str(REPO / "README.md"), "--checkpoint", str(checkpoint), "--out", "o", cwd=tmp_path)
+    assert "README.md: cannot decode image" in refused(result) and not (tmp_path / "o").exists()
+    photo = tmp_path / "photo.png"
+    Image.fromarray(skimage_photo("coffee")[:, :40, :40].permute(1, 2, 0).numpy()).save(photo)
+    result = sr_tune("upscale", str(photo), "--checkpoint", str(checkpoint), "--out", "o", cwd=tmp_path)
+    assert "the weights do not fit espcn x2" in refused(result) and not (tmp_path / "o").exists()
 
 
 def test_a_crafted_checkpoint_with_huge_model_arguments_is_refused_before_anything_is_built(tmp_path: Path):
