@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,7 +117,10 @@ def image_file_problem(path: Path, *, max_pixels: int = MAX_INPUT_PIXELS) -> str
     pixels: unreadable, not an image, not 8-bit, more than ``max_pixels`` pixels, or truncated (PNG chunks
     and checksums verified; a JPEG must end with its end-of-image marker)."""
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is judged below
+            image = Image.open(path)
+        with image:
             width, height = image.size
             if image.mode not in _EIGHT_BIT_MODES:
                 return f"{path}: {image.mode} images are not supported (8-bit images only)"
