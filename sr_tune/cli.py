@@ -319,15 +319,15 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
 
 def cmd_import_weights(args: argparse.Namespace) -> int:
-    from sr_tune.checkpoint import foreign_entries, has_checkpoint, save_checkpoint
+    from sr_tune.checkpoint import foreign_entries, save_checkpoint
     from sr_tune.models import create_model
     from sr_tune.models.waifu2x import read_vgg7_weights
 
     out = Path(args.out)
-    foreign = foreign_entries(out)
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise ConfigError([f"{out} is a file or a link, not a folder: choose a new folder"], "command line")
-    if (foreign or has_checkpoint(out)) and not args.overwrite:
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:  # an empty folder is as good as a new one
+        foreign = foreign_entries(out)
         what = f"holds files of yours ({', '.join(foreign[:5])})" if foreign else "already holds a checkpoint"
         raise ConfigError(
             [f"{out} {what}; choose a new folder, or pass --overwrite to write the checkpoint's two files there"],
@@ -527,7 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser(
         "submit",
         help="run `tune STUDY` or `train CONFIG` on a Ray cluster as a job (Ray Jobs API)",
-        description="e.g. sr-tune submit --address http://HEAD:8265 --storage s3://bucket/sweeps -- tune study.yaml",
+        description="e.g. sr-tune submit --address http://127.0.0.1:8265 --storage s3://bucket/sweeps "
+        "--tracking-uri https://mlflow.internal -- tune study.yaml",
     )
     submit.add_argument("--address", help="the cluster's dashboard, e.g. http://HEAD:8265 (default: RAY_ADDRESS)")
     submit.add_argument("--storage", help="the sweep's storage root on the cluster (s3://, gs:// or a shared folder)")

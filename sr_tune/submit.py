@@ -62,7 +62,7 @@ _SECRET_NAMES = re.compile(
 )
 # Outputs, stores and environments: a job writes its own outputs to the sweep's storage.
 _NOT_SHIPPED = frozenset({"runs", "mlruns", "mlflow.db", "optuna.db", "__pycache__", "venv", "node_modules"})
-MAX_SHIPPED_BYTES = 100 * 2**20  # Ray's own limit for a working_dir is 100 MiB (larger files belong in storage)
+MAX_SHIPPED_BYTES = 500 * 2**20  # about Ray's own limit for a working_dir (its gRPC message size, 512 MiB)
 
 
 @dataclass(frozen=True)
@@ -241,7 +241,7 @@ def plan_job(
     size = sum((working_dir / file).stat().st_size for file in files)
     if size > MAX_SHIPPED_BYTES:
         problems.append(
-            f"the job would ship {size / 2**20:.0f} MiB (over Ray's 100 MiB): put data in storage "
+            f"the job would ship {size / 2**20:.0f} MiB (over the 500 MiB Ray takes): put data in storage "
             f"(`sr-tune prepare DIR s3://...`) and name it by URI"
         )
     if problems:

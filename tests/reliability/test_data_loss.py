@@ -114,6 +114,9 @@ def test_import_weights_onto_a_users_folder_exits_2_and_keeps_every_byte(tmp_pat
         sr_tune("import-weights", "waifu2x-vgg7", str(waifu2x_wheel), str(ckpt), cwd=tmp_path)
     )
     assert hashes(ckpt) == earlier
+    (tmp_path / "empty").mkdir()  # an empty folder is as good as a new one
+    done = sr_tune("import-weights", "waifu2x-vgg7", str(waifu2x_wheel), str(tmp_path / "empty"), cwd=tmp_path)
+    assert done.returncode == 0 and load_checkpoint(tmp_path / "empty").step == 0, done.stderr
 
 
 # --- 2. a fresh run never touches an earlier run's files --------------------------------------------------
