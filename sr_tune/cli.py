@@ -223,12 +223,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from sr_tune.checkpoint import load_checkpoint
     from sr_tune.data.degrade import imresize, to_8bit
-    from sr_tune.data.sources import open_source, source_problem
+    from sr_tune.data.sources import open_source, source_image_problems, source_problem
     from sr_tune.data.validation import validation_pairs
     from sr_tune.inference import Upscaler
     from sr_tune.metrics import psnr, ssim
 
-    if problems := [f"--data {problem}" for folder in args.data if (problem := source_problem(folder))]:
+    # Every folder and image checked before the first row is printed.
+    problems = [f"--data {problem}" for folder in args.data if (problem := source_problem(folder))]
+    problems += [problem for folder in args.data for problem in source_image_problems(folder)]
+    if problems:
         raise ConfigError(problems, "sr-tune eval")
     checkpoint = load_checkpoint(args.checkpoint)
     config, scale = checkpoint.config, checkpoint.config.model.scale
@@ -276,7 +279,8 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     # decompression-bomb limit with it.
     max_input = max(MAX_INPUT_PIXELS, int(max_pixels / scale**2))
     Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, max_input)
-    problems = [f"--out {out} is a file, not a folder"] if out.exists() and not out.is_dir() else []
+    existing = next(folder for folder in (out, *out.absolute().parents) if folder.exists())
+    problems = [] if existing.is_dir() else [f"--out {out}: {existing} is a file, not a folder"]
     targets: dict[Path, Path] = {}
     for path in map(Path, args.inputs):
         if problem := image_file_problem(path, max_pixels=max_input):
@@ -606,7 +610,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"sr-tune: invalid configuration: {redact(str(error))}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError, ValueError, ConnectionError) as error:
+    except (
+        FileNotFoundError,
+        FileExistsError,
+        PermissionError,
+        NotADirectoryError,
+        IsADirectoryError,
+        ValueError,
+        ConnectionError,
+    ) as error:
         print(f"sr-tune: {redact(str(error))}", file=sys.stderr)
         return 2
     except ClusterError as error:

@@ -113,9 +113,9 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = MAX_INPUT_PIXELS) 
 
 
 def image_file_problem(path: Path, *, max_pixels: int = MAX_INPUT_PIXELS) -> str | None:
-    """Why image file ``path`` would fail to decode (None when it would not), found without decoding its
-    pixels: unreadable, not an image, not 8-bit, more than ``max_pixels`` pixels, or truncated (PNG chunks
-    and checksums verified; a JPEG must end with its end-of-image marker)."""
+    """Why image file ``path`` would fail to decode (None when it would not), found before its pixels are
+    needed: unreadable, not an image, not 8-bit, more than ``max_pixels`` pixels (from the header alone), or
+    truncated or corrupt (PNG: chunks and checksums verified; JPEG: decoded at 1/8 scale; others decoded)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is judged below
@@ -129,13 +129,15 @@ def image_file_problem(path: Path, *, max_pixels: int = MAX_INPUT_PIXELS) -> str
                     f"{path}: {width}x{height} is {width * height / 1e6:.0f} megapixels, over the "
                     f"{max_pixels / 1e6:.0f} allowed (a possible decompression bomb)"
                 )
-            jpeg = image.format == "JPEG"
-            image.verify()
-        if jpeg:
-            with path.open("rb") as file:
-                file.seek(max(path.stat().st_size - 1024, 0))
-                if b"\xff\xd9" not in file.read():
-                    return f"{path}: cannot decode image (truncated: no JPEG end-of-image marker)"
+            if image.format == "PNG":
+                image.verify()  # every chunk's checksum, and the end chunk: a truncated file fails
+            elif image.format == "JPEG":
+                # Decoded at 1/8 scale (the DCT's own scaling): every scan is read, so a truncated file fails,
+                # in a third of a full decode (28 ms for 12 MP here); data after the image is fine.
+                image.draft(image.mode, (max(width // 8, 1), max(height // 8, 1)))
+                image.load()
+            else:
+                image.load()  # formats without a cheap structural check are decoded once
     except UnidentifiedImageError:
         return f"{path}: cannot decode image (not a format Pillow reads, or not an image)"
     except OSError as error:

@@ -255,6 +255,11 @@ def test_train_refuses_bad_images_before_the_mlflow_store_or_a_run_folder_exists
     _png(images / "good.png", skimage_photo("coffee").permute(1, 2, 0).numpy())
     (images / "truncated.png").write_bytes((images / "good.png").read_bytes()[:3000])
     Image.new("L", (12_000, 12_000)).save(images / "bomb.png")
+    for suffix in ("jpg", "bmp", "webp"):  # each format's own truncation
+        Image.open(images / "good.png").save(images / f"whole.{suffix}")
+        data = (images / f"whole.{suffix}").read_bytes()
+        (images / f"cut.{suffix}").write_bytes(data[: len(data) * 2 // 3])
+    (images / "whole.jpg").write_bytes((images / "whole.jpg").read_bytes() + b"\0" * 4096)  # a camera's trailer
     message = refused(
         sr_tune(
             "train",
@@ -265,6 +270,7 @@ def test_train_refuses_bad_images_before_the_mlflow_store_or_a_run_folder_exists
         )
     )
     assert "truncated.png" in message and "bomb.png" in message and "data.skip_bad=true" in message
+    assert all(f"cut.{suffix}" in message for suffix in ("jpg", "bmp", "webp")) and "whole." not in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # no mlflow.db, no runs/
 
 
