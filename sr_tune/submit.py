@@ -45,9 +45,11 @@ from sr_tune.credentials import credential_problem
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 STOPPED_EXIT_CODE = 3
 COMMANDS = ("tune", "train")
-# Every request to the cluster gives up after this long without an answer (each read, not the whole call);
-# SR_TUNE_REQUEST_TIMEOUT_S sets another.
-REQUEST_TIMEOUT_S = 30.0
+# Every request to the cluster gives up after this long without an answer (the connection, then each wait for
+# data, not the whole call); SR_TUNE_REQUEST_TIMEOUT_S sets another. Submitting (the upload of the job's
+# files, the job's start) may wait UPLOAD_WAITS times as long for the answer.
+REQUEST_TIMEOUT_S = 10.0
+UPLOAD_WAITS = 6
 
 
 def request_timeout_s() -> float:
@@ -301,7 +303,8 @@ def connect(address: str) -> Any:
     class BoundedJobSubmissionClient(JobSubmissionClient):
         # Ray 2.60's private name for the one place its client calls `requests.request` (RAY_PRIVATE_NAMES).
         def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> Any:
-            kwargs.setdefault("timeout", request_timeout_s())
+            waits = UPLOAD_WAITS if method in ("PUT", "POST") else 1
+            kwargs.setdefault("timeout", (request_timeout_s(), request_timeout_s() * waits))
             return super()._do_request(method, endpoint, **kwargs)
 
     try:
