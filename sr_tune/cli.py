@@ -11,6 +11,7 @@ import shlex
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -68,6 +69,24 @@ def _tracking_uri(config: TrainConfig, override: str | None) -> str | None:
     return uri
 
 
+def _raw_data_problems(path: str, overrides: Sequence[str]) -> list[str]:
+    """The data folders' problems of a config that does not build (its other problems are reported with
+    these): missing or unreachable ``data.train`` / ``data.val``."""
+    from sr_tune.config import config_values
+    from sr_tune.data.sources import source_problem
+
+    try:
+        data = config_values(path, overrides).get("data")
+    except ConfigError:
+        return []  # the file itself is reported
+    specs = {key: data.get(key, "sample") for key in ("train", "val")} if isinstance(data, dict) else {}
+    return [
+        f"data.{key}: {problem}"
+        for key, spec in specs.items()
+        if isinstance(spec, str) and (problem := source_problem(spec))
+    ]
+
+
 def _storage_problems(named: str, location: str) -> list[str]:
     """Why ``location`` (given as ``named``) cannot be a storage root: a scheme pyarrow does not open,
     credentials in it, or (checked last, one request of at most a few seconds) a remote store that does not
@@ -106,7 +125,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sr_tune.checkpoint import has_checkpoint, load_checkpoint
     from sr_tune.distributed import earlier_run_files, fit
 
-    config = load_config(args.config, args.overrides)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:  # with the data's problems, in the same round
+        raise ConfigError([*error.problems, *_raw_data_problems(args.config, args.overrides)], error.source) from None
     # Every problem in one round, before a run, a folder or the MLflow store exists.
     problems = _data_problems(config)
     if config.training.init_from:  # read now: a missing or corrupt one is refused before a run exists
@@ -125,6 +147,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     if problems:
         raise ConfigError(problems, args.config)
+    if args.resume and (finished := _finished_run(config, last)):
+        print(finished)
+        return 0
     client = _tracking_client(_tracking_uri(config, args.tracking_uri))
     workers = config.distributed.num_workers
     where = f"{workers} Ray Train worker(s)" if workers else "this process (Ray local mode)"
@@ -140,15 +165,43 @@ def cmd_train(args: argparse.Namespace) -> int:
         again = shlex.join(["sr-tune", "train", args.config, *args.overrides, "--resume"])
         raise Interrupted(f"training of {config.run_name} stopped: {kept}; continue with: {again}") from None
     metrics = result.metrics
-    print(
-        f"done: PSNR-Y {metrics['val_psnr']:.2f} dB, {metrics['psnr_gain']:+.2f} dB over bicubic; "
-        f"checkpoints {Path(config.training.output_dir) / config.run_name}/{{last,best}}"
+    scores = (
+        f"PSNR-Y {metrics['val_psnr']:.2f} dB, {metrics['psnr_gain']:+.2f} dB over bicubic; "
+        if "val_psnr" in metrics
+        else ""
     )
+    print(f"done: {scores}checkpoints {Path(config.training.output_dir) / config.run_name}/{{last,best}}")
     if workers:
         print(f"Ray checkpoint: {result.checkpoint}")
     if result.run_id and client is not None:
         print(f"MLflow run {result.run_id}; browse with: mlflow ui --backend-store-uri {client.tracking_uri}")
     return 0
+
+
+def _finished_run(config: TrainConfig, last: Path) -> str | None:
+    """What to say of a run whose last checkpoint has reached ``training.steps`` (None while it has not): it
+    is shown, not resumed, and nothing is logged again."""
+    from sr_tune.checkpoint import has_checkpoint, load_checkpoint
+
+    checkpoint = load_checkpoint(last)
+    if checkpoint.step < config.training.steps:
+        return None
+    metrics, folder = checkpoint.metrics, last.parent
+    lines = [
+        f"run {config.run_name} is finished (step {checkpoint.step} of {config.training.steps}); nothing to resume"
+    ]
+    if "val_psnr" in metrics:
+        lines.append(
+            f"  last: PSNR-Y {metrics['val_psnr']:.2f} dB, {metrics.get('psnr_gain', 0.0):+.2f} dB over bicubic"
+        )
+    if has_checkpoint(folder / "best"):
+        best = load_checkpoint(folder / "best")
+        if "val_psnr" in best.metrics:
+            lines.append(f"  best: PSNR-Y {best.metrics['val_psnr']:.2f} dB at step {best.step}")
+    lines.append(f"  checkpoints {folder}/{{last,best}}; raise training.steps to train on")
+    if run_id := checkpoint.state.get("mlflow_run_id"):
+        lines.append(f"  MLflow run {run_id}")
+    return "\n".join(lines)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -599,17 +652,15 @@ def _stop_signal_handler() -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if os.environ.get("SR_TUNE_DEBUG"):  # the full traceback of any error, for a bug report
-        return args.run(args)
+    debug = bool(os.environ.get("SR_TUNE_DEBUG"))  # the full traceback of any error too, for a bug report
     terminated = _stop_signal_handler()
     try:
         return args.run(args)
     except (Interrupted, KeyboardInterrupt) as stop:
-        print(f"\nsr-tune: {redact(str(stop)) or f'{args.command} interrupted'}", file=sys.stderr)
-        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)  # 143 or 130, as a shell reports them
-    except ConfigError as error:
-        print(f"sr-tune: invalid configuration: {redact(str(error))}", file=sys.stderr)
-        return 2
+        code, message = 128 + (signal.SIGTERM if terminated else signal.SIGINT), f"{args.command} interrupted"
+        error, line = stop, f"\nsr-tune: {redact(str(stop)) or message}"  # 143 or 130, as a shell reports them
+    except ConfigError as refused:
+        code, error, line = 2, refused, f"sr-tune: invalid configuration: {redact(str(refused))}"
     except (
         FileNotFoundError,
         FileExistsError,
@@ -618,15 +669,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         IsADirectoryError,
         ValueError,
         ConnectionError,
-    ) as error:
-        print(f"sr-tune: {redact(str(error))}", file=sys.stderr)
-        return 2
-    except ClusterError as error:
-        print(f"sr-tune: {redact(str(error))}", file=sys.stderr)
-        return 1
-    except FloatingPointError as error:
-        print(f"sr-tune: training diverged: {error}", file=sys.stderr)
-        return 1
+    ) as refused:
+        code, error, line = 2, refused, f"sr-tune: {redact(str(refused))}"
+    except ClusterError as failed:
+        code, error, line = 1, failed, f"sr-tune: {redact(str(failed))}"
+    except FloatingPointError as diverged:
+        code, error, line = 1, diverged, f"sr-tune: training diverged: {diverged}"
+    if debug:
+        traceback.print_exception(error)
+    print(line, file=sys.stderr)
+    return code
 
 
 def entry() -> NoReturn:

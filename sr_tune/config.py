@@ -14,6 +14,7 @@ import difflib
 import functools
 import inspect
 import operator
+import os
 import re
 import types
 import typing
@@ -329,7 +330,7 @@ class TrainConfig:
     def from_dict(cls, data: Mapping[str, Any], source: str | None = None) -> TrainConfig:
         """Build and validate from a nested mapping; raises one ``ConfigError`` listing every problem."""
         problems: list[str] = []
-        config = _build(cls, data, "", problems)
+        config = _build(cls, expand_home(data), "", problems)
         if problems or config is None:
             raise ConfigError(problems, source)
         return config
@@ -592,11 +593,38 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> tuple[
     return result, problems + [f"override {p}" for p in value_problems]
 
 
+# Keys that name a local folder: ``~`` in them is the user's home, as in a shell.
+PATH_KEYS = (
+    ("data", "train"),
+    ("data", "val"),
+    ("training", "output_dir"),
+    ("training", "init_from"),
+    ("distributed", "storage_path"),
+)
+
+
+def expand_home(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` with a leading ``~`` of every ``PATH_KEYS`` value expanded to the home folder."""
+    expanded = {name: dict(section) if isinstance(section, Mapping) else section for name, section in data.items()}
+    for name, key in PATH_KEYS:
+        section = expanded.get(name)
+        if isinstance(section, dict) and isinstance(section.get(key), str) and section[key].startswith("~"):
+            section[key] = os.path.expanduser(section[key])
+    return expanded
+
+
+def config_values(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The raw nested values of a YAML file plus ``key=value`` overrides, before any check (``~`` expanded)."""
+    data = _read_yaml(Path(path)) if path is not None else {}
+    return expand_home(apply_overrides(data, overrides)[0])
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Load a ``TrainConfig`` from a YAML file (or the defaults) plus ``key=value`` overrides."""
     source = str(path) if path is not None else "defaults"
     data = _read_yaml(Path(path)) if path is not None else {}
     data, override_problems = apply_overrides(data, overrides)
+    data = expand_home(data)
     problems: list[str] = list(override_problems)
     config = _build(TrainConfig, data, "", problems)
     if problems or config is None:

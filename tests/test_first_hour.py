@@ -1,0 +1,76 @@
+"""What a newcomer runs in the first hour, as the README shows it: resuming a finished run, a config with two
+problems at once, the debug switch, a home-relative data folder, the files the README's commands create."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from .conftest import REPO
+
+SHORT = ["training.steps=20", "training.eval_interval=10", "data.val_crop=48", "training.device=cpu"]
+
+
+def sr_tune(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_", "SR_TUNE_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "sr_tune", *args],
+        cwd=cwd,
+        env={**environment, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_resuming_a_finished_run_shows_its_result_and_logs_nothing_again(tmp_path: Path):
+    config = str(REPO / "configs" / "smoke.yaml")
+    first = sr_tune("train", config, *SHORT, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("sr_tune").experiment_id])
+    models = len(client.search_logged_models([run.info.experiment_id]))
+    artifacts = sorted(path.relative_to(tmp_path) for path in (tmp_path / "mlruns").rglob("*"))
+    for _ in range(2):
+        again = sr_tune("train", config, *SHORT, "--resume", cwd=tmp_path)
+        assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr[-3000:]
+        assert "run srcnn_915_x3 is finished (step 20 of 20)" in again.stdout
+        assert f"PSNR-Y {run.data.metrics['val_psnr']:.2f} dB" in again.stdout and run.info.run_id in again.stdout
+    assert len(client.search_logged_models([run.info.experiment_id])) == models
+    assert sorted(path.relative_to(tmp_path) for path in (tmp_path / "mlruns").rglob("*")) == artifacts
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    # More steps asked for: the run goes on from its last checkpoint.
+    longer = sr_tune("train", config, *SHORT[1:], "training.steps=30", "--resume", cwd=tmp_path)
+    assert longer.returncode == 0 and "done: PSNR-Y" in longer.stdout, longer.stderr[-3000:]
+
+
+def test_a_config_problem_and_a_missing_data_folder_come_in_one_round_with_the_debug_switch_keeping_the_code(
+    tmp_path: Path,
+):
+    args = ("train", str(REPO / "configs" / "smoke.yaml"), "model.kwargs.foo=1", "data.train=nope")
+    refused = sr_tune(*args, cwd=tmp_path)
+    assert refused.returncode == 2 and "2 problem(s)" in refused.stderr
+    assert "model.kwargs.foo" in refused.stderr and "data.train: 'nope' does not exist" in refused.stderr
+    debug = sr_tune(*args, cwd=tmp_path, SR_TUNE_DEBUG="1")
+    assert debug.returncode == 2 and "Traceback" in debug.stderr and "2 problem(s)" in debug.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_home_relative_data_folder_is_the_home_folder(tmp_path: Path):
+    home = tmp_path / "home"
+    (home / "photos").mkdir(parents=True)
+    shown = sr_tune("config", str(REPO / "configs" / "smoke.yaml"), "data.train=~/photos", cwd=tmp_path, HOME=str(home))
+    assert shown.returncode == 0 and f"train: {home / 'photos'}" in shown.stdout
+    missing = sr_tune("train", str(REPO / "configs" / "smoke.yaml"), "data.train=~/none", cwd=tmp_path, HOME=str(home))
+    assert missing.returncode == 2 and f"resolved to {home / 'none'}" in missing.stderr
+
+
+def test_the_folders_the_readmes_commands_create_are_ignored_by_git():
+    ignored = (REPO / ".gitignore").read_text().split()
+    assert {"wheels/", "upscaled/", "runs/", "mlflow.db", "mlruns/", "optuna.db"} <= set(ignored)
+    readme = (REPO / "README.md").read_text()
+    assert "seven sections" in readme and "pip install optuna-dashboard" in readme
