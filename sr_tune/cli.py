@@ -25,6 +25,8 @@ from sr_tune.submit import ClusterError
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+    from sr_tune.study import Study
+
 
 def _count_parameters(name: str, scale: int) -> int:
     from sr_tune.models import create_model
@@ -85,6 +87,31 @@ def _raw_data_problems(path: str, overrides: Sequence[str]) -> list[str]:
         for key, spec in specs.items()
         if isinstance(spec, str) and (problem := source_problem(spec))
     ]
+
+
+def _resource_problems(study: Study) -> list[str]:
+    """On a local Ray (no ``RAY_ADDRESS``), what one trial asks for that this machine does not have, with the
+    overrides that make it fit; a cluster's resources are checked once the sweep has connected to it."""
+    if os.environ.get("RAY_ADDRESS"):
+        return []
+    import torch
+
+    cpus, gpus, asked = os.cpu_count() or 1, torch.cuda.device_count(), study.resources
+    problems = []
+    if asked.workers * asked.cpus_per_worker > cpus:
+        fit = max(cpus // asked.workers, 1) if asked.workers <= cpus else 1
+        fix = f"resources.cpus_per_worker={fit}" + ("" if asked.workers <= cpus else " resources.workers=1")
+        problems.append(
+            f"resources: one trial asks for {asked.workers} worker(s) x {asked.cpus_per_worker:g} CPU(s) and this "
+            f"machine has {cpus}: run it with the override {fix}"
+        )
+    if asked.gpus_per_worker and asked.workers * asked.gpus_per_worker > gpus:
+        problems.append(
+            f"resources: one trial asks for {asked.workers} worker(s) x {asked.gpus_per_worker:g} GPU(s) and this "
+            f"machine has {gpus}: run it on the CPU with the overrides resources.gpus_per_worker=0 "
+            f"training.device=cpu (and resources.cpus_per_worker=N)"
+        )
+    return problems
 
 
 def _storage_problems(named: str, location: str) -> list[str]:
@@ -222,7 +249,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         ("storage", None),
     )
     storage_problems = _storage_problems(named, storage) if storage else []
-    study = load_study(args.study, base_checks=_data_problems, extra_problems=storage_problems)
+    study = load_study(args.study, args.overrides, base_checks=_data_problems, extra_problems=storage_problems)
+    if problems := _resource_problems(study):
+        raise ConfigError(problems, args.study)
     if not storage and study.storage and (problem := reach_problem(study.storage)):
         raise ConfigError([f"storage: {study.storage!r} {problem}"], args.study)
     uri = _tracking_uri(study.base_config(), args.tracking_uri)
@@ -245,7 +274,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     client = _tracking_client(uri)  # the store exists by now: opening it again takes milliseconds
     if result.unfinished:
         again = shlex.join(
-            ["sr-tune", "tune", args.study, "--resume", *(["--storage", args.storage] if args.storage else [])]
+            [
+                "sr-tune",
+                "tune",
+                args.study,
+                *args.overrides,
+                "--resume",
+                *(["--storage", args.storage] if args.storage else []),
+            ]
         )
         raise Interrupted(
             f"sweep {study.name!r} stopped with {result.unfinished} trial(s) unfinished: its state is saved in "
@@ -536,6 +572,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = sub.add_parser("tune", help="run a hyperparameter sweep from a study file (Ray Tune, logged to MLflow)")
     tune.add_argument("study", help="YAML study, e.g. search_spaces/quickstart.yaml")
+    tune.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value: the study's (budget.num_samples=4, resources.cpus_per_worker=1) or any training-config "
+        "key of every trial (training.device=cpu)",
+    )
     tune.add_argument("--resume", action="store_true", help="continue the study's interrupted sweep")
     tune.add_argument(
         "--storage", help="where the sweep's output lives: a folder or s3://, gs:// URI (wins over SR_TUNE_STORAGE)"

@@ -14,12 +14,15 @@ so trials compare at equal data seen.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+import yaml
 
 from sr_tune.config import (
     ConfigError,
@@ -328,22 +331,60 @@ def _valid_part(section: type, raw: Any) -> Any:
         return None
 
 
+# The study's own keys an override may set; any other ``section.key`` is a training-config key of every trial.
+_STUDY_KEYS = ("name", "description", "keep_checkpoints", "storage")
+_CONFIG_SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def with_overrides(raw: Any, overrides: Sequence[str]) -> tuple[Any, list[str]]:
+    """A study's raw mapping with ``key=value`` overrides (values parsed as YAML): the study's own keys
+    (``budget.num_samples=4``, ``resources.cpus_per_worker=1``, ``keep_checkpoints=1``) set in place, a
+    training-config key (``training.device=cpu``) added to ``fixed``. A searched key cannot be overridden."""
+    if not overrides:
+        return raw, []
+    data = dict(raw) if isinstance(raw, Mapping) else {}
+    study_values, fixed, problems = {}, dict(data.get("fixed") or {}), []
+    searched = data.get("search") if isinstance(data.get("search"), Mapping) else {}
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        section = key.split(".", 1)[0]
+        if not sep or not key:
+            problems.append(f"override {override!r}: expected key=value (e.g. budget.num_samples=4)")
+        elif key in _STUDY_KEYS or (section in _SECTIONS and "." in key):
+            study_values[key] = value
+        elif section in _CONFIG_SECTIONS and "." in key:
+            if key in searched:
+                problems.append(f"override {override!r}: {key} is searched by the study; change its search range")
+            fixed[key] = value
+        else:
+            sections = ", ".join([*_SECTIONS, *_STUDY_KEYS, *(f"{name}.*" for name in _CONFIG_SECTIONS)])
+            problems.append(f"override {override!r}: {key!r} is neither a study key nor a config key ({sections})")
+    data, value_problems = with_values(data, study_values)
+    data["fixed"] = fixed
+    return data, problems + [f"override {problem}" for problem in value_problems]
+
+
 def load_study(
     path: str | Path,
+    overrides: Sequence[str] = (),
     *,
     base_checks: Callable[[TrainConfig], list[str]] | None = None,
     extra_problems: Sequence[str] = (),
 ) -> Study:
-    """Read and validate a study file; every problem is reported at once, naming the file and key, with
-    ``extra_problems`` (the command line's) and what ``base_checks`` finds in the base config (its data,
-    where the command runs) when it builds."""
+    """Read and validate a study file with command-line ``overrides`` (``with_overrides``); every problem is
+    reported at once, naming the file and key, with ``extra_problems`` (the command line's) and what
+    ``base_checks`` finds in the base config (its data, where the command runs) when it builds."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as error:
         raise ConfigError([f"cannot read the study: {error}"], str(path)) from None
-    raw = parse_yaml(text, str(path))
-    problems: list[str] = list(extra_problems)
+    raw, override_problems = with_overrides(parse_yaml(text, str(path)), overrides)
+    problems: list[str] = [*extra_problems, *override_problems]
     values = build_values(Study, {} if raw is None else raw, "", problems)
     if values is None:
         raise ConfigError(problems, str(path))
@@ -372,5 +413,16 @@ def load_study(
         else:
             problems.extend(base_checks(base))
     if problems:
-        raise ConfigError(list(dict.fromkeys(problems)), str(path))
+        labelled = [_label_study_override(problem, overrides) for problem in dict.fromkeys(problems)]
+        raise ConfigError(labelled, str(path) + (" and its command-line overrides" if overrides else ""))
     return Study(**values)
+
+
+def _label_study_override(problem: str, overrides: Sequence[str]) -> str:
+    """``problem`` with the override that set its key (``budget.num_samples``, or ``fixed.<key>`` for a
+    training-config key), so that it is not blamed on the file."""
+    for override in overrides:
+        key = override.partition("=")[0]
+        if problem.startswith((f"{key}:", f"fixed.{key}:", "fixed (on base")) and key in problem:
+            return f"{problem} (from the override {override!r})"
+    return problem

@@ -210,7 +210,7 @@ def plan_job(
         if value and (problem := storage_problem(value) if flag == "--storage" else credential_problem(value)):
             problems.append(f"{flag} {value!r} {problem}")
     if command[0] == "tune":
-        study = load_study(args.study)
+        study = load_study(args.study, args.overrides)
         name, config = study.name, study.base_config()
         shipped = _inside(Path(args.study), working_dir, "the study", problems)
         _inside(study.base_path, working_dir, "its base config", problems)

@@ -458,9 +458,12 @@ def max_concurrent_trials(study: Study) -> int:
     if per_trial.gpus_per_worker:
         fits = min(fits, int(resources.get("GPU", 0) // (per_trial.workers * per_trial.gpus_per_worker)))
     if fits < 1:
+        cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
         raise ValueError(
-            f"one trial needs {per_trial.workers} worker(s) x {per_trial.cpus_per_worker} CPU "
-            f"(+ {per_trial.gpus_per_worker} GPU) but the cluster has {resources}"
+            f"resources: one trial asks for {per_trial.workers} worker(s) x {per_trial.cpus_per_worker:g} CPU(s) "
+            f"and {per_trial.gpus_per_worker:g} GPU(s) each, and the cluster has {cpus:g} CPU(s) and {gpus:g} "
+            f"GPU(s) in all: lower them with overrides, e.g. resources.cpus_per_worker="
+            f"{max(int(cpus // per_trial.workers), 1)}"
         )
     return fits
 
@@ -889,6 +892,7 @@ def run_sweep(
         opening = pool.submit(lambda: MlflowClient(tracking_uri) if tracking_uri else None)
         init_ray(dashboard=not runs_in_trial(study))
         client = opening.result()
+    max_concurrent_trials(study)  # a trial the cluster cannot hold is refused before the parent run exists
     tags = {**run_tags(str(study.path)), **(tags or {}), "sr_tune.study": study.name}
     if restoring:
         parent_run_id = json.loads(paths.storage.read_text(paths.state))["parent_run_id"]

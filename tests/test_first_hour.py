@@ -74,3 +74,34 @@ def test_the_folders_the_readmes_commands_create_are_ignored_by_git():
     assert {"wheels/", "upscaled/", "runs/", "mlflow.db", "mlruns/", "optuna.db"} <= set(ignored)
     readme = (REPO / "README.md").read_text()
     assert "seven sections" in readme and "pip install optuna-dashboard" in readme
+
+
+def test_a_study_too_large_for_this_machine_is_refused_with_the_override_that_fits(tmp_path: Path):
+    refused = sr_tune("tune", str(REPO / "search_spaces" / "srcnn_optimizer.yaml"), cwd=tmp_path)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    cpus = os.cpu_count() or 1
+    if cpus < 4:  # the study asks for 4 CPUs a trial
+        assert f"this machine has {cpus}: run it with the override resources.cpus_per_worker=" in refused.stderr
+    gpu_study = sr_tune("tune", str(REPO / "search_spaces" / "vdsr.yaml"), "budget.num_samples=2", cwd=tmp_path)
+    assert gpu_study.returncode == 2 and "resources.gpus_per_worker=0 training.device=cpu" in gpu_study.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no Ray, no MLflow store, no state file
+
+
+def test_tune_takes_overrides_of_the_study_and_of_every_trials_config():
+    from sr_tune.config import ConfigError
+    from sr_tune.study import load_study
+
+    path = REPO / "search_spaces" / "srcnn_optimizer.yaml"
+    study = load_study(
+        path, ["resources.cpus_per_worker=1", "budget.num_samples=2", "training.device=cpu", "keep_checkpoints=1"]
+    )
+    assert (study.resources.cpus_per_worker, study.budget.num_samples, study.keep_checkpoints) == (1.0, 2, 1)
+    assert study.fixed["training.device"] == "cpu" and study.trial_config({}).training.device == "cpu"
+    unchanged = load_study(path)
+    assert unchanged.resources.cpus_per_worker == 4.0 and "training.device" not in unchanged.fixed
+    try:
+        load_study(path, ["budget.num_samples=0", "optimizer.lr=1", "nonsense=1", "data.batch_size=-3"])
+    except ConfigError as error:
+        problems = error.problems
+    assert len(problems) == 4 and all("(from the override" in p or p.startswith("override") for p in problems)
+    assert any("optimizer.lr is searched by the study" in p for p in problems)

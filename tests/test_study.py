@@ -15,8 +15,8 @@ STUDIES = sorted((REPO / "search_spaces").glob("*.yaml"))
 
 
 def test_the_shipped_studies_cover_the_product():
-    names = {load_study(path).name for path in STUDIES}
-    assert names == {
+    names = {load_study(path).name for path in STUDIES}  # a user's own studies there may come beside them
+    assert names >= {
         "quickstart",
         "srcnn_optimizer",
         "fsrcnn",
