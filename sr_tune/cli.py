@@ -237,7 +237,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from sr_tune.storage import STORAGE_ENV, reach_problem
     from sr_tune.study import load_study
     from sr_tune.summary import sweep_table
-    from sr_tune.sweep import run_sweep, sweep_paths
+    from sr_tune.sweep import remove_sweep, run_sweep, sweep_paths
 
     # Every problem in one round: the study's own, its data's, the storage's; nothing is created before.
     named, storage = next(
@@ -256,6 +256,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise ConfigError([f"storage: {study.storage!r} {problem}"], args.study)
     uri = _tracking_uri(study.base_config(), args.tracking_uri)
     paths = sweep_paths(study, uri, args.storage)
+    if args.restart:  # everything checked: the earlier sweep goes, before this one's log opens
+        for removed in remove_sweep(study, paths):
+            print(f"removed {removed}")
     if args.verbose:  # Ray's and Tune's output on the console, the view as plain lines between it
         view = SweepView(study, sys.stdout, live=False)
         try:
@@ -578,7 +581,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="key=value: the study's (budget.num_samples=4, resources.cpus_per_worker=1) or any training-config "
         "key of every trial (training.device=cpu)",
     )
-    tune.add_argument("--resume", action="store_true", help="continue the study's interrupted sweep")
+    again = tune.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the study's interrupted sweep")
+    again.add_argument(
+        "--restart",
+        action="store_true",
+        help="remove the study's earlier sweep (its state, checkpoints, searcher, log; its MLflow runs stay) and "
+        "start over",
+    )
     tune.add_argument(
         "--storage", help="where the sweep's output lives: a folder or s3://, gs:// URI (wins over SR_TUNE_STORAGE)"
     )

@@ -14,8 +14,9 @@ At the end of a sweep on a local Ray, once every trial has started and none wait
 that ended go to the ones still training in their own processes (``CpuShares`` in the driver writes each
 one's share, ``ThreadShare`` reads it in the trial, the engine sets torch's threads between steps).
 
-Search: Optuna (TPE multivariate, QMC, random, grid) under a concurrency limit, its study stored in an
-SQLite file beside the MLflow store (``optuna-dashboard sqlite:///.../optuna.db``), with ASHA stopping
+Search: Optuna (TPE multivariate, QMC, random, grid) under a concurrency limit, its study stored with the
+sweep (``<root>/<study>/optuna.db`` on a local root, ``optuna-dashboard sqlite:///.../optuna.db``), so that a
+sweep started over (``--restart``) starts its searcher over too; with ASHA stopping
 on the objective; or PBT (Ray refuses it with a search algorithm), which samples start points at random
 and perturbs lr, L2, augmentation strength and loss weights. Time is counted in patches seen.
 
@@ -37,6 +38,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -98,8 +100,8 @@ class SweepPaths:
     state: str  # root/<study>.json on the storage: the MLflow parent run, for --resume
     runs: Path  # the engine's working last/ and best/ folders: root/<study>.runs, or node-local scratch
     log: Path  # Ray's and Tune's own output when the console shows the sweep's view: root/<study>.log, or scratch
-    optuna_url: str | None  # the Optuna study's storage: beside a SQLite MLflow store, else in a local root;
-    # None with remote storage (an in-memory study, saved with Tune's searcher state on that storage)
+    optuna_url: str | None  # the Optuna study's storage, in the sweep's own folder on a local root; None with
+    # remote storage (an in-memory study, saved with Tune's searcher state on that storage)
 
 
 def storage_root(study: Study, storage: str | None = None) -> Storage:
@@ -111,12 +113,8 @@ def storage_root(study: Study, storage: str | None = None) -> Storage:
 
 def sweep_paths(study: Study, tracking_uri: str | None, storage: str | None = None) -> SweepPaths:
     root = storage_root(study, storage)
-    uri = tracking_uri or ""
-    optuna_url: str | None = None  # remote storage: resumable from any machine, so nothing machine-local
-    if not root.remote:
-        sqlite = uri.startswith("sqlite:///")
-        optuna_dir = Path(uri.removeprefix("sqlite:///")).parent if sqlite else Path(root.uri)
-        optuna_url = f"sqlite:///{optuna_dir / 'optuna.db'}"
+    # Remote storage: resumable from any machine, so nothing machine-local.
+    optuna_url = None if root.remote else f"sqlite:///{Path(root.uri) / study.name / 'optuna.db'}"
     local = scratch_dir(hashlib.sha1(root.uri.encode()).hexdigest()[:10]) if root.remote else Path(root.uri)
     return SweepPaths(
         storage=root,
@@ -426,7 +424,7 @@ def _search(study: Study, paths: SweepPaths, max_concurrent: int) -> tuple[Any, 
         mode=objective.mode,
         sampler=samplers[study.sampler.name](),
         study_name=study.name,
-        storage=optuna.storages.RDBStorage(paths.optuna_url) if paths.optuna_url else None,
+        storage=_optuna_storage(paths.optuna_url) if paths.optuna_url else None,
     )
     scheduler = FIFOScheduler()
     if settings.name == "asha":
@@ -446,6 +444,35 @@ def num_trials(study: Study) -> int:
     if study.sampler.name == "grid":
         return math.prod(len(dist.grid()) for dist in study.search.values())
     return study.budget.num_samples
+
+
+def _optuna_storage(url: str) -> Any:
+    import optuna
+
+    Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)  # the sweep's own folder
+    return optuna.storages.RDBStorage(url)
+
+
+def remove_sweep(study: Study, paths: SweepPaths) -> list[str]:
+    """``--restart``: what sr_tune wrote for the study's earlier sweep under its storage root (Tune's
+    experiment with the Optuna study, the Train runs, the state ``--resume`` reads, the working checkpoints and
+    the log) removed; its MLflow runs stay. Returns what was removed."""
+    removed = []
+    storage = paths.storage
+    for path in (storage.path_of(study.name), storage.path_of(f"{study.name}.train")):
+        if storage.exists(path):
+            storage.delete_dir(path)
+            removed.append(path)
+    if storage.exists(paths.state):
+        storage.filesystem.delete_file(paths.state)
+        removed.append(paths.state)
+    if paths.runs.is_dir():
+        shutil.rmtree(paths.runs)
+        removed.append(str(paths.runs))
+    if paths.log.is_file():
+        paths.log.unlink()
+        removed.append(str(paths.log))
+    return removed
 
 
 def max_concurrent_trials(study: Study) -> int:
@@ -869,7 +896,7 @@ def _check_storage(study: Study, paths: SweepPaths, resume: bool) -> bool:
     if exists and not restoring:
         raise FileExistsError(
             f"{paths.experiment} holds an earlier sweep of study {study.name!r}: add --resume to continue it, or "
-            f"remove it to start over"
+            f"--restart to remove it and start over (its MLflow runs stay)"
         )
     return restoring
 

@@ -32,7 +32,7 @@ from sr_tune.config import load_config
 from sr_tune.console import format_value
 from sr_tune.distributed import fit, init_ray
 from sr_tune.study import load_study
-from sr_tune.sweep import max_concurrent_trials, run_sweep
+from sr_tune.sweep import max_concurrent_trials, remove_sweep, run_sweep, sweep_paths
 from sr_tune.tracking import TRIAL_TAG
 
 from .conftest import REPO, mlflow_runs
@@ -157,7 +157,7 @@ def test_concurrency_follows_the_cluster_and_bad_resources_are_named(tmp_path: P
     assert max_concurrent_trials(two_workers) == 1
     capped = replace(one_cpu, budget=replace(one_cpu.budget, max_concurrent=1))
     assert max_concurrent_trials(capped) == 1
-    with pytest.raises(ValueError, match="needs 1 worker"):
+    with pytest.raises(ValueError, match=r"asks for 1 worker\(s\) x 3 CPU\(s\).*resources.cpus_per_worker=2"):
         max_concurrent_trials(replace(one_cpu, resources=replace(one_cpu.resources, cpus_per_worker=3.0)))
 
 
@@ -259,9 +259,43 @@ budget: {num_samples: 4, max_steps: 60}
     expected = load_checkpoint(best.best_checkpoint).build_model()(lr)
     assert torch.allclose(registered(lr), expected, atol=1e-5)
 
-    # The Optuna study sits beside the MLflow store, one trial per Tune trial.
-    stored = optuna.load_study(study_name="asha", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    # The Optuna study sits in the sweep's own folder, one trial per Tune trial.
+    stored = optuna.load_study(study_name="asha", storage=f"sqlite:///{tmp_path / 'runs/sweeps/asha/optuna.db'}")
     assert len(stored.trials) == 4
+
+
+def test_a_restarted_sweep_starts_its_searcher_over_and_leaves_nothing_of_the_earlier_one(tmp_path: Path, local_ray):
+    study = load_study(
+        write_study(
+            tmp_path,
+            """
+name: again
+search: {optimizer.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}}
+sampler: {name: tpe, seed: 3, startup_trials: 1}
+scheduler: {name: none}
+budget: {num_samples: 2, max_steps: 20}
+""",
+        )
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = run_sweep(study, tracking_uri=uri)
+    paths = sweep_paths(study, uri)
+    with pytest.raises(FileExistsError, match="--restart to remove it and start over"):
+        run_sweep(study, tracking_uri=uri)
+    removed = remove_sweep(study, paths)
+    assert paths.storage.path_of("again") in removed and paths.state in removed
+    assert sorted(p.name for p in (tmp_path / "runs" / "sweeps").iterdir()) == []  # nothing stale
+    second = run_sweep(study, tracking_uri=uri)
+
+    def sampled(result):
+        return sorted(round(t.params["optimizer.lr"], 12) for t in result.trials)
+
+    assert sampled(second) == sampled(first)  # the same seeds draw the same values: a fresh searcher
+    stored = optuna.load_study(study_name="again", storage=paths.optuna_url)
+    assert len(stored.trials) == 2  # this sweep's trials only
+    client, runs = mlflow_runs(tmp_path)
+    parents = {r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    assert parents == {first.parent_run_id, second.parent_run_id}  # the earlier sweep's runs stay
 
 
 def test_pbt_copies_the_better_trials_weights_and_perturbs_hyperparameters(tmp_path: Path, local_ray):
