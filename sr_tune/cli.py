@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
+import logging
 import math
 import os
 import shlex
@@ -177,6 +178,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and (finished := _finished_run(config, last)):
         print(finished)
         return 0
+    # The console shows the run's own lines: MLflow's store set-up and Ray Train's local-mode and report notes
+    # are INFO of theirs (their warnings and errors still show).
+    for library in ("mlflow", "ray.train"):
+        logging.getLogger(library).setLevel(logging.WARNING)
     client = _tracking_client(_tracking_uri(config, args.tracking_uri))
     workers = config.distributed.num_workers
     where = f"{workers} Ray Train worker(s)" if workers else "this process (Ray local mode)"

@@ -124,8 +124,10 @@ def _worker(loop_config: dict[str, WorkerOptions]) -> None:
     """Runs on every Ray Train worker (or in-process in local mode): ``run_loop`` on this rank's shard,
     reporting to Ray Train, and, in a sweep, waiting at the report gate."""
     options = loop_config["options"]
-    if options.quiet:
-        logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # Ray Train's INFO lines ("Reported metrics: {...}", "Reporting training result ...", from its own logger
+    # and the root logger it configures on workers) repeat what the progress line says.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
 
@@ -249,6 +251,9 @@ def build_trainer(
     """
     dist = options.config.distributed
     worker_cpus = dist.cpus_per_worker - driver_cpus / max(dist.num_workers, 1)
+    # Ray Train sends each print of a worker both to its stdout and, as a log record, to its stderr: every
+    # progress line showed twice. Plain prints (Ray forwards them once); Ray passes the setting to the workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     return TorchTrainer(
         _worker,
         train_loop_config={"options": options},

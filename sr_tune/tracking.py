@@ -272,6 +272,9 @@ def log_model(
     version."""
     import mlflow
 
+    # torch.export notes at WARNING that the example's batch dimension is specialised: expected, and the
+    # model is exported for that one shape (see the README), so it is not shown on every run's console.
+    logging.getLogger("torch._export").setLevel(logging.ERROR)
     with _model_logging_store(client.tracking_uri, client.get_run(run_id).info.experiment_id):
         info = mlflow.pytorch.log_model(
             model.cpu().eval(),

@@ -23,6 +23,7 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 # one after the other; and first, being the suite's longest path.
 RAY_FILES = (
     "test_ray.py",
+    "test_train_console.py",
     "test_cluster.py",
     "test_sweep_stopped.py",
     "test_hpo_benchmark.py",
