@@ -76,12 +76,17 @@ class JobPlan:
     working_dir: Path
     files: tuple[str, ...]
     metadata: dict[str, str]
+    left_behind: tuple[str, ...] = ()  # files of the named folders that look like secrets or link outside
 
     def describe(self) -> str:
         """What the job runs and ships, as ``submit`` prints it (``--dry-run`` prints only this)."""
         size = sum((self.working_dir / name).stat().st_size for name in self.files)
         lines = [f"job {self.submission_id}: {self.entrypoint}", f"  ships {len(self.files)} file(s), {size:,} bytes:"]
-        return "\n".join([*lines, *(f"    {name}" for name in self.files)])
+        lines += [f"    {name}" for name in self.files]
+        if self.left_behind:
+            lines.append(f"  leaves behind {len(self.left_behind)} file(s) that look like secrets or link outside:")
+            lines += [f"    {name}" for name in self.left_behind]
+        return "\n".join(lines)
 
     @contextmanager
     def runtime_env(self) -> Iterator[dict[str, Any]]:
@@ -131,10 +136,11 @@ def _secret_problem(file: Path, working_dir: Path) -> str | None:
     return None
 
 
-def _shipped_files(paths: Sequence[Path], working_dir: Path, problems: list[str]) -> list[str]:
+def _shipped_files(paths: Sequence[Path], working_dir: Path, problems: list[str], left_behind: set[str]) -> list[str]:
     """The files under ``working_dir`` that ``paths`` (files or folders) name, relative to it: never a
     dotfile, a key or credential file (by name or content), a link out of the folder, an output folder or an
-    environment; named directly, one is a problem, found inside a folder it stays behind."""
+    environment; named directly, one is a problem, found inside a folder it stays behind (``left_behind``,
+    outputs and environments aside)."""
     found: set[str] = set()
     for path in paths:
         relative = _inside(path, working_dir, "the included path", problems)
@@ -149,8 +155,8 @@ def _shipped_files(paths: Sequence[Path], working_dir: Path, problems: list[str]
         for file in files:
             if any(part in _NOT_SHIPPED for part in file.relative_to(working_dir).parts):
                 continue
-            if _secret_problem(file, working_dir) is None:
-                found.add(file.relative_to(working_dir).as_posix())
+            name = file.relative_to(working_dir).as_posix()
+            (found if _secret_problem(file, working_dir) is None else left_behind).add(name)
     return sorted(found)
 
 
@@ -239,7 +245,9 @@ def plan_job(
     required = [
         _inside(path, working_dir, "the file", []) for path in paths if path.resolve().is_relative_to(working_dir)
     ]
-    files = sorted({*required, *_shipped_files([*_local_paths(config, working_dir), *include], working_dir, problems)})
+    left_behind: set[str] = set()
+    named = [*_local_paths(config, working_dir), *include]
+    files = sorted({*required, *_shipped_files(named, working_dir, problems, left_behind)})
     size = sum((working_dir / file).stat().st_size for file in files)
     if size > MAX_SHIPPED_BYTES:
         problems.append(
@@ -259,6 +267,7 @@ def plan_job(
         working_dir=working_dir,
         files=tuple(files),
         metadata={"sr_tune.command": command[0], "sr_tune.name": name},
+        left_behind=tuple(sorted(left_behind)),
     )
 
 

@@ -89,7 +89,10 @@ def test_a_job_ships_only_what_it_needs_never_a_key_and_never_from_home(tmp_path
     (project / "data" / "train" / "b.png").symlink_to(home / ".ssh" / "id_ed25519")
     (project / "data" / "train" / "readme.txt").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn...")
     (project / "data" / "train" / "c.txt").write_text(f"[default]\naws_secret_access_key={SECRET}")
-    assert remote_plan(project, [project / "data"]).files == ("configs/base.yaml", "data/train/a.png", "study.yaml")
+    plan = remote_plan(project, [project / "data"])
+    assert plan.files == ("configs/base.yaml", "data/train/a.png", "study.yaml")
+    left = ("data/train/.netrc", "data/train/b.png", "data/train/c.txt", "data/train/readme.txt")
+    assert plan.left_behind == left and "leaves behind 4 file(s)" in plan.describe()
     for named, said in (("b.png", "outside the working directory"), ("readme.txt", "holds a private key")):
         with pytest.raises(ConfigError, match=said):
             remote_plan(project, [project / "data" / "train" / named])
