@@ -19,14 +19,13 @@ from typing import TYPE_CHECKING, NoReturn
 
 import yaml
 
+from sr_tune import preflight
 from sr_tune.config import ConfigError, DataConfig, ModelConfig, TrainConfig, describe_fields, load_config
 from sr_tune.credentials import credential_problem, redact
 from sr_tune.submit import ClusterError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
-
-    from sr_tune.study import Study
 
 
 def _count_parameters(name: str, scale: int) -> int:
@@ -72,77 +71,6 @@ def _tracking_uri(config: TrainConfig, override: str | None) -> str | None:
     return uri
 
 
-def _raw_data_problems(path: str, overrides: Sequence[str]) -> list[str]:
-    """The data folders' problems of a config that does not build (its other problems are reported with
-    these): missing or unreachable ``data.train`` / ``data.val``."""
-    from sr_tune.config import config_values
-    from sr_tune.data.sources import source_problem
-
-    try:
-        data = config_values(path, overrides).get("data")
-    except ConfigError:
-        return []  # the file itself is reported
-    specs = {key: data.get(key, "sample") for key in ("train", "val")} if isinstance(data, dict) else {}
-    return [
-        f"data.{key}: {problem}"
-        for key, spec in specs.items()
-        if isinstance(spec, str) and (problem := source_problem(spec))
-    ]
-
-
-def _resource_problems(study: Study) -> list[str]:
-    """On a local Ray (no ``RAY_ADDRESS``), what one trial asks for that this machine does not have, with the
-    overrides that make it fit; a cluster's resources are checked once the sweep has connected to it."""
-    if os.environ.get("RAY_ADDRESS"):
-        return []
-    import torch
-
-    cpus, gpus, asked = os.cpu_count() or 1, torch.cuda.device_count(), study.resources
-    problems = []
-    if asked.workers * asked.cpus_per_worker > cpus:
-        fit = max(cpus // asked.workers, 1) if asked.workers <= cpus else 1
-        fix = f"resources.cpus_per_worker={fit}" + ("" if asked.workers <= cpus else " resources.workers=1")
-        problems.append(
-            f"resources: one trial asks for {asked.workers} worker(s) x {asked.cpus_per_worker:g} CPU(s) and this "
-            f"machine has {cpus}: run it with the override {fix}"
-        )
-    if asked.gpus_per_worker and asked.workers * asked.gpus_per_worker > gpus:
-        problems.append(
-            f"resources: one trial asks for {asked.workers} worker(s) x {asked.gpus_per_worker:g} GPU(s) and this "
-            f"machine has {gpus}: run it on the CPU with the overrides resources.gpus_per_worker=0 "
-            f"training.device=cpu (and resources.cpus_per_worker=N)"
-        )
-    return problems
-
-
-def _storage_problems(named: str, location: str) -> list[str]:
-    """Why ``location`` (given as ``named``) cannot be a storage root: a scheme pyarrow does not open,
-    credentials in it, or (checked last, one request of at most a few seconds) a remote store that does not
-    answer from here."""
-    from sr_tune.storage import reach_problem, storage_problem
-
-    problem = storage_problem(location) or reach_problem(location)
-    return [f"{named} {location!r} {problem}"] if problem else []
-
-
-def _data_problems(config: TrainConfig) -> list[str]:
-    """Why the data folders (or shard URIs) cannot be read where this command runs: missing, unreachable, or
-    holding an image that would fail to decode (unless ``data.skip_bad``). Found before anything starts."""
-    from sr_tune.data.sources import source_image_problems, source_problem
-
-    problems = []
-    for key in ("train", "val"):
-        spec = getattr(config.data, key)
-        if problem := source_problem(spec):
-            problems.append(f"data.{key}: {problem}")
-        elif key == "train" or spec != config.data.train:
-            problems.extend(
-                f"data.{key}: {problem} (data.skip_bad=true skips such images)"
-                for problem in source_image_problems(spec, skip_bad=config.data.skip_bad)
-            )
-    return problems
-
-
 def _tracking_client(uri: str | None) -> MlflowClient | None:
     from mlflow import MlflowClient
 
@@ -156,9 +84,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as error:  # with the data's problems, in the same round
-        raise ConfigError([*error.problems, *_raw_data_problems(args.config, args.overrides)], error.source) from None
+        raise ConfigError(
+            [*error.problems, *preflight.raw_data_problems(args.config, args.overrides)], error.source
+        ) from None
     # Every problem in one round, before a run, a folder or the MLflow store exists.
-    problems = _data_problems(config)
+    problems = preflight.data_problems(config)
     if config.training.init_from:  # read now: a missing or corrupt one is refused before a run exists
         try:
             load_checkpoint(config.training.init_from)
@@ -253,9 +183,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         ),
         ("storage", None),
     )
-    storage_problems = _storage_problems(named, storage) if storage else []
-    study = load_study(args.study, args.overrides, base_checks=_data_problems, extra_problems=storage_problems)
-    if problems := _resource_problems(study):
+    storage_problems = preflight.storage_problems(named, storage) if storage else []
+    study = load_study(args.study, args.overrides, base_checks=preflight.data_problems, extra_problems=storage_problems)
+    if problems := preflight.resource_problems(study):
         raise ConfigError(problems, args.study)
     if not storage and study.storage and (problem := reach_problem(study.storage)):
         raise ConfigError([f"storage: {study.storage!r} {problem}"], args.study)
@@ -452,7 +382,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     # Every problem at once, before a byte is written: the source, its images, the destination.
     source = Path(args.src)
     problems = [] if source.is_dir() else [f"{args.src}: no such folder of images"]
-    problems += source_image_problems(args.src, skip_bad=args.skip_bad) + _storage_problems("DEST", args.dest)
+    problems += source_image_problems(args.src, skip_bad=args.skip_bad) + preflight.storage_problems("DEST", args.dest)
     if problems:
         raise ConfigError(problems, "sr-tune prepare")
     images = iter_folder(Path(args.src), skip_bad=args.skip_bad)
