@@ -202,6 +202,7 @@ class Study:
     # Set by ``load_study``, never by the file.
     path: Path = setting(Path("study.yaml"), "the study file", internal=True)
     text: str = setting("", "the file's contents, logged to MLflow as written", internal=True)
+    overrides: tuple[str, ...] = setting((), "the command line's key=value overrides of the file", internal=True)
     base_data: dict[str, Any] = setting(
         {}, "the base config's contents (trials on other nodes read no file)", internal=True
     )
@@ -388,7 +389,7 @@ def load_study(
     values = build_values(Study, {} if raw is None else raw, "", problems)
     if values is None:
         raise ConfigError(problems, str(path))
-    values.update(path=path, text=text)
+    values.update(path=path, text=text, overrides=tuple(overrides))
     if "base" in values:
         base = path.parent / values["base"]
         try:

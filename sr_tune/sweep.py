@@ -38,6 +38,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import threading
@@ -720,7 +721,8 @@ def _open_parent_run(study: Study, paths: SweepPaths, client: MlflowClient | Non
             client, study.base_config().tracking.experiment, name=f"sweep-{study.name}", tags=tags, params=params
         )
         client.log_text(parent_run_id, study.text, f"search_space/{study.path.name}")
-    paths.storage.write_text(paths.state, json.dumps({"parent_run_id": parent_run_id, "study": str(study.path)}))
+    state = {"parent_run_id": parent_run_id, "study": str(study.path), "overrides": list(study.overrides)}
+    paths.storage.write_text(paths.state, json.dumps(state))
     return parent_run_id
 
 
@@ -893,6 +895,13 @@ def _check_storage(study: Study, paths: SweepPaths, resume: bool) -> bool:
         restoring = resume and tune.Tuner.can_restore(paths.experiment)
     except OSError as error:
         raise ConnectionError(f"cannot reach the sweep's storage {paths.storage.uri}: {error}") from None
+    if restoring and paths.storage.exists(paths.state):
+        started = json.loads(paths.storage.read_text(paths.state)).get("overrides", [])
+        if started != list(study.overrides):
+            raise ValueError(
+                f"the sweep of study {study.name!r} was started with the overrides {shlex.join(started) or '(none)'}; "
+                f"--resume continues it with the same ones (given: {shlex.join(study.overrides) or '(none)'})"
+            )
     if exists and not restoring:
         raise FileExistsError(
             f"{paths.experiment} holds an earlier sweep of study {study.name!r}: add --resume to continue it, or "

@@ -291,6 +291,8 @@ budget: {num_samples: 2, max_steps: 20}
         return sorted(round(t.params["optimizer.lr"], 12) for t in result.trials)
 
     assert sampled(second) == sampled(first)  # the same seeds draw the same values: a fresh searcher
+    with pytest.raises(ValueError, match=r"started with the overrides \(none\); --resume continues it with the same"):
+        run_sweep(replace(study, overrides=("budget.num_samples=3",)), tracking_uri=uri, resume=True)
     stored = optuna.load_study(study_name="again", storage=paths.optuna_url)
     assert len(stored.trials) == 2  # this sweep's trials only
     client, runs = mlflow_runs(tmp_path)
