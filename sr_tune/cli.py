@@ -11,6 +11,7 @@ import os
 import shlex
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Sequence
@@ -339,9 +340,16 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         image = read_image(path, max_pixels=max_input)
         started = time.perf_counter()
         sr = upscaler.rgb(image)
-        partial = target.with_name(f".{target.name}.partial")
-        Image.fromarray(sr.permute(1, 2, 0).numpy()).save(partial, format="PNG")
-        os.replace(partial, target)  # whole or absent, never a truncated PNG
+        # A new file of its own (never a name someone else's file may have), renamed into place: the output is
+        # whole or absent, never a truncated PNG.
+        with tempfile.NamedTemporaryFile(dir=out, prefix=f".{target.name}.", suffix=".partial", delete=False) as file:
+            partial = Path(file.name)
+            try:
+                Image.fromarray(sr.permute(1, 2, 0).numpy()).save(file, format="PNG")
+            except BaseException:
+                partial.unlink()
+                raise
+        os.replace(partial, target)
         print(
             f"{path} ({image.shape[2]}x{image.shape[1]}) -> {target} ({sr.shape[2]}x{sr.shape[1]}) "
             f"in {time.perf_counter() - started:.1f} s"

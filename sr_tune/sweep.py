@@ -454,13 +454,39 @@ def _optuna_storage(url: str) -> Any:
     return optuna.storages.RDBStorage(url)
 
 
+def _written_by_a_sweep(storage: Storage, state: str, experiment: str) -> bool:
+    if storage.exists(state):
+        try:
+            return "parent_run_id" in json.loads(storage.read_text(state))
+        except (ValueError, TypeError):
+            return False
+    top = [path.rsplit("/", 1) for path in storage.list_files(experiment)]
+    return any(
+        folder.rstrip("/") == experiment.rstrip("/") and (name == "optuna.db" or name.startswith("experiment_state"))
+        for folder, name in top
+    )
+
+
 def remove_sweep(study: Study, paths: SweepPaths) -> list[str]:
     """``--restart``: what sr_tune wrote for the study's earlier sweep under its storage root (Tune's
     experiment with the Optuna study, the Train runs, the state ``--resume`` reads, the working checkpoints and
-    the log) removed; its MLflow runs stay. Returns what was removed."""
-    removed = []
+    the log) removed; its MLflow runs stay. Returns what was removed.
+
+    Only a sweep sr_tune wrote is removed: its state file (the parent run's id) or, when a sweep was stopped
+    before writing it, Tune's experiment state or the Optuna study in ``<root>/<study>``. Anything else under
+    those names (a user's own folder in a ``--storage`` root) raises ``FileExistsError`` and nothing goes."""
     storage = paths.storage
-    for path in (storage.path_of(study.name), storage.path_of(f"{study.name}.train")):
+    experiment = storage.path_of(study.name)
+    sweep_dirs = (experiment, storage.path_of(f"{study.name}.train"))
+    held = any(storage.exists(path) for path in (*sweep_dirs, paths.state)) or paths.runs.exists()
+    if (held or paths.log.exists()) and not _written_by_a_sweep(storage, paths.state, experiment):
+        raise FileExistsError(
+            f"{storage.uri} holds files named after study {study.name!r} that are not a sweep sr_tune wrote (no "
+            f"{study.name}.json, no Tune or Optuna state): --restart removes nothing; move them, or use another "
+            f"--storage"
+        )
+    removed = []
+    for path in sweep_dirs:
         if storage.exists(path):
             storage.delete_dir(path)
             removed.append(path)

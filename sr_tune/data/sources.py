@@ -103,13 +103,20 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = MAX_INPUT_PIXELS) 
             array = np.asarray(image.convert(_EIGHT_BIT_MODES[image.mode]))
     except BadImageError:
         raise
-    except UnidentifiedImageError:
-        raise BadImageError(f"{name}: cannot decode image (not a format Pillow reads, or not an image)") from None
-    except Image.DecompressionBombError as error:  # a few KB that decode to gigabytes
-        raise BadImageError(f"{name}: refused as a possible decompression bomb ({error})") from None
-    except (OSError, ValueError, SyntaxError) as error:
-        raise BadImageError(f"{name}: cannot decode image ({error})") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise BadImageError(_image_error(name, error)) from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def _image_error(name: str, error: BaseException) -> str:
+    """Pillow's (or the file system's) error on image ``name`` as one line."""
+    if isinstance(error, UnidentifiedImageError):
+        return f"{name}: cannot decode image (not a format Pillow reads, or not an image)"
+    if isinstance(error, Image.DecompressionBombError):  # a few KB that decode to gigabytes
+        return f"{name}: refused as a possible decompression bomb ({error})"
+    if isinstance(error, OSError) and error.strerror:
+        return f"{name}: cannot read ({error.strerror})"
+    return f"{name}: cannot decode image ({error})"
 
 
 def image_file_problem(path: Path, *, max_pixels: int = MAX_INPUT_PIXELS) -> str | None:
@@ -138,16 +145,8 @@ def image_file_problem(path: Path, *, max_pixels: int = MAX_INPUT_PIXELS) -> str
                 image.load()
             else:
                 image.load()  # formats without a cheap structural check are decoded once
-    except UnidentifiedImageError:
-        return f"{path}: cannot decode image (not a format Pillow reads, or not an image)"
-    except OSError as error:
-        if error.strerror:
-            return f"{path}: cannot read ({error.strerror})"
-        return f"{path}: cannot decode image ({error})"
-    except Image.DecompressionBombError as error:
-        return f"{path}: refused as a possible decompression bomb ({error})"
-    except (ValueError, SyntaxError) as error:
-        return f"{path}: cannot decode image ({error})"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        return _image_error(str(path), error)
     return None
 
 

@@ -293,3 +293,21 @@ budget: {{num_samples: 2, max_stepz: 40}}
     assert "data.train:" in message and "truncated.jpg" in message and "data.val:" in message
     assert "--storage 'ftp://host/x'" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "study.yaml"]
+
+
+def test_restart_removes_only_a_sweep_sr_tune_wrote(tmp_path: Path):
+    study = tmp_path / "study.yaml"
+    study.write_text(f"""
+name: photos
+base: {REPO / "configs" / "smoke.yaml"}
+fixed: {{training.output_dir: {tmp_path / "runs"}}}
+search: {{optimizer.lr: {{type: loguniform, low: 1.0e-4, high: 1.0e-3}}}}
+budget: {{num_samples: 2, max_steps: 40}}
+""")
+    storage = tmp_path / "my-data"  # a --storage root that already holds the user's own things
+    user_files(storage / "photos")
+    (storage / "photos.log").write_text("the user's own log")
+    before = hashes(storage)
+    message = refused(sr_tune("tune", str(study), "--restart", "--storage", str(storage), cwd=tmp_path))
+    assert "not a sweep sr_tune wrote" in message and "removes nothing" in message
+    assert hashes(storage) == before and sorted(p.name for p in tmp_path.iterdir()) == ["my-data", "study.yaml"]
