@@ -574,6 +574,17 @@ def with_values(data: Mapping[str, Any], values: Mapping[str, Any]) -> tuple[dic
     return result, problems
 
 
+def parse_override(override: str) -> tuple[str, Any] | None:
+    """``key=value`` as (key, value parsed as YAML, else the text); None without a key or ``=``."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        return None
+    try:
+        return key, yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        return key, raw
+
+
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
     """Apply ``section.key=value`` overrides (values parsed as YAML) to a nested dict copy.
 
@@ -581,14 +592,11 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> tuple[
     """
     values, problems = {}, []
     for override in overrides:
-        key, sep, raw = override.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
+        parsed = parse_override(override)
+        if parsed is None or any(not part for part in parsed[0].split(".")):
             problems.append(f"override {override!r}: expected section.key=value")
             continue
-        try:
-            values[key] = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
-            values[key] = raw
+        values[parsed[0]] = parsed[1]
     result, value_problems = with_values(data, values)
     return result, problems + [f"override {p}" for p in value_problems]
 

@@ -22,12 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from sr_tune.config import (
     ConfigError,
     TrainConfig,
     build_values,
+    parse_override,
     parse_yaml,
     path_name_problem,
     setting,
@@ -347,13 +346,10 @@ def with_overrides(raw: Any, overrides: Sequence[str]) -> tuple[Any, list[str]]:
     study_values, fixed, problems = {}, dict(data.get("fixed") or {}), []
     searched = data.get("search") if isinstance(data.get("search"), Mapping) else {}
     for override in overrides:
-        key, sep, text = override.partition("=")
-        try:
-            value = yaml.safe_load(text) if text else ""
-        except yaml.YAMLError:
-            value = text
+        parsed = parse_override(override)
+        key, value = parsed or ("", None)
         section = key.split(".", 1)[0]
-        if not sep or not key:
+        if parsed is None:
             problems.append(f"override {override!r}: expected key=value (e.g. budget.num_samples=4)")
         elif key in _STUDY_KEYS or (section in _SECTIONS and "." in key):
             study_values[key] = value
