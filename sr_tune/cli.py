@@ -60,8 +60,9 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def _tracking_uri(config: TrainConfig, override: str | None) -> str | None:
     """The run's MLflow store, resolved here once (``--tracking-uri``, then ``MLFLOW_TRACKING_URI``, then the
-    config) and, for a server, checked to answer before anything starts; None when tracking is off."""
-    from sr_tune.tracking import check_tracking_server, resolve_tracking_uri
+    config) and, for a server, checked to answer before anything starts; a SQLite store copied or moved
+    here made to keep its artifacts beside it. None when tracking is off."""
+    from sr_tune.tracking import check_tracking_server, follow_moved_store, resolve_tracking_uri
 
     if not config.tracking.enabled:
         return None
@@ -69,6 +70,8 @@ def _tracking_uri(config: TrainConfig, override: str | None) -> str | None:
     if problem := credential_problem(uri):
         raise ConfigError([f"the tracking URI {uri!r} {problem}"], "--tracking-uri / MLFLOW_TRACKING_URI / config")
     check_tracking_server(uri)
+    if moved := follow_moved_store(uri, config.tracking.experiment):
+        print(moved, flush=True)
     return uri
 
 

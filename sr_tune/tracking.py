@@ -22,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -91,6 +91,63 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     uri = client.tracking_uri
     location = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").as_uri() if uri.startswith("sqlite:") else None
     return client.create_experiment(name, artifact_location=location)
+
+
+def follow_moved_store(uri: str, experiment: str) -> str | None:
+    """A SQLite store records its artifact root as an absolute path (``<folder>/mlruns``, see
+    ``experiment_id``), so a project folder copied or moved elsewhere would go on writing artifacts to the old
+    folder. When ``experiment``'s root lies outside the store's folder, this points every path under it (in any
+    text column of any table: runs, logged models, model versions, traces) at ``mlruns/`` beside the store,
+    in one transaction, provided the artifacts came along (or the old folder is gone). Otherwise the store
+    is left as it is. Returns the line to tell the user, or None when the store is where it was made."""
+    import sqlite3
+
+    if not uri.startswith("sqlite:///") or not (database := Path(uri.removeprefix("sqlite:///"))).is_file():
+        return None
+    here = database.parent / "mlruns"
+    with closing(sqlite3.connect(database, timeout=30)) as connection:
+        row = connection.execute(
+            "SELECT experiment_id, artifact_location FROM experiments WHERE name = ?", (experiment,)
+        ).fetchone()
+        if row is None or not str(row[1]).startswith("file://"):
+            return None
+        old_uri = str(row[1]).rstrip("/")
+        old = Path(urllib.request.url2pathname(old_uri.removeprefix("file://")))
+        if old == here or old.name != "mlruns":
+            return None  # made here, or a root someone chose on purpose
+        runs = [
+            run_id for (run_id,) in connection.execute("SELECT run_uuid FROM runs WHERE experiment_id = ?", (row[0],))
+        ]
+        came_along = any((here / run_id).is_dir() for run_id in runs) or (not runs and here.is_dir())
+        if not came_along and old.is_dir():
+            return (
+                f"note: {database} keeps its artifacts in {old} (it was made there and copied here without them); "
+                f"new runs' artifacts go there too. Copy that folder to {here} to make this store self-contained"
+            )
+        # Both spellings of the root: percent-encoded inside file:// URIs, plain in local paths.
+        pairs = {(old_uri.removeprefix("file://"), here.as_uri().removeprefix("file://")), (str(old), str(here))}
+        with connection:
+            for (table,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+                for column in [info[1] for info in connection.execute(f'PRAGMA table_info("{table}")')]:
+                    for before, after in pairs:
+                        _replace_root(connection, f'"{table}"', f'"{column}"', before, after)
+    return f"{database} was made in {old.parent}: its artifact paths now point to {here}"
+
+
+def _replace_root(connection: Any, table: str, column: str, before: str, after: str) -> None:
+    """``before`` -> ``after`` where it begins a path: as the whole value or its start, and after ``file://``
+    anywhere in the value (a URI inside a JSON tag too); never inside a longer path."""
+    text = f"typeof({column}) = 'text'"
+    connection.execute(
+        f"UPDATE {table} SET {column} = replace({column}, ?, ?) WHERE {text} AND instr({column}, ?) > 0",
+        (f"file://{before}/", f"file://{after}/", f"file://{before}/"),
+    )
+    connection.execute(f"UPDATE {table} SET {column} = ? WHERE {column} = ?", (f"file://{after}", f"file://{before}"))
+    connection.execute(
+        f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+        f"WHERE {text} AND ({column} = ? OR substr({column}, 1, ?) = ?)",
+        (after, len(before) + 1, before, len(before) + 1, before + "/"),
+    )
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

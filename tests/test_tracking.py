@@ -4,6 +4,7 @@ behind (a real SQLite store, no Ray)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from mlflow import MlflowClient
 
 from sr_tune.engine import EvalResult, TrainResult
 from sr_tune.models import create_model
-from sr_tune.tracking import NullTracker, log_model, open_tracker, resolve_tracking_uri, start_run
+from sr_tune.tracking import NullTracker, follow_moved_store, log_model, open_tracker, resolve_tracking_uri, start_run
 
 
 def result(step: int, psnr: float) -> EvalResult:
@@ -84,6 +85,52 @@ def test_a_registered_model_gets_a_version(tmp_path: Path):
         registered_name="sr_tune-test",
     )
     assert version == "1" and client.get_model_version("sr_tune-test", "1").run_id == run_id
+
+
+def _store_with_a_registered_model(folder: Path) -> tuple[str, str]:
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    run_id = start_run(client, "sr_tune", name="first", tags={}, params={})
+    client.log_text(run_id, "kept", "notes/first.txt")
+    log_model(client, run_id, create_model("espcn", scale=2), in_channels=1, registered_name="moved")
+    return run_id, client.get_run(run_id).info.artifact_uri
+
+
+@pytest.mark.parametrize("folder_name", ["project", "my project"])  # a space: percent-encoded in URIs
+def test_a_copied_or_moved_store_keeps_its_artifacts_beside_it(tmp_path: Path, folder_name: str):
+    first, second = tmp_path / folder_name, tmp_path / "elsewhere" / folder_name
+    first.mkdir()
+    run_id, artifact_uri = _store_with_a_registered_model(first)
+    assert Path(first / "mlruns" / run_id).is_dir()
+    shutil.copytree(first, second)
+    uri = f"sqlite:///{second / 'mlflow.db'}"
+    assert follow_moved_store(uri, "sr_tune") == (
+        f"{second / 'mlflow.db'} was made in {first}: its artifact paths now point to {second / 'mlruns'}"
+    )
+    assert follow_moved_store(uri, "sr_tune") is None  # done once
+    shutil.rmtree(first)  # the old folder gone: everything is read from, and written to, the new one
+    client = MlflowClient(uri)
+    assert client.get_run(run_id).info.artifact_uri == artifact_uri.replace(first.as_uri(), second.as_uri())
+    download = Path(client.download_artifacts(run_id, "notes/first.txt", str(tmp_path)))
+    assert download.read_text() == "kept"
+    loaded = mlflow.pytorch.load_model(client.get_model_version_download_uri("moved", "1"))
+    assert isinstance(loaded, torch.nn.Module)
+    later = start_run(client, "sr_tune", name="second", tags={}, params={})
+    client.log_text(later, "new", "notes/second.txt")
+    assert (second / "mlruns" / later / "artifacts" / "notes" / "second.txt").read_text() == "new"
+    assert not first.exists()
+
+
+def test_a_store_copied_without_its_artifacts_is_left_as_it_is_and_says_where_they_go(tmp_path: Path):
+    first, second = tmp_path / "project", tmp_path / "copy"
+    first.mkdir()
+    second.mkdir()
+    run_id, artifact_uri = _store_with_a_registered_model(first)
+    shutil.copy2(first / "mlflow.db", second / "mlflow.db")
+    before = (second / "mlflow.db").read_bytes()
+    note = follow_moved_store(f"sqlite:///{second / 'mlflow.db'}", "sr_tune")
+    assert note is not None and note.startswith("note:") and f"Copy that folder to {second / 'mlruns'}" in note
+    assert (second / "mlflow.db").read_bytes() == before
+    assert follow_moved_store(f"sqlite:///{first / 'mlflow.db'}", "sr_tune") is None  # the original: at home
 
 
 PREPARE_THEN_LOG = """
