@@ -41,17 +41,14 @@ def resource_problems(study: Study) -> list[str]:
     cpus, gpus, asked = os.cpu_count() or 1, torch.cuda.device_count(), study.resources
     problems = []
     if asked.workers * asked.cpus_per_worker > cpus:
-        fit = max(cpus // asked.workers, 1) if asked.workers <= cpus else 1
-        fix = f"resources.cpus_per_worker={fit}" + ("" if asked.workers <= cpus else " resources.workers=1")
         problems.append(
             f"resources: one trial asks for {asked.workers} worker(s) x {asked.cpus_per_worker:g} CPU(s) and this "
-            f"machine has {cpus}: run it with the override {fix}"
+            f"machine has {cpus}: run it with the override resources=local (fits the trial to this machine)"
         )
     if asked.gpus_per_worker and asked.workers * asked.gpus_per_worker > gpus:
         problems.append(
             f"resources: one trial asks for {asked.workers} worker(s) x {asked.gpus_per_worker:g} GPU(s) and this "
-            f"machine has {gpus}: run it on the CPU with the overrides resources.gpus_per_worker=0 "
-            f"training.device=cpu (and resources.cpus_per_worker=N)"
+            f"machine has {gpus}: run it on the CPU with the override resources=local"
         )
     return problems
 

@@ -336,10 +336,38 @@ _STUDY_KEYS = ("name", "description", "keep_checkpoints", "storage")
 _CONFIG_SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
 
+LOCAL_RESOURCES = "local"
+
+
+def fit_to_this_machine(asked: Any) -> tuple[dict[str, Any], str | None]:
+    """What ``resources=local`` sets: the study's trial fitted to the machine the sweep starts on. Its workers
+    (at most one per CPU) reserve one CPU each, so that trials run side by side, and keep the study's GPUs
+    only where the machine has one for every worker; otherwise they train on the CPU (the second value:
+    the ``training.device`` to fix, or None). Values the study got wrong are kept, for validation to name."""
+    import os
+
+    import torch
+
+    asked = asked if isinstance(asked, Mapping) else {}
+    cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+    workers, gpus_per_worker = asked.get("workers", 1), asked.get("gpus_per_worker", 0.0)
+    if not isinstance(workers, int) or not isinstance(gpus_per_worker, int | float):
+        return {}, None
+    workers = min(workers, cpus)
+    on_gpus = bool(gpus_per_worker) and workers * gpus_per_worker <= gpus
+    fitted = {
+        "resources.workers": workers,
+        "resources.cpus_per_worker": 1,
+        "resources.gpus_per_worker": gpus_per_worker if on_gpus else 0,
+    }
+    return fitted, "cpu" if gpus_per_worker and not on_gpus else None
+
+
 def with_overrides(raw: Any, overrides: Sequence[str]) -> tuple[Any, list[str]]:
     """A study's raw mapping with ``key=value`` overrides (values parsed as YAML): the study's own keys
     (``budget.num_samples=4``, ``resources.cpus_per_worker=1``, ``keep_checkpoints=1``) set in place, a
-    training-config key (``training.device=cpu``) added to ``fixed``. A searched key cannot be overridden."""
+    training-config key (``training.device=cpu``) added to ``fixed``, ``resources=local`` as
+    ``fit_to_this_machine`` says. A searched key cannot be overridden."""
     if not overrides:
         return raw, []
     data = dict(raw) if isinstance(raw, Mapping) else {}
@@ -351,6 +379,11 @@ def with_overrides(raw: Any, overrides: Sequence[str]) -> tuple[Any, list[str]]:
         section = key.split(".", 1)[0]
         if parsed is None:
             problems.append(f"override {override!r}: expected key=value (e.g. budget.num_samples=4)")
+        elif key == "resources" and value == LOCAL_RESOURCES:
+            fitted, device = fit_to_this_machine(data.get("resources"))
+            study_values.update(fitted)
+            if device:
+                fixed["training.device"] = device
         elif key in _STUDY_KEYS or (section in _SECTIONS and "." in key):
             study_values[key] = value
         elif section in _CONFIG_SECTIONS and "." in key:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from mlflow import MlflowClient
 
 from .conftest import REPO
@@ -81,10 +83,32 @@ def test_a_study_too_large_for_this_machine_is_refused_with_the_override_that_fi
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     cpus = os.cpu_count() or 1
     if cpus < 4:  # the study asks for 4 CPUs a trial
-        assert f"this machine has {cpus}: run it with the override resources.cpus_per_worker=" in refused.stderr
+        assert f"this machine has {cpus}: run it with the override resources=local" in refused.stderr
     gpu_study = sr_tune("tune", str(REPO / "search_spaces" / "vdsr.yaml"), "budget.num_samples=2", cwd=tmp_path)
-    assert gpu_study.returncode == 2 and "resources.gpus_per_worker=0 training.device=cpu" in gpu_study.stderr
+    if not torch.cuda.is_available():
+        assert gpu_study.returncode == 2 and "run it on the CPU with the override resources=local" in gpu_study.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no Ray, no MLflow store, no state file
+
+
+@pytest.mark.parametrize("study", sorted(path.name for path in (REPO / "search_spaces").glob("*.yaml")))
+def test_every_shipped_study_fits_this_machine_with_the_one_override_resources_local(study: str):
+    from sr_tune.preflight import resource_problems
+    from sr_tune.study import load_study
+
+    shipped = load_study(REPO / "search_spaces" / study)
+    fitted = load_study(REPO / "search_spaces" / study, ["resources=local"])
+    assert resource_problems(fitted) == []
+    cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+    assert fitted.resources.workers == min(shipped.resources.workers, cpus) and fitted.resources.cpus_per_worker == 1
+    on_gpus = shipped.resources.gpus_per_worker and fitted.resources.workers <= gpus
+    assert fitted.resources.gpus_per_worker == (shipped.resources.gpus_per_worker if on_gpus else 0)
+    trial = fitted.trial_config({})
+    if shipped.resources.gpus_per_worker and not on_gpus:
+        assert trial.training.device == "cpu" and not trial.distributed.use_gpu
+    else:
+        assert trial.training.device == shipped.trial_config({}).training.device
+    later = load_study(REPO / "search_spaces" / study, ["resources=local", "resources.cpus_per_worker=2"])
+    assert later.resources.cpus_per_worker == 2  # a later override wins
 
 
 def test_tune_takes_overrides_of_the_study_and_of_every_trials_config():
