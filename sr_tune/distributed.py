@@ -25,7 +25,7 @@ import ray.train
 import ray.train.torch
 import torch
 from mlflow import MlflowClient
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from sr_tune.checkpoint import has_checkpoint, load_checkpoint
@@ -272,6 +272,9 @@ def build_trainer(
                 num_to_keep=dist.keep_checkpoints, checkpoint_score_attribute="val_psnr", checkpoint_score_order="max"
             ),
             callbacks=callbacks,
+            # The controller's INFO notes (resources requested, the worker group started with each rank's
+            # pid) are for Ray's own log files; its warnings and errors still show.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
 

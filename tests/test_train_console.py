@@ -14,7 +14,14 @@ import pytest
 from .conftest import REPO
 
 SHORT = ["training.steps=20", "training.eval_interval=10", "data.val_crop=48", "training.device=cpu"]
-NOISE = ("Reported metrics", "Reporting training result", "Creating initial MLflow database", "specialized")
+NOISE = (
+    "Reported metrics",
+    "Reporting training result",
+    "Creating initial MLflow database",
+    "specialized",
+    "training worker group",  # the Ray Train controller's INFO notes
+    "Requesting resources",
+)
 
 
 @pytest.mark.ray
