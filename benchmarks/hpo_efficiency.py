@@ -39,7 +39,9 @@ from ray import tune
 
 from sr_tune.distributed import init_ray
 from sr_tune.study import Study, load_study
-from sr_tune.sweep import TrialContext, new_tuner, sweep_paths
+from sr_tune.sweep.driver import new_tuner
+from sr_tune.sweep.layout import sweep_paths
+from sr_tune.sweep.trial import TrialContext
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = {  # name: (sampler, scheduler)

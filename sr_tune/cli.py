@@ -176,7 +176,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from sr_tune.storage import STORAGE_ENV, reach_problem
     from sr_tune.study import load_study
     from sr_tune.summary import sweep_table
-    from sr_tune.sweep import remove_sweep, run_sweep, sweep_paths
+    from sr_tune.sweep.driver import run_sweep
+    from sr_tune.sweep.layout import remove_sweep, sweep_paths
 
     # Every problem in one round: the study's own, its data's, the storage's; nothing is created before.
     named, storage = next(

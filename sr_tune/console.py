@@ -2,7 +2,7 @@
 
 ``SweepView`` holds the state of every trial (status, step, patches seen, objective, gain over bicubic) and
 draws it: on a terminal as one table redrawn in place, elsewhere (a pipe, a Ray job's log) as plain lines
-at trial events plus a progress line every ``interval_s``. It knows nothing of Ray: ``sweep.py`` feeds it
+at trial events plus a progress line every ``interval_s``. It knows nothing of Ray: ``sweep.driver`` feeds it
 from a Tune callback, and tests feed it by hand. ``ray_output_to`` sends everything else the process and
 Ray's log forwarding write to stdout/stderr (file descriptors 1 and 2, so C++ logs too) into a log file,
 while the view keeps a handle on the real console.

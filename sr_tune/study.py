@@ -5,7 +5,7 @@ the objective, the sampler, the scheduler, the budget and the resources of one t
 same typed, frozen dataclasses and field machinery as ``TrainConfig``: one load reports every problem in a
 file at once (unknown keys with "did you mean", wrong types, out-of-range values, search keys the training
 config does not have or values it refuses, an objective its runs do not report), naming the file and key.
-Nothing here imports Ray: ``sweep.py`` turns a ``Study`` into a Tune run.
+Nothing here imports Ray: ``sweep.search`` turns a ``Study`` into a Tune run.
 
 Steps in a study (``budget.max_steps``, ASHA's ``grace_period``, PBT's ``perturbation_interval``) are counted
 at the base config's batch size; a trial that samples another batch size runs the same number of patches,

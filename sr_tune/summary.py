@@ -1,5 +1,5 @@
 """A finished sweep read back: per-trial summaries, the closing table, edge warnings, the results CSV and
-plots. No Ray here: ``sweep.py`` turns Tune's results into ``TrialRecord``s, and everything below is
+plots. No Ray here: ``sweep.driver`` turns Tune's results into ``TrialRecord``s, and everything below is
 tested on records built by hand.
 """
 

@@ -24,6 +24,7 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 RAY_FILES = (
     "test_ray.py",
     "test_train_console.py",
+    "test_readme.py",
     "test_cluster.py",
     "test_sweep_stopped.py",
     "test_hpo_benchmark.py",

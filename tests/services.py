@@ -269,8 +269,9 @@ def _node_ports() -> list[str]:
     ]
 
 
-def start_ray_cluster(folder: Path, extra_env: dict[str, str]) -> RayCluster:
-    """A head (``node_a``) and a second node (``node_b``, its own raylet), one CPU each, token auth on."""
+def start_ray_cluster(folder: Path, extra_env: dict[str, str], *, second_node: bool = True) -> RayCluster:
+    """A head (``node_a``) and, unless not ``second_node``, a second node (``node_b``, its own raylet), one
+    CPU each, token auth on."""
     folder.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(32)
     env = {
@@ -307,6 +308,8 @@ def start_ray_cluster(folder: Path, extra_env: dict[str, str]) -> RayCluster:
     cluster.nodes.append(head)
     try:
         wait_until(lambda: http_ok(f"{cluster.address}/api/version", token), head, timeout_s=120)
+        if not second_node:
+            return cluster
         worker = start(
             "ray node",
             [

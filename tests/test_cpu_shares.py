@@ -11,7 +11,7 @@ from ray.tune.experiment import Trial
 from sr_tune.config import load_config
 from sr_tune.engine import train
 from sr_tune.study import load_study
-from sr_tune.sweep import CpuShares, ThreadShare
+from sr_tune.sweep.cpu_shares import CpuShares, ThreadShare
 
 from .conftest import REPO
 from .conftest import write_sweep_study as write_study

@@ -32,7 +32,9 @@ from sr_tune.config import load_config
 from sr_tune.console import format_value
 from sr_tune.distributed import fit, init_ray
 from sr_tune.study import load_study
-from sr_tune.sweep import max_concurrent_trials, remove_sweep, run_sweep, sweep_paths
+from sr_tune.sweep.driver import run_sweep
+from sr_tune.sweep.layout import remove_sweep, sweep_paths
+from sr_tune.sweep.search import max_concurrent_trials
 from sr_tune.tracking import TRIAL_TAG
 
 from .conftest import REPO, mlflow_runs

@@ -156,7 +156,7 @@ print(log_model(client, run_id, create_model("espcn", scale=2), in_channels=1, r
 TRIAL_PROCESS_LOGS = """
 import sys
 import torch
-import sr_tune.sweep  # what a sweep's trial process imports
+import sr_tune.sweep.trial  # what a sweep's trial process imports
 from sr_tune.engine import EvalResult, Preview
 from sr_tune.tracking import open_tracker, start_run
 from mlflow import MlflowClient

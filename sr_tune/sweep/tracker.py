@@ -1,0 +1,240 @@
+"""The sweep's MLflow runs, seen from its driver: one parent run per sweep and a nested run per trial (each
+trial's process creates its own, ``trial._trial_run_id``). ``SweepTracker`` opens or reopens the parent,
+closes each trial's run as the trial ends, and publishes the summary and the best model; ``NullSweepTracker``
+is its twin for a sweep that is not tracked, so the driver never asks whether there is a client."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Any
+
+from mlflow import MlflowClient
+
+from sr_tune.checkpoint import load_checkpoint
+from sr_tune.engine import EvalResult
+from sr_tune.storage import Storage
+from sr_tune.study import Study
+from sr_tune.summary import (
+    TrialRecord,
+    TrialSummary,
+    best_metrics,
+    parent_description,
+    results_csv,
+    summary_figures,
+)
+from sr_tune.tracking import (
+    close_run,
+    find_trial_run,
+    log_model,
+    log_summary,
+    prepare_model_logging,
+    register_best,
+    start_run,
+    trial_runs,
+)
+
+
+class NullSweepTracker:
+    """An untracked sweep: every call does nothing."""
+
+    tracking_uri: str | None = None
+    parent_run_id: str | None = None
+    tracked = False
+
+    def finished(self) -> bool:
+        return False
+
+    def log_threads(self, trial_id: str, threads: int, step: int) -> None:
+        pass
+
+    def prepare_export(self) -> None:
+        pass
+
+    def close_trial(self, trial_id: str, storage: Storage, **ending: Any) -> None:
+        pass
+
+    def mark_killed(self) -> None:
+        pass
+
+    def publish(
+        self, storage: Storage, records: list[TrialRecord], summaries: list[TrialSummary], warnings: list[str]
+    ) -> str | None:
+        return None
+
+
+class SweepTracker(NullSweepTracker):
+    """The parent run ``parent_run_id`` of ``study``'s sweep in ``client``'s store, and its trials' runs."""
+
+    tracked = True
+
+    def __init__(self, client: MlflowClient, study: Study, parent_run_id: str) -> None:
+        self.client, self.study, self.parent_run_id = client, study, parent_run_id
+        self.tracking_uri = client.tracking_uri
+        self.experiment = study.base_config().tracking.experiment
+
+    @classmethod
+    def open(cls, client: MlflowClient, study: Study, tags: dict[str, str]) -> SweepTracker:
+        """A new sweep's parent run: the study's settings as params, the study file as an artifact."""
+        params = {
+            "study": study.name,
+            "sampler": study.sampler.name,
+            "scheduler": study.scheduler.name,
+            "objective": f"{study.objective.mode} {study.objective.metric}",
+            "num_samples": study.budget.num_samples,
+            "max_steps": study.budget.max_steps,
+            "workers_per_trial": study.resources.workers,
+            "base_config": str(study.base_path),
+            **{f"fixed.{key}": value for key, value in study.fixed.items()},
+        }
+        experiment = study.base_config().tracking.experiment
+        parent_run_id = start_run(client, experiment, name=f"sweep-{study.name}", tags=tags, params=params)
+        client.log_text(parent_run_id, study.text, f"search_space/{study.path.name}")
+        return cls(client, study, parent_run_id)
+
+    @classmethod
+    def reopen(cls, client: MlflowClient, study: Study, parent_run_id: str) -> SweepTracker:
+        """A resumed sweep's parent run: a stopped sweep (KILLED) goes on."""
+        if client.get_run(parent_run_id).info.status == "KILLED":
+            client.update_run(parent_run_id, status="RUNNING")
+        return cls(client, study, parent_run_id)
+
+    def finished(self) -> bool:
+        """Published already: a finished sweep resumed again (a second `make run`) logs nothing twice."""
+        return self.client.get_run(self.parent_run_id).info.status == "FINISHED"
+
+    def log_threads(self, trial_id: str, threads: int, step: int) -> None:
+        """A ``cpu_threads`` point on the trial's run: its CPU share changed."""
+        run_id = find_trial_run(self.client, self.experiment, self.parent_run_id, trial_id)
+        if run_id is not None:
+            self.client.log_metric(run_id, "cpu_threads", threads, step=step)
+
+    def prepare_export(self) -> None:
+        prepare_model_logging(self.study.base_config().in_channels)
+
+    def close_trial(
+        self,
+        trial_id: str,
+        storage: Storage,
+        *,
+        best: dict[str, Any],
+        best_checkpoint: str | None,
+        latest_checkpoint: str | None,
+        patches_seen: int,
+        stopped_early: bool,
+        error: str | None,
+    ) -> None:
+        """End a trial's nested run: curves from its latest checkpoint's history, its best checkpoint, its best
+        metrics under the parent's ``best_*`` keys (one runs-table column for both) and how it ended. A trial
+        that failed before its process created the run has none to end."""
+        run_id = find_trial_run(self.client, self.experiment, self.parent_run_id, trial_id)
+        if run_id is None:
+            return
+        history = []
+        if latest_checkpoint:
+            with storage.local_copy(latest_checkpoint) as folder:
+                history = [EvalResult(**entry) for entry in load_checkpoint(folder).state["history"]]
+        tags = {"sr_tune.stopped_early": str(stopped_early).lower(), "sr_tune.patches_seen": str(patches_seen)}
+        if error:
+            tags["sr_tune.error"] = error[-4000:]  # MLflow tag values hold 8000 characters
+        with ExitStack() as stack:
+            best_folder = stack.enter_context(storage.local_copy(best_checkpoint)) if best_checkpoint else None
+            close_run(
+                self.client,
+                run_id,
+                history=history,
+                best_checkpoint=best_folder,
+                metrics=best_metrics(self.study, best),
+                tags=tags,
+                failed=error is not None,
+            )
+
+    def mark_killed(self) -> None:
+        """A stopped sweep's parent and its trials' runs still open are KILLED; a resume sets them running."""
+        for run in trial_runs(self.client, self.experiment, self.parent_run_id).values():
+            if run.info.status == "RUNNING":
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+        self.client.set_terminated(self.parent_run_id, status="KILLED")
+
+    def publish(
+        self, storage: Storage, records: list[TrialRecord], summaries: list[TrialSummary], warnings: list[str]
+    ) -> str | None:
+        """End the trials' runs still open (a trial of an interrupted run), then the parent's summary: the best
+        trial's values under the trials' own keys, its markdown description, the results table and plots; and
+        the best model in the registry. Returns its version."""
+        study, client = self.study, self.client
+        runs = trial_runs(client, self.experiment, self.parent_run_id)
+        for summary in summaries:
+            run = runs.get(summary.trial_id)
+            if run is not None and run.info.status == "RUNNING":
+                self.close_trial(
+                    summary.trial_id,
+                    storage,
+                    best=summary.best,
+                    best_checkpoint=summary.best_checkpoint,
+                    latest_checkpoint=summary.latest_checkpoint,
+                    patches_seen=summary.patches_seen,
+                    stopped_early=summary.stopped_early,
+                    error=summary.error,
+                )
+        scored = [s for s in summaries if study.objective.metric in s.best]
+        best = scored[0] if scored else None
+        best_run = runs.get(best.trial_id) if best else None
+        files = {"results.csv": results_csv(study, summaries)}
+        if warnings:
+            files["warnings.txt"] = "\n".join(warnings) + "\n"
+        tags = {"sr_tune.edge_warnings": str(len(warnings))}
+        if best is not None:
+            tags.update({"sr_tune.best_trial": best.name, "sr_tune.best_trial_id": best.trial_id})
+        if best_run is not None:
+            tags["sr_tune.best_run_id"] = best_run.info.run_id
+            client.set_tag(best_run.info.run_id, "sr_tune.best", "true")
+        experiment_id = client.get_run(self.parent_run_id).info.experiment_id
+        run_ids = {trial_id: run.info.run_id for trial_id, run in runs.items()}
+        log_summary(
+            client,
+            self.parent_run_id,
+            params=best.params if best else {},
+            metrics=best_metrics(study, best.best) if best else {},
+            files=files,
+            figures=summary_figures(study, records, summaries),
+            tags={**tags, "mlflow.note.content": parent_description(study, summaries, experiment_id, run_ids)},
+        )
+        version = self._register(storage, best) if best and best.best_checkpoint else None
+        # A sweep none of whose trials reported the objective failed, whatever Tune thinks of it.
+        client.set_terminated(self.parent_run_id, status="FINISHED" if best else "FAILED")
+        return version
+
+    def _register(self, storage: Storage, best: TrialSummary) -> str:
+        """The best trial's best checkpoint as the parent's model, registered as ``sr_tune-<study>``."""
+        study = self.study
+        with storage.local_copy(best.best_checkpoint) as folder:
+            checkpoint = load_checkpoint(folder)
+            model = checkpoint.build_model()  # reads the weights: while the (downloaded) folder is there
+        registered_name = f"sr_tune-{study.name}"
+        version = log_model(
+            self.client,
+            self.parent_run_id,
+            model,
+            name="best_model",
+            in_channels=checkpoint.config.in_channels,
+            registered_name=registered_name,
+        )
+        value = best.best[study.objective.metric]
+        register_best(
+            self.client,
+            registered_name,
+            version,
+            description=(
+                f"Best trial {best.name} of sweep {study.name}: {checkpoint.config.model.name} "
+                f"x{checkpoint.config.model.scale} ({checkpoint.config.data.color}), "
+                f"{study.objective.metric} {value:.4f} at step {checkpoint.step}."
+            ),
+            tags={
+                "study": study.name,
+                "trial": best.name,
+                "trial_id": best.trial_id,
+                "scale": str(checkpoint.config.model.scale),
+                study.objective.metric: f"{value:.4f}",
+            },
+        )
+        return version
