@@ -649,8 +649,21 @@ def _stop_signal_handler() -> list[int]:
     return received
 
 
+def parse_command(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, with ``key=value`` overrides before or after the flags (``tune STUDY --resume
+    budget.num_samples=2``): argparse alone takes a command's positionals in one run, before any flag."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_command(argv)
     debug = bool(os.environ.get("SR_TUNE_DEBUG"))  # the full traceback of any error too, for a bug report
     terminated = _stop_signal_handler()
     try:

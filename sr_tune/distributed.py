@@ -27,6 +27,7 @@ import torch
 from mlflow import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.util.queue import Queue
 
 from sr_tune.checkpoint import has_checkpoint, load_checkpoint
 from sr_tune.config import TrainConfig
@@ -56,10 +57,10 @@ class WorkerOptions:
     hyperparameters: dict[str, float] = field(default_factory=dict)  # logged as hp/<key> (PBT changes them)
     close_run: bool = True  # log curves and model and end the run (a sweep's driver closes its trials' runs)
     quiet: bool = False  # no progress lines or Train report logs: a sweep's console shows Tune's status instead
-    # A ``ray.util.queue.Queue``: after each report rank 0 waits for a token from a Tune trial's driver, which
-    # sends one only when Tune lets the trial continue; when the driver is gone (the scheduler stopped or
-    # paused the trial) every rank ends training there, so nothing is logged past what Tune saw.
-    report_gate: Any = None
+    # After each report rank 0 waits for a token from a Tune trial's driver, which sends one only when Tune
+    # lets the trial continue; when the driver is gone (the scheduler stopped or paused the trial) every rank
+    # ends training there, so nothing is logged past what Tune saw.
+    report_gate: Queue | None = None
 
 
 def init_ray(num_cpus: float | None = None, *, dashboard: bool = True) -> None:
@@ -221,7 +222,7 @@ def _node_tags() -> dict[str, str]:
     }
 
 
-def _gate_closed(gate: Any, rank: int, world_size: int) -> bool:
+def _gate_closed(gate: Queue, rank: int, world_size: int) -> bool:
     """Rank 0 waits for the driver's go-ahead; the answer (continue or stop) is shared with every rank."""
     stop = torch.zeros(1)
     if rank == 0:

@@ -225,6 +225,10 @@ class Study:
         """Patches seen in ``steps`` steps at the base batch size over all of a trial's workers."""
         return steps * _base_batch(self.base_data, self.fixed, str(self.path)) * self.resources.workers
 
+    def stopped_early(self, patches_seen: int, *, failed: bool) -> bool:
+        """A trial that ended without failing after some reports, short of the budget: the scheduler stopped it."""
+        return not failed and 0 < patches_seen < self.patches(self.budget.max_steps)
+
     def eval_interval_steps(self) -> int:
         return self.base_config().training.eval_interval
 

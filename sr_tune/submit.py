@@ -197,14 +197,14 @@ def plan_job(
     """Check ``command`` (``tune STUDY [options]`` / ``train CONFIG [options]``) here and turn it into a job
     that ships the study, its base config, the files they name and ``include``: nothing else of
     ``working_dir``. Raises ``ConfigError`` listing every problem."""
-    from sr_tune.cli import build_parser
+    from sr_tune.cli import parse_command
     from sr_tune.config import load_config
     from sr_tune.storage import storage_problem
     from sr_tune.study import load_study
 
     if not command or command[0] not in COMMANDS:
         raise ConfigError([f"the job's command must be one of: {', '.join(COMMANDS)} (got {' '.join(command)!r})"])
-    args = build_parser().parse_args(list(command))
+    args = parse_command(list(command))
     working_dir = working_dir.resolve()
     problems: list[str] = []
     if working_dir == Path.home().resolve() or working_dir == Path(working_dir.anchor):

@@ -23,6 +23,7 @@ class TrialRecord:
     name: str  # t03: its number in the sweep
     params: dict[str, Any]  # the searched values (PBT: the last ones it switched to)
     last: dict[str, Any]  # the metrics of its last report
+    run_id: str | None = None  # its nested MLflow run
     reports: pd.DataFrame | None = field(default=None, compare=False)  # one row per report, Tune's columns
     error: str | None = None
     checkpoints: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (path, metrics) Tune holds
@@ -60,11 +61,11 @@ def _best_row(frame: pd.DataFrame | None, metric: str, mode: str) -> dict[str, A
 
 def summarize(study: Study, records: list[TrialRecord]) -> list[TrialSummary]:
     """One summary per trial, best first by the objective (trials without it last)."""
-    objective, budget = study.objective, study.patches(study.budget.max_steps)
+    objective = study.objective
     summaries = []
     for record in records:
         ranked = ranked_checkpoints(study, record)
-        patches = int(record.last.get("patches_seen", 0))
+        patches = int(record.last.get("patches_seen", 0))  # 0: the trial never reported
         summaries.append(
             TrialSummary(
                 trial_id=record.trial_id,
@@ -72,9 +73,9 @@ def summarize(study: Study, records: list[TrialRecord]) -> list[TrialSummary]:
                 params=record.params,
                 best=_best_row(record.reports, objective.metric, objective.mode),
                 patches_seen=patches,
-                stopped_early=record.error is None and 0 < patches < budget,
+                stopped_early=study.stopped_early(patches, failed=record.error is not None),
                 error=record.error,
-                run_id=record.last.get("mlflow_run_id") or None,
+                run_id=record.run_id,
                 best_checkpoint=ranked[0] if ranked else None,
                 latest_checkpoint=record.latest_checkpoint,
             )

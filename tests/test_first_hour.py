@@ -129,3 +129,14 @@ def test_tune_takes_overrides_of_the_study_and_of_every_trials_config():
         problems = error.problems
     assert len(problems) == 4 and all("(from the override" in p or p.startswith("override") for p in problems)
     assert any("optimizer.lr is searched by the study" in p for p in problems)
+
+
+def test_overrides_may_follow_the_flags():
+    from sr_tune.cli import parse_command
+
+    args = parse_command(["tune", "s.yaml", "budget.max_steps=9", "--resume", "budget.num_samples=2"])
+    assert args.resume and args.overrides == ["budget.max_steps=9", "budget.num_samples=2"]
+    assert parse_command(["train", "c.yaml", "--resume", "training.steps=5"]).overrides == ["training.steps=5"]
+    with pytest.raises(SystemExit) as refused:
+        parse_command(["tune", "s.yaml", "--resume", "--bogus"])
+    assert refused.value.code == 2

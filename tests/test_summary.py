@@ -50,13 +50,14 @@ def record(trial_id: str, lr: float, psnrs: list[float], *, error: str | None = 
     )
     checkpoints = [(f"/ckpt/{trial_id}/{i}", {"val_psnr": p}) for i, p in enumerate(psnrs)]
     params = {"optimizer.lr": lr, "data.augment_strength": 0.5, "data.batch_size": batch}
-    last = {"patches_seen": patches[-1], "mlflow_run_id": "r"} if patches else {}
+    last = {"patches_seen": patches[-1]} if patches else {}
     latest = checkpoints[-1][0] if checkpoints else None
     return TrialRecord(
         trial_id=trial_id,
         name=f"t{trial_id}",
         params=params,
         last=last,
+        run_id="r" if patches else None,
         reports=reports,
         error=error,
         checkpoints=checkpoints,

@@ -3,7 +3,6 @@ closed the moment it ends, the console view fed, and the sweep summarized and pu
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,10 +25,10 @@ from sr_tune.summary import (
     summarize,
 )
 from sr_tune.sweep.cpu_shares import CpuShares, none_left_to_start
-from sr_tune.sweep.layout import SweepPaths, check_storage, sweep_paths
+from sr_tune.sweep.layout import SweepPaths, SweepState, check_storage, sweep_paths
 from sr_tune.sweep.search import max_concurrent_trials, runs_in_trial, search_setup, trial_dirname, trial_namer
 from sr_tune.sweep.tracker import NullSweepTracker, SweepTracker
-from sr_tune.sweep.trial import TrialContext, trainable
+from sr_tune.sweep.trial import TrialContext, TrialTags, trainable
 from sr_tune.tracking import (
     run_tags,
 )
@@ -49,10 +48,12 @@ class SweepResult:
 def _record(study: Study, result: Any) -> TrialRecord:
     """A Ray Tune ``Result`` as the typed record the summaries read."""
     last = dict(result.metrics or {})
-    trial_id = last.get("trial_id") or Path(result.path).name.removeprefix("trial_")
+    trial_id = Path(result.path).name.removeprefix("trial_")  # the folder ``trial_dirname`` names
+    tags = TrialTags.of(last)
     return TrialRecord(
         trial_id=trial_id,
-        name=last.get("trial_name") or trial_id,
+        name=tags.trial_name if tags else trial_id,
+        run_id=tags.mlflow_run_id if tags else None,
         params={key: result.config[key] for key in study.search},
         last=last,
         reports=result.metrics_dataframe,
@@ -169,8 +170,8 @@ class _SweepCallback(tune.Callback):
         self.closing.submit(self.tracker.prepare_export)
 
     def _ended(self, trial: Any, error: str | None) -> None:
-        patches = int(trial.last_result.get("patches_seen", 0))
-        stopped = error is None and 0 < patches < self.study.patches(self.study.budget.max_steps)
+        patches = int(trial.last_result.get("patches_seen", 0))  # 0: the trial never reported
+        stopped = self.study.stopped_early(patches, failed=error is not None)
         if self.view is not None:
             self.view.ended(trial.trial_id, "failed" if error else "stopped" if stopped else "done", error)
         if not self.tracker.tracked:
@@ -277,14 +278,13 @@ def run_sweep(
     tags = {**run_tags(str(study.path)), **(tags or {}), "sr_tune.study": study.name}
     tracker: NullSweepTracker = NullSweepTracker()
     if restoring:
-        parent_run_id = json.loads(paths.storage.read_text(paths.state))["parent_run_id"]
+        parent_run_id = SweepState.read(paths.storage, paths.state).parent_run_id
         if client and parent_run_id:
             tracker = SweepTracker.reopen(client, study, parent_run_id)
     else:
         if client:
             tracker = SweepTracker.open(client, study, tags)
-        state = {"parent_run_id": tracker.parent_run_id, "study": str(study.path), "overrides": list(study.overrides)}
-        paths.storage.write_text(paths.state, json.dumps(state))  # what --resume reads
+        SweepState(tracker.parent_run_id, str(study.path), study.overrides).write(paths.storage, paths.state)
     shares = None
     if runs_in_trial(study) and not os.environ.get("RAY_ADDRESS"):  # the trials' processes share this machine
         shares = CpuShares(paths.runs, study, max_concurrent_trials(study))

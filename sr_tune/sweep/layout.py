@@ -53,12 +53,44 @@ def sweep_paths(study: Study, tracking_uri: str | None, storage: str | None = No
     )
 
 
+@dataclass(frozen=True)
+class SweepState:
+    """What ``--resume`` reads back (``<root>/<study>.json``, written when the sweep starts): the sweep's MLflow
+    parent run (None: not tracked), its study file and the command-line overrides it was started with."""
+
+    parent_run_id: str | None
+    study: str
+    overrides: tuple[str, ...]
+
+    def write(self, storage: Storage, path: str) -> None:
+        state = {"parent_run_id": self.parent_run_id, "study": self.study, "overrides": list(self.overrides)}
+        storage.write_text(path, json.dumps(state))
+
+    @classmethod
+    def read(cls, storage: Storage, path: str) -> SweepState:
+        """Raises ``ValueError`` naming ``path`` when it is not a sweep's state."""
+        try:
+            state = json.loads(storage.read_text(path))
+            parent, study, overrides = state["parent_run_id"], state["study"], state["overrides"]
+        except (ValueError, TypeError, KeyError) as error:
+            raise ValueError(f"{path} is not the state of a sweep sr_tune wrote ({error})") from None
+        if not (
+            (parent is None or isinstance(parent, str))
+            and isinstance(study, str)
+            and isinstance(overrides, list)
+            and all(isinstance(item, str) for item in overrides)
+        ):
+            raise ValueError(f"{path} is not the state of a sweep sr_tune wrote (a value of the wrong type)")
+        return cls(parent, study, tuple(overrides))
+
+
 def _written_by_a_sweep(storage: Storage, state: str, experiment: str) -> bool:
     if storage.exists(state):
         try:
-            return "parent_run_id" in json.loads(storage.read_text(state))
-        except (ValueError, TypeError):
+            SweepState.read(storage, state)
+        except ValueError:
             return False
+        return True
     top = [path.rsplit("/", 1) for path in storage.list_files(experiment)]
     return any(
         folder.rstrip("/") == experiment.rstrip("/") and (name == "optuna.db" or name.startswith("experiment_state"))
@@ -110,8 +142,8 @@ def check_storage(study: Study, paths: SweepPaths, resume: bool) -> bool:
     except OSError as error:
         raise ConnectionError(f"cannot reach the sweep's storage {paths.storage.uri}: {error}") from None
     if restoring and paths.storage.exists(paths.state):
-        started = json.loads(paths.storage.read_text(paths.state)).get("overrides", [])
-        if started != list(study.overrides):
+        started = SweepState.read(paths.storage, paths.state).overrides
+        if started != study.overrides:
             raise ValueError(
                 f"the sweep of study {study.name!r} was started with the overrides {shlex.join(started) or '(none)'}; "
                 f"--resume continues it with the same ones (given: {shlex.join(study.overrides) or '(none)'})"

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import ray.train
 import torch
 from mlflow import MlflowClient
 from ray import tune
@@ -50,6 +51,44 @@ class TrialContext:
     share_cpus: bool = False  # the driver hands the CPUs of ended trials to the last ones (``CpuShares``)
 
 
+@dataclass(frozen=True)
+class TrialTags:
+    """What each report of a trial carries besides its metrics, read back by the driver from Tune's results."""
+
+    trial_name: str  # t03
+    mlflow_run_id: str | None  # the trial's nested run; None when the sweep is not tracked
+
+    def as_metrics(self) -> dict[str, str]:
+        return {"trial_name": self.trial_name, "mlflow_run_id": self.mlflow_run_id or ""}
+
+    @classmethod
+    def of(cls, metrics: dict[str, Any]) -> TrialTags | None:
+        """The tags of a trial's last report; None for a trial that never reported."""
+        if "trial_name" not in metrics:
+            return None
+        return cls(str(metrics["trial_name"]), str(metrics["mlflow_run_id"]) or None)
+
+
+@dataclass(frozen=True)
+class Reported:
+    """Train controller -> trial driver: rank 0 reported ``metrics`` with this persisted checkpoint."""
+
+    metrics: dict[str, Any]
+    checkpoint: ray.train.Checkpoint | None
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The Train run ended: every report has been relayed."""
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The Train run raised ``error``: the driver raises it in the trial."""
+
+    error: BaseException
+
+
 class _ReportBridge(UserCallback):
     """Runs in the Train controller: passes each rank-0 report and its persisted checkpoint to the trial
     driver. Rank 0 then waits at the report gate until the driver has reported to Tune (which copies the
@@ -60,7 +99,7 @@ class _ReportBridge(UserCallback):
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         try:
-            self.reports.put(("report", metrics[0], checkpoint))
+            self.reports.put(Reported(metrics[0], checkpoint))
         except ray.exceptions.RayActorError:
             pass  # the scheduler stopped the trial: its driver, queues and this run are going away
 
@@ -115,13 +154,13 @@ def _trial(params: dict[str, Any], context: TrialContext) -> None:
         close_run=False,
         quiet=True,
     )
-    tagged = {"mlflow_run_id": run_id or "", "trial_name": name}
+    tags = TrialTags(trial_name=name, mlflow_run_id=run_id)
     if runs_in_trial(study):
         own = own_threads(study)
         share = ThreadShare(CpuShares.file(paths.runs, trial_id), own) if context.share_cpus else None
-        _train_in_trial(options, tagged, own, share)
+        _train_in_trial(options, tags, own, share)
     else:
-        _train_on_workers(options, tagged, trial_id, storage_path=paths.train_storage)
+        _train_on_workers(options, tags, trial_id, storage_path=paths.train_storage)
 
 
 def trainable(study: Study, context: TrialContext) -> Any:
@@ -129,7 +168,7 @@ def trainable(study: Study, context: TrialContext) -> Any:
     return tune.with_resources(tune.with_parameters(_trial, context=context), trial_resources(study))
 
 
-def _train_in_trial(options: WorkerOptions, tagged: dict[str, str], own: int, share: ThreadShare | None) -> None:
+def _train_in_trial(options: WorkerOptions, tags: TrialTags, own: int, share: ThreadShare | None) -> None:
     """``run_loop`` in this process, reporting straight to Tune: ``tune.report`` returns only when Tune lets
     the trial go on, so a stopped trial ends inside it, having logged nothing Tune did not see. It trains on
     ``own`` threads (its Ray CPUs) until ``share`` says more."""
@@ -139,18 +178,20 @@ def _train_in_trial(options: WorkerOptions, tagged: dict[str, str], own: int, sh
 
     def send(metrics: dict[str, Any], checkpoint: Path | None) -> bool:
         held = tune.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None
-        tune.report({**metrics, **tagged}, checkpoint=held)  # Tune copies the checkpoint into the trial's folder
+        tune.report(
+            {**metrics, **tags.as_metrics()}, checkpoint=held
+        )  # Tune copies the checkpoint into the trial's folder
         return False
 
     start = options.start_checkpoint
     run_loop(options, rank=0, world_size=1, device=torch.device("cpu"), start=start, send=send, threads=share)
 
 
-def _train_on_workers(options: WorkerOptions, tagged: dict[str, str], trial_id: str, storage_path: str) -> None:
+def _train_on_workers(options: WorkerOptions, tags: TrialTags, trial_id: str, storage_path: str) -> None:
     """A Ray Train run over the trial's workers, whose every report (and persisted checkpoint) this driver
     relays to Tune; rank 0 waits at the report gate until Tune has taken it."""
     start = options.start_checkpoint
-    reports = Queue(actor_options={"num_cpus": 0})  # Train controller -> driver: (kind, metrics, checkpoint)
+    reports = Queue(actor_options={"num_cpus": 0})  # Train controller -> driver: Reported, Finished or Failed
     gate = Queue(actor_options={"num_cpus": 0})  # driver -> rank 0: Tune took the report, go on
     trainer = build_trainer(
         replace(options, report_gate=gate),
@@ -164,19 +205,20 @@ def _train_on_workers(options: WorkerOptions, tagged: dict[str, str], trial_id: 
     def fit() -> None:
         try:
             trainer.fit()
-            reports.put(("done", None, None))
+            reports.put(Finished())
         except BaseException as error:  # handed to the driver thread, which raises it in the trial
-            reports.put(("error", error, None))
+            reports.put(Failed(error))
 
     threading.Thread(target=fit, name=f"fit-{trial_id}", daemon=True).start()
     while True:
-        kind, payload, checkpoint = reports.get()
-        if kind == "done":
+        message: Reported | Finished | Failed = reports.get()
+        if isinstance(message, Finished):
             return
-        if kind == "error":
-            raise payload
+        if isinstance(message, Failed):
+            raise message.error
+        checkpoint = message.checkpoint
         held = tune.Checkpoint(path=checkpoint.path, filesystem=checkpoint.filesystem) if checkpoint else None
         # Returns only once Tune has copied the checkpoint and its scheduler lets the trial continue; a
         # stopped or paused trial never gets here, and its workers find the gate gone.
-        tune.report({**payload, **tagged}, checkpoint=held)
+        tune.report({**message.metrics, **tags.as_metrics()}, checkpoint=held)
         gate.put(True)
