@@ -1,110 +1,42 @@
 """Typed, frozen run configuration: YAML + ``key=value`` overrides -> ``TrainConfig``, validated once.
 
-Every section is a ``@dataclass(frozen=True, kw_only=True)``; each field carries its help text and its
-allowed range in ``metadata``. ``load_config`` collects *every* problem (unknown keys with a suggestion,
-wrong types, out-of-range values, contradictions between sections) and raises one ``ConfigError`` that
-names each key, the bad value and what is allowed. Models, losses and samplers never see these objects:
-builders turn sections into plain arguments.
+Every section is a ``@dataclass(frozen=True, kw_only=True)`` built with ``fields.setting``: each field
+carries its help text and its allowed range. ``load_config`` collects *every* problem (unknown keys with a
+suggestion, wrong types, out-of-range values, contradictions between sections) and raises one
+``ConfigError`` that names each key, the bad value and what is allowed. Models and the data pipeline never
+see these objects (builders turn sections into plain arguments); the loss and optimizer builders take their
+own section (``LossConfig``, ``OptimizerConfig``), which is all they read.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import inspect
-import operator
 import os
 import re
-import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from sr_tune.credentials import credential_problem, redact
+from sr_tune.credentials import credential_problem
+from sr_tune.fields import (
+    INVALID,
+    ConfigError,
+    build,
+    coerce,
+    parse_override,
+    parse_yaml,
+    plain,
+    setting,
+    type_name,
+    validate,
+    with_values,
+)
 from sr_tune.models import get_builder, list_models
 from sr_tune.models.registry import out_of_range, size_problem
-
-
-class ConfigError(ValueError):
-    """Invalid configuration; ``problems`` lists each one as ``"key: what is wrong"``."""
-
-    def __init__(self, problems: Sequence[str], source: str | None = None) -> None:
-        self.problems = [redact(problem) for problem in problems]  # a refused secret is not echoed either
-        self.source = source
-        where = f" in {source}" if source else ""
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{len(self.problems)} problem(s){where}:\n{lines}")
-
-
-def setting(
-    default: Any,
-    help: str,
-    check: Callable[[Any], str | None] | None = None,
-    *,
-    internal: bool = False,
-    **bounds: float,
-) -> Any:
-    """A config field with its help text, optional bounds (``ge``, ``gt``, ``le``, ``lt``) and an optional
-    ``check(value) -> problem or None`` for rules a type cannot say. ``...`` as the default: a required key.
-    ``internal``: set by a loader (e.g. a study's file path), never a key of the file."""
-    metadata = {"help": help, "check": check, "internal": internal, **bounds}
-    if default is ...:
-        return field(metadata=metadata)
-    if isinstance(default, type):  # a section: built on use, after this module has loaded
-        return field(default_factory=default, metadata=metadata)
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-_BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
-
-
-def _field_problem(f: dataclasses.Field, value: Any) -> str | None:
-    """The problem of ``value`` in field ``f``: a failed ``check`` or a number out of its bounds."""
-    check = f.metadata.get("check")
-    if check is not None and (problem := check(value)):
-        return f"{f.name}: {value!r} {problem}"
-    bounds = {k: v for k, v in f.metadata.items() if k in _BOUND_TEXT}
-    if not bounds or not isinstance(value, (int, float)) or isinstance(value, bool):
-        return None
-    within = {"ge": operator.ge, "gt": operator.gt, "le": operator.le, "lt": operator.lt}
-    if all(within[kind](value, bound) for kind, bound in bounds.items()):
-        return None
-    allowed = " and ".join(f"{_BOUND_TEXT[k]} {b}" for k, b in bounds.items())
-    return f"{f.name}: {value!r} is out of range (allowed: {allowed})"
-
-
-def _field_problems(cls: type, values: Mapping[str, Any]) -> list[str]:
-    """Per-field problems of section ``cls``: out-of-range numbers and failed ``check``s."""
-    problems = (_field_problem(f, values[f.name]) for f in dataclasses.fields(cls) if f.name in values)
-    return [problem for problem in problems if problem]
-
-
-@functools.cache
-def _literal_fields(cls: type) -> dict[str, tuple[Any, ...]]:
-    """{field name: allowed values} for the ``Literal`` fields of section ``cls``."""
-    hints = typing.get_type_hints(cls)
-    return {name: typing.get_args(tp) for name, tp in hints.items() if typing.get_origin(tp) is Literal}
-
-
-def validate(instance: Any, extra: Sequence[str] = ()) -> None:
-    """Raise one ``ConfigError`` for the section's per-field problems and its cross-field ``extra`` ones. A
-    section built in code is held to the same names as one read from a file (``Literal`` fields)."""
-    values = {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance)}
-    problems = [
-        f"{name}: {values[name]!r} is not valid (expected one of {', '.join(map(repr, allowed))})"
-        for name, allowed in _literal_fields(type(instance)).items()
-        if values[name] not in allowed
-    ]
-    problems += _field_problems(type(instance), values) + list(extra)
-    if problems:
-        raise ConfigError(problems)
 
 
 def _known_model(name: str) -> str | None:
@@ -324,24 +256,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists) that ``TrainConfig.from_dict`` reads back."""
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str | None = None) -> TrainConfig:
         """Build and validate from a nested mapping; raises one ``ConfigError`` listing every problem."""
         problems: list[str] = []
-        config = _build(cls, expand_home(data), "", problems)
+        config = build(cls, expand_home(data), "", problems)
         if problems or config is None:
             raise ConfigError(problems, source)
         return config
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _model_kwargs_problems(name: str, kwargs: Mapping[str, Any]) -> list[str]:
@@ -356,182 +280,15 @@ def _model_kwargs_problems(name: str, kwargs: Mapping[str, Any]) -> list[str]:
         if key == "in_channels":
             continue  # reported by the field's own check
         if key in accepted:
-            coerced = _coerce(value, hints[key], f"kwargs.{key}", problems)
-            if coerced is not _INVALID:
+            coerced = coerce(value, hints[key], f"kwargs.{key}", problems)
+            if coerced is not INVALID:
                 problems += [f"kwargs.{problem}" for problem in out_of_range(name, {key: coerced})]
         else:
             problems.append(f"kwargs.{key}: {name} has no argument {key!r} (allowed: {', '.join(accepted) or 'none'})")
     return problems
 
 
-# --- generic building and coercion ---------------------------------------------------------------------
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (types.UnionType, typing.Union):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    if origin is not None:
-        return str(tp).replace("typing.", "")
-    return getattr(tp, "__name__", str(tp))
-
-
-_INVALID = object()
-
-
-def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
-    """Return ``value`` as type ``tp`` or record a problem and return ``_INVALID``."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-
-    def bad(expected: str | None = None) -> Any:
-        problems.append(f"{path}: {value!r} is not valid (expected {expected or _type_name(tp)})")
-        return _INVALID
-
-    if dataclasses.is_dataclass(tp):
-        built = _build(tp, value, path, problems)
-        return _INVALID if built is None else built
-    if origin is Literal:
-        if value in args:
-            return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-        return bad(f"{'did you mean ' + repr(close[0]) + '? ' if close else ''}{_type_name(tp)}")
-    if origin in (types.UnionType, typing.Union):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        scratch: list[str] = []
-        for candidate in inner:
-            result = _coerce(value, candidate, path, scratch)
-            if result is not _INVALID:
-                return result
-        return bad()
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            return bad()
-        element_types = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
-        if len(element_types) != len(value):
-            return bad(f"{len(element_types)} values")
-        items = [_coerce(v, t, f"{path}[{i}]", problems) for i, (v, t) in enumerate(zip(value, element_types))]
-        return _INVALID if any(i is _INVALID for i in items) else tuple(items)
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            return bad("a mapping")
-        if args[1] is Any:
-            return dict(value)
-        # The valid items only (each bad one is a recorded problem): a caller checking relations between
-        # sections still sees the good entries of a mapping that has a bad one.
-        items = {key: _coerce(item, args[1], f"{path}.{key}", problems) for key, item in value.items()}
-        return {key: item for key, item in items.items() if item is not _INVALID}
-    if tp is bool:
-        return value if isinstance(value, bool) else bad()
-    if tp is int:
-        return value if isinstance(value, int) and not isinstance(value, bool) else bad()
-    if tp is float:
-        if isinstance(value, bool):
-            return bad()
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                return bad()
-        return bad()
-    if tp is str:
-        return value if isinstance(value, str) else bad()
-    if tp is Any:
-        return value
-    raise TypeError(f"{path}: config type {tp!r} is not supported")
-
-
-def _required(cls: type, name: str) -> bool:
-    f = cls.__dataclass_fields__[name]
-    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-
-
-def build_values(cls: type, data: Any, path: str, problems: list[str]) -> dict[str, Any] | None:
-    """The fields of dataclass ``cls`` that ``data`` sets validly, each coerced (sections built); every
-    problem (prefixed with ``path``) goes to ``problems``. Fields marked ``internal`` in their metadata are
-    set by loaders, never by a file: they are not offered as keys. None when ``data`` is not a mapping.
-
-    Callers that check relations between sections (a study's objective against its base config) use the
-    valid part to report those problems in the same round as the rest."""
-    prefix = f"{path}." if path else ""
-    if not isinstance(data, Mapping):
-        problems.append(f"{path or '(top level)'}: expected a mapping of keys, got {data!r}")
-        return None
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
-    for key in data:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            problems.append(f"{prefix}{key}: unknown key ({hint}allowed: {', '.join(names)})")
-    problems.extend(f"{prefix}{name}: required" for name in names if _required(cls, name) and name not in data)
-    valid = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in names or f.name not in data:
-            continue
-        value = _coerce(data[f.name], hints[f.name], f"{prefix}{f.name}", problems)
-        problem = None if value is _INVALID else _field_problem(f, value)
-        if problem:
-            problems.append(f"{prefix}{problem}")
-        elif value is not _INVALID:
-            valid[f.name] = value
-    return valid
-
-
-def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
-    """Build dataclass ``cls`` from a mapping, adding every problem (prefixed with ``path``) to ``problems``."""
-    before = len(problems)
-    values = build_values(cls, data, path, problems)
-    if values is None or len(problems) > before:  # a bad value here or inside a nested section
-        return None
-    try:
-        return cls(**values)
-    except ConfigError as error:
-        prefix = f"{path}." if path else ""
-        problems.extend(f"{prefix}{p}" for p in error.problems)
-        return None
-
-
-# --- YAML and overrides ---------------------------------------------------------------------------------
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """Safe YAML that refuses a key given twice in one mapping (plain YAML silently keeps the last)."""
-
-
-def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    first_lines: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if isinstance(key, typing.Hashable) and key in first_lines:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first on line {first_lines[key]})", key_node.start_mark
-            )
-        first_lines.setdefault(key, key_node.start_mark.line + 1)
-    return loader.construct_mapping(node, deep=True)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
-
-
-def parse_yaml(text: str, source: str) -> Any:
-    """YAML ``text`` of file ``source``; a syntax error or a duplicate key raises ``ConfigError`` with its line."""
-    try:
-        return yaml.load(text, Loader=_StrictLoader)
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        context = f" ({error.context})" if error.context else ""
-        raise ConfigError([f"not valid YAML: {where}{error.problem}{context}"], source) from None
-    except yaml.YAMLError as error:
-        raise ConfigError([f"not valid YAML: {error}"], source) from None
+# --- files and overrides -------------------------------------------------------------------------------
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -548,41 +305,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError([f"(top level): expected a mapping of sections, got {type(data).__name__}"], str(path))
     return data
-
-
-def with_values(data: Mapping[str, Any], values: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Set dotted keys (``{"optimizer.lr": 1e-3}``) in a nested dict copy.
-
-    Returns the new dict and the problems (a key that is not dotted, or a parent that is not a section).
-    """
-    result = _plain(dict(data))
-    problems = []
-    for key, value in values.items():
-        if not key or any(not part for part in key.split(".")):
-            problems.append(f"{key!r}: expected section.key")
-            continue
-        *parents, leaf = key.split(".")
-        node = result
-        for part in parents:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                problems.append(f"{key}: {part!r} is not a section")
-                break
-            node = child
-        else:
-            node[leaf] = _plain(value)
-    return result, problems
-
-
-def parse_override(override: str) -> tuple[str, Any] | None:
-    """``key=value`` as (key, value parsed as YAML, else the text); None without a key or ``=``."""
-    key, sep, raw = override.partition("=")
-    if not sep or not key:
-        return None
-    try:
-        return key, yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:
-        return key, raw
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
@@ -634,7 +356,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     data, override_problems = apply_overrides(data, overrides)
     data = expand_home(data)
     problems: list[str] = list(override_problems)
-    config = _build(TrainConfig, data, "", problems)
+    config = build(TrainConfig, data, "", problems)
     if problems or config is None:
         labelled = [_label_override(problem, overrides) for problem in problems]
         if labelled != problems or override_problems:
@@ -663,5 +385,5 @@ def describe_fields(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str
         if dataclasses.is_dataclass(tp):
             rows += describe_fields(tp, f"{prefix}{f.name}.")
         else:
-            rows.append((f"{prefix}{f.name}", _type_name(tp), default, f.metadata.get("help", "")))
+            rows.append((f"{prefix}{f.name}", type_name(tp), default, f.metadata.get("help", "")))
     return rows

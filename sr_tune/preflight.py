@@ -8,7 +8,8 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from sr_tune.config import ConfigError, TrainConfig, config_values
+from sr_tune.config import TrainConfig, config_values
+from sr_tune.fields import ConfigError
 
 if TYPE_CHECKING:
     from sr_tune.study import Study

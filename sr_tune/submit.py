@@ -39,8 +39,8 @@ from typing import IO, Any
 from urllib.parse import urlsplit
 
 import sr_tune
-from sr_tune.config import ConfigError
 from sr_tune.credentials import credential_problem
+from sr_tune.fields import ConfigError
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 STOPPED_EXIT_CODE = 3
@@ -185,8 +185,22 @@ def _local_paths(config: Any, working_dir: Path) -> list[Path]:
     ]
 
 
+@dataclass(frozen=True)
+class JobCommand:
+    """The ``sr-tune`` command a job runs, as the command line parsed it (``cli.job_command``)."""
+
+    name: str  # tune | train
+    path: str  # the study or the config
+    overrides: tuple[str, ...]  # its section.key=value overrides
+    arguments: tuple[str, ...]  # everything after ``path``, as given
+
+    @property
+    def words(self) -> list[str]:
+        return [self.name, self.path, *self.arguments]
+
+
 def plan_job(
-    command: Sequence[str],
+    command: JobCommand,
     *,
     working_dir: Path,
     address: str,
@@ -197,14 +211,12 @@ def plan_job(
     """Check ``command`` (``tune STUDY [options]`` / ``train CONFIG [options]``) here and turn it into a job
     that ships the study, its base config, the files they name and ``include``: nothing else of
     ``working_dir``. Raises ``ConfigError`` listing every problem."""
-    from sr_tune.cli import parse_command
     from sr_tune.config import load_config
     from sr_tune.storage import storage_problem
     from sr_tune.study import load_study
 
-    if not command or command[0] not in COMMANDS:
-        raise ConfigError([f"the job's command must be one of: {', '.join(COMMANDS)} (got {' '.join(command)!r})"])
-    args = parse_command(list(command))
+    if command.name not in COMMANDS:
+        raise ConfigError([f"the job's command must be one of: {', '.join(COMMANDS)} (got {command.name!r})"])
     working_dir = working_dir.resolve()
     problems: list[str] = []
     if working_dir == Path.home().resolve() or working_dir == Path(working_dir.anchor):
@@ -215,19 +227,19 @@ def plan_job(
     for flag, value in (("--storage", storage), ("--tracking-uri", tracking_uri)):
         if value and (problem := storage_problem(value) if flag == "--storage" else credential_problem(value)):
             problems.append(f"{flag} {value!r} {problem}")
-    if command[0] == "tune":
-        study = load_study(args.study, args.overrides)
+    if command.name == "tune":
+        study = load_study(command.path, command.overrides)
         name, config = study.name, study.base_config()
-        shipped = _inside(Path(args.study), working_dir, "the study", problems)
+        shipped = _inside(Path(command.path), working_dir, "the study", problems)
         _inside(study.base_path, working_dir, "its base config", problems)
-        arguments = [shipped, *command[2:]]
-        paths = [Path(args.study), study.base_path]
+        arguments = [shipped, *command.arguments]
+        paths = [Path(command.path), study.base_path]
         keeps_results = bool(storage or study.storage)
     else:
-        config = load_config(args.config, args.overrides)
+        config = load_config(command.path, command.overrides)
         name = config.run_name
-        arguments = [_inside(Path(args.config), working_dir, "the config", problems), *command[2:]]
-        paths = [Path(args.config)]
+        arguments = [_inside(Path(command.path), working_dir, "the config", problems), *command.arguments]
+        paths = [Path(command.path)]
         keeps_results = Path(config.training.output_dir).is_absolute() or "://" in (
             config.distributed.storage_path or ""
         )
@@ -235,7 +247,7 @@ def plan_job(
         ("http://", "https://", "databricks")
     )
     if not _is_loopback(address) and not (keeps_results and tracked):
-        where = "--storage (or the study's storage:)" if command[0] == "tune" else "an absolute training.output_dir"
+        where = "--storage (or the study's storage:)" if command.name == "tune" else "an absolute training.output_dir"
         problems.append(
             f"the job's results would land in its temporary working directory on {address} and vanish with it: "
             f"give {where} and --tracking-uri (a tracking server), or submit to a local cluster"
@@ -256,17 +268,17 @@ def plan_job(
         )
     if problems:
         raise ConfigError(problems, "sr-tune submit")
-    if storage and command[0] == "tune":
+    if storage and command.name == "tune":
         arguments += ["--storage", storage]
     if tracking_uri:
         arguments += ["--tracking-uri", tracking_uri]
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     return JobPlan(
-        submission_id=f"sr-tune-{command[0]}-{name}-{stamp}-{secrets.token_hex(2)}",
-        entrypoint=" ".join(["python", "-m", "sr_tune", command[0], *map(shlex.quote, arguments)]),
+        submission_id=f"sr-tune-{command.name}-{name}-{stamp}-{secrets.token_hex(2)}",
+        entrypoint=" ".join(["python", "-m", "sr_tune", command.name, *map(shlex.quote, arguments)]),
         working_dir=working_dir,
         files=tuple(files),
-        metadata={"sr_tune.command": command[0], "sr_tune.name": name},
+        metadata={"sr_tune.command": command.name, "sr_tune.name": name},
         left_behind=tuple(sorted(left_behind)),
     )
 

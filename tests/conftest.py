@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ ASSETS = REPO / "tests" / "assets"
 GOLDEN = ASSETS / "matlab_imresize.npz"  # real MATLAB imresize answers (see matlab_imresize.md)
 WAIFU2X_WHEEL = "waifu2x-2024.0.1-py3-none-any.whl"
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+RAY_SESSIONS = pytest.StashKey[set[Path]]()  # the Ray session folders there were when the run started
 
 
 # Every test that starts Ray: one Ray per machine (Ray 2.60's PlacementGroupCleaner finds its cluster by
@@ -49,6 +51,25 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
     config.option.loadscopereorder = False  # collection order (Ray first), not largest file first
     return RayFilesTogether(config, log)
+
+
+def _ray_sessions() -> set[Path]:
+    """The session folders local Rays have made (one per start) under Ray's default temporary root."""
+    return set(Path(tempfile.gettempdir(), "ray").glob("session_2*"))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[RAY_SESSIONS] = _ray_sessions()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The fast tier (``-m "not ray"``) starts no Ray: a Ray started by a test not marked ``ray`` fails the run."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or session.config.getoption("markexpr") != "not ray":
+        return
+    started = _ray_sessions() - session.config.stash[RAY_SESSIONS]
+    if started:
+        print(f"\nthe fast tier started a local Ray ({', '.join(p.name for p in started)}): mark its test `ray`")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -86,25 +107,28 @@ def waifu2x_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cached
 
 
-@pytest.fixture(scope="session")
-def vgg_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A torch hub cache holding a VGG19 weight file under torchvision's own name, made here (random
-    weights, features only) because the real ImageNet file cannot be downloaded in tests. Sets TORCH_HOME."""
-    import os
-
+def write_vgg_weights() -> Path:
+    """A VGG19 weight file under torchvision's own name in ``$TORCH_HOME``, made here (random weights seeded 0,
+    features only) because the real ImageNet file cannot be downloaded in tests."""
     from torchvision.models import vgg19
 
     from sr_tune.losses import vgg_weights_file
 
-    home = tmp_path_factory.mktemp("torch_home")
-    previous = os.environ.get("TORCH_HOME")
-    os.environ["TORCH_HOME"] = str(home)
     torch.manual_seed(0)
     state = {f"features.{k}": v for k, v in vgg19(weights=None).features.state_dict().items()}
     target = vgg_weights_file()
-    target.parent.mkdir(parents=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, target)
-    yield target
+    return target
+
+
+@pytest.fixture(scope="session")
+def vgg_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A torch hub cache holding ``write_vgg_weights``'s file. Sets TORCH_HOME."""
+    home = tmp_path_factory.mktemp("torch_home")
+    previous = os.environ.get("TORCH_HOME")
+    os.environ["TORCH_HOME"] = str(home)
+    yield write_vgg_weights()
     if previous is None:
         os.environ.pop("TORCH_HOME", None)
     else:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from sr_tune.config import ConfigError, TrainConfig, load_config
+from sr_tune.config import TrainConfig, load_config
+from sr_tune.fields import ConfigError
 from sr_tune.models import create_model, list_models
 from sr_tune.models.registry import argument_bounds
 from sr_tune.study import load_study

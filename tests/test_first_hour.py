@@ -112,7 +112,7 @@ def test_every_shipped_study_fits_this_machine_with_the_one_override_resources_l
 
 
 def test_tune_takes_overrides_of_the_study_and_of_every_trials_config():
-    from sr_tune.config import ConfigError
+    from sr_tune.fields import ConfigError
     from sr_tune.study import load_study
 
     path = REPO / "search_spaces" / "srcnn_optimizer.yaml"
@@ -140,3 +140,13 @@ def test_overrides_may_follow_the_flags():
     with pytest.raises(SystemExit) as refused:
         parse_command(["tune", "s.yaml", "--resume", "--bogus"])
     assert refused.value.code == 2
+
+
+def test_a_reader_that_goes_away_ends_a_command_quietly():
+    """``sr-tune models | head -1``: no error line when the pipe closes early."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sr_tune", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    process.stdout.close()  # the reader is gone before the first line is written
+    _, errors = process.communicate(timeout=120)
+    assert process.returncode == 141 and errors == b""

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import REPO
 
 
+@pytest.mark.ray
 def test_hpo_efficiency_compares_each_method_with_random_search_at_equal_budget(tmp_path: Path):
     args = [
         "--methods",

@@ -12,6 +12,7 @@ import pytest
 from .conftest import REPO
 
 
+@pytest.mark.ray
 def test_ray_overhead_splits_the_slots_time_of_a_real_sweep():
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "ray_overhead.py"), "--quick"],

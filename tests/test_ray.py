@@ -9,6 +9,7 @@ test_cluster.py, on a two-node cluster with its storage in S3.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -31,17 +32,20 @@ from sr_tune.checkpoint import load_checkpoint
 from sr_tune.config import load_config
 from sr_tune.console import format_value
 from sr_tune.distributed import fit, init_ray
+from sr_tune.engine import EvalResult
 from sr_tune.study import load_study
 from sr_tune.sweep.driver import run_sweep
 from sr_tune.sweep.layout import remove_sweep, sweep_paths
 from sr_tune.sweep.search import max_concurrent_trials
-from sr_tune.tracking import TRIAL_TAG
+from sr_tune.tracking import TRIAL_TAG, experiment_id
 
-from .conftest import REPO, mlflow_runs
+from .conftest import ASSETS, REPO, mlflow_runs
 from .conftest import write_sweep_study as write_study
 from .listeners import ListenerWatch, processes_named
+from .test_pinned import curve
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+DDP_PINNED = ASSETS / "ddp_pinned.json"  # the 2-worker run's curve
 
 
 @pytest.fixture(scope="module")
@@ -71,20 +75,21 @@ def config(tmp_path: Path, *overrides: str):
 
 
 def kill_the_train_worker_after(client: MlflowClient, run_name: str, evaluations: int) -> tuple[threading.Thread, list]:
-    """A thread that SIGKILLs the Ray Train worker once run ``run_name`` has logged ``evaluations``."""
+    """A thread that SIGKILLs a Ray Train worker once the run named ``run_name`` (a SQL LIKE pattern) has logged
+    ``evaluations``."""
     killed: list[int] = []
 
     def watch() -> None:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed:
-            runs = client.search_runs(
-                [client.get_experiment_by_name("sr_tune").experiment_id], f"attributes.run_name = '{run_name}'"
-            )
+            time.sleep(0.25)
+            if (experiment := client.get_experiment_by_name("sr_tune")) is None:
+                continue  # the sweep has not opened its store yet
+            runs = client.search_runs([experiment.experiment_id], f"attributes.run_name LIKE '{run_name}'")
             logged = [m for run in runs for m in client.get_metric_history(run.info.run_id, "val_psnr")]
             if len(logged) >= evaluations and (workers := processes_named("ray::RayTrainWo")):
                 os.kill(workers[0], signal.SIGKILL)
                 killed.append(workers[0])
-            time.sleep(0.25)
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
@@ -115,6 +120,15 @@ def test_two_gloo_workers_match_one_killed_and_restarted_worker_at_double_batch_
     assert killed, "the worker was never killed"
     assert client.get_run(one.run_id).info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(one.run_id, "val_psnr")] == [30, 60, 90]  # each once
+
+    # Two gloo workers, seeded: the same curve on every run (patches seeded per rank, a fixed all-reduce order).
+    ddp_curve = curve([EvalResult(**entry) for entry in load_checkpoint(two.checkpoint).state["history"]])
+    if os.environ.get("SR_TUNE_REPIN"):  # re-pin: SR_TUNE_REPIN=1 pytest tests/test_ray.py -k two_gloo
+        DDP_PINNED.write_text(json.dumps({"torch": torch.__version__, "curve": ddp_curve}, indent=2) + "\n")
+    pinned = json.loads(DDP_PINNED.read_text())["curve"]
+    assert [point["step"] for point in ddp_curve] == [point["step"] for point in pinned] == [30, 60, 90]
+    for point, expected in zip(ddp_curve, pinned):
+        assert point == pytest.approx(expected, rel=1e-4), f"step {point['step']}"
 
     # Same effective batch, same seed: the loss curves agree (different patches, so not bit for bit).
     assert two.metrics["step"] == one.metrics["step"] == 90
@@ -264,6 +278,54 @@ budget: {num_samples: 4, max_steps: 60}
     # The Optuna study sits in the sweep's own folder, one trial per Tune trial.
     stored = optuna.load_study(study_name="asha", storage=f"sqlite:///{tmp_path / 'runs/sweeps/asha/optuna.db'}")
     assert len(stored.trials) == 4
+
+
+def test_trials_of_two_workers_go_through_the_train_bridge_and_survive_a_killed_worker(tmp_path: Path, local_ray):
+    """The path of every study with GPUs or ``workers: 2``: each trial a Ray Train run over 2 gloo workers whose
+    reports and checkpoints its driver relays to Tune. ASHA stops the weak trial through the report gate, a
+    worker SIGKILLed mid-trial is restarted from its checkpoint, and each trial's MLflow history has every
+    evaluation once."""
+    study = load_study(
+        write_study(
+            tmp_path,
+            """
+name: bridge
+search:
+  optimizer.lr: {type: choice, values: [3.0e-3, 1.0e-7]}
+sampler: {name: grid, seed: 0}
+scheduler: {name: asha, grace_period: 20, reduction_factor: 2}
+budget: {num_samples: 1, max_steps: 60}
+resources: {workers: 2, cpus_per_worker: 1}
+keep_checkpoints: 1
+""",
+            fixed="  distributed.max_failures: 1\n",
+        )
+    )
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id(client, "sr_tune")  # the store made here, not by two threads at once
+    killer, killed = kill_the_train_worker_after(client, "t01 %", evaluations=1)
+    result = run_sweep(study, tracking_uri=client.tracking_uri)
+    killer.join()
+    assert killed, "no worker was killed"
+
+    trials = {t.name: t for t in result.trials}
+    assert sorted(trials) == ["t01", "t02"] and all(t.error is None for t in trials.values())
+    good, weak = sorted(trials.values(), key=lambda t: t.params["optimizer.lr"], reverse=True)
+    budget = study.patches(60)  # 60 steps x batch 8 x 2 workers
+    assert budget == 960 and good.patches_seen == budget and not good.stopped_early
+    # The weak trial started second (grid order, seed 0), met the good one's value at the first rung, and was
+    # stopped there: its workers found the gate closed and trained no further.
+    assert weak.stopped_early and weak.patches_seen == study.patches(20)
+    _, runs = mlflow_runs(tmp_path)
+    children = {r.data.tags[TRIAL_TAG]: r for r in runs if r.data.tags.get("mlflow.parentRunId")}
+    for trial in trials.values():
+        run = children[trial.trial_id]
+        assert run.info.status == "FINISHED"
+        history = [m.step for m in client.get_metric_history(run.info.run_id, "val_psnr")]
+        assert history == list(range(20, trial.patches_seen // 16 + 1, 20))  # each evaluation once, none lost
+        assert load_checkpoint(trial.best_checkpoint).metrics["val_psnr"] == pytest.approx(trial.best["val_psnr"])
+        assert str(result.experiment) in trial.best_checkpoint  # Tune's copy of the checkpoint Train reported
+    assert client.get_run(result.parent_run_id).info.status == "FINISHED" and result.model_version == "1"
 
 
 def test_a_restarted_sweep_starts_its_searcher_over_and_leaves_nothing_of_the_earlier_one(tmp_path: Path, local_ray):

@@ -105,8 +105,9 @@ def test_every_command_of_the_readme_runs_in_order_in_a_fresh_folder(tmp_path: P
                 cluster = start_ray_cluster(tmp_path / "cluster", {}, second_node=False)
                 arguments = [cluster.address if part == README_ADDRESS else part for part in arguments]
                 environment["RAY_AUTH_TOKEN"] = cluster.token
+            cut = arguments.index("--") if "--" in arguments else len(arguments)  # submit's job comes last
             done = subprocess.run(
-                [*_program(arguments), *SHORTER[written]],
+                [*_program(arguments[:cut]), *SHORTER[written], *arguments[cut:]],
                 cwd=work,
                 env=environment,
                 capture_output=True,

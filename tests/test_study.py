@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sr_tune.config import ConfigError
+from sr_tune.fields import ConfigError
 from sr_tune.study import Distribution, load_study
 
 from .conftest import REPO

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 import sr_tune
-from sr_tune.config import ConfigError
+from sr_tune.cli import job_command
+from sr_tune.fields import ConfigError
 from sr_tune.storage import Storage, storage_problem
 from sr_tune.submit import plan_job
 
@@ -50,7 +51,7 @@ def test_a_job_ships_the_study_its_config_and_this_package_and_runs_the_command_
     project = write_project(tmp_path / "my project")
     (project / "notes.txt").write_text("the user's own file, not named by the study")
     plan = plan_job(
-        ["tune", str(project / "study.yaml"), "--resume"],
+        job_command(["tune", str(project / "study.yaml"), "--resume"]),
         working_dir=project,
         address=ADDRESS,
         storage="s3://bucket/sweeps?endpoint_override=10.0.0.5:9000&scheme=http",
@@ -78,7 +79,7 @@ def test_a_job_ships_the_study_its_config_and_this_package_and_runs_the_command_
     assert not staged.exists()  # removed once Ray has taken it
     assert plan.submission_id.startswith("sr-tune-tune-planned-") and plan.metadata["sr_tune.name"] == "planned"
     again = plan_job(
-        ["tune", str(project / "study.yaml")],
+        job_command(["tune", str(project / "study.yaml")]),
         working_dir=project,
         address=ADDRESS,
         storage="s3://b/x",
@@ -90,11 +91,11 @@ def test_a_job_ships_the_study_its_config_and_this_package_and_runs_the_command_
 def test_a_job_is_refused_here_for_every_problem_at_once(tmp_path: Path):
     project = write_project(tmp_path / "project", study_extra="keep_checkpoints: 0")
     with pytest.raises(ConfigError, match="keep_checkpoints"):
-        plan_job(["tune", str(project / "study.yaml")], working_dir=project, address=ADDRESS)
+        plan_job(job_command(["tune", str(project / "study.yaml")]), working_dir=project, address=ADDRESS)
     elsewhere = write_project(tmp_path / "elsewhere")
     with pytest.raises(ConfigError) as error:
         plan_job(
-            ["tune", str(elsewhere / "study.yaml")],
+            job_command(["tune", str(elsewhere / "study.yaml")]),
             working_dir=tmp_path / "project",
             address=ADDRESS,
             storage="ftp://x/y",
@@ -103,7 +104,7 @@ def test_a_job_is_refused_here_for_every_problem_at_once(tmp_path: Path):
     assert any("outside the working directory" in p and "study.yaml" in p for p in problems)
     assert any("its base config" in p for p in problems) and any("--storage 'ftp://x/y'" in p for p in problems)
     with pytest.raises(ConfigError, match="must be one of: tune, train"):
-        plan_job(["upscale", "x.png"], working_dir=project, address=ADDRESS)
+        job_command(["upscale", "x.png"])
 
 
 def test_storage_uris_are_checked_without_a_request():

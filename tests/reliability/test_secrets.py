@@ -17,9 +17,11 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from sr_tune.checkpoint import load_checkpoint
-from sr_tune.config import ConfigError, load_config
+from sr_tune.cli import job_command
+from sr_tune.config import load_config
 from sr_tune.credentials import credential_problem, redact
 from sr_tune.data.sources import skimage_photo
+from sr_tune.fields import ConfigError
 from sr_tune.storage import scratch_dir
 from sr_tune.submit import plan_job
 
@@ -60,7 +62,7 @@ search:
 def remote_plan(project: Path, include: list[Path]):
     """The plan of a sweep of ``project`` on a remote cluster with storage and a tracking server."""
     return plan_job(
-        ["tune", str(project / "study.yaml")],
+        job_command(["tune", str(project / "study.yaml")]),
         working_dir=project,
         address=REMOTE,
         storage="s3://bucket/sweeps",
@@ -115,10 +117,14 @@ def test_a_job_ships_only_what_it_needs_never_a_key_and_never_from_home(tmp_path
 def test_a_job_whose_results_would_vanish_with_its_working_directory_is_refused(tmp_path: Path):
     project = home_like(tmp_path / "home") / "project"
     with pytest.raises(ConfigError, match="vanish with it: give --storage"):
-        plan_job(["tune", str(project / "study.yaml")], working_dir=project, address=REMOTE)
+        plan_job(job_command(["tune", str(project / "study.yaml")]), working_dir=project, address=REMOTE)
     with pytest.raises(ConfigError, match="vanish"):  # storage alone: the runs would still be lost
-        plan_job(["tune", str(project / "study.yaml")], working_dir=project, address=REMOTE, storage="s3://b/x")
-    local = plan_job(["tune", str(project / "study.yaml")], working_dir=project, address="http://127.0.0.1:8265")
+        plan_job(
+            job_command(["tune", str(project / "study.yaml")]), working_dir=project, address=REMOTE, storage="s3://b/x"
+        )
+    local = plan_job(
+        job_command(["tune", str(project / "study.yaml")]), working_dir=project, address="http://127.0.0.1:8265"
+    )
     assert "--storage" not in local.entrypoint  # a local cluster shares this machine's disk
 
 
