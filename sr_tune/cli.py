@@ -194,7 +194,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise ConfigError(problems, args.study)
     if not storage and study.storage and (problem := reach_problem(study.storage)):
         raise ConfigError([f"storage: {study.storage!r} {problem}"], args.study)
-    uri = _tracking_uri(study.base_config(), args.tracking_uri)
+    uri = _tracking_uri(study.base_config, args.tracking_uri)
     paths = sweep_paths(study, uri, args.storage)
     if args.restart:  # everything checked: the earlier sweep goes, before this one's log opens
         for removed in remove_sweep(study, paths):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -204,8 +205,14 @@ class Study:
     def base_path(self) -> Path:
         return self.path.parent / self.base
 
+    @functools.cached_property
     def base_config(self) -> TrainConfig:
+        """The base config with the fixed overrides, as every trial starts from it: built once."""
         return self.trial_config({})
+
+    @functools.cached_property
+    def _base_batch(self) -> int:
+        return _base_batch(self.base_data, self.fixed, str(self.path))
 
     def trial_config(self, sampled: Mapping[str, Any]) -> TrainConfig:
         """The base config with the fixed overrides, the sampled values, and the trial's length and
@@ -214,14 +221,14 @@ class Study:
 
     def patches(self, steps: int) -> int:
         """Patches seen in ``steps`` steps at the base batch size over all of a trial's workers."""
-        return steps * _base_batch(self.base_data, self.fixed, str(self.path)) * self.resources.workers
+        return steps * self._base_batch * self.resources.workers
 
     def stopped_early(self, patches_seen: int, *, failed: bool) -> bool:
         """A trial that ended without failing after some reports, short of the budget: the scheduler stopped it."""
         return not failed and 0 < patches_seen < self.patches(self.budget.max_steps)
 
     def eval_interval_steps(self) -> int:
-        return self.base_config().training.eval_interval
+        return self.base_config.training.eval_interval
 
 
 def _config(data: Mapping[str, Any], values: Mapping[str, Any], source: str) -> TrainConfig:
@@ -260,6 +267,16 @@ def _trial_config(
     )
 
 
+# Training-config keys a sweep sets from the study's own keys: in ``fixed`` or ``search`` they would be ignored.
+SWEEP_OWNED = {
+    "distributed.num_workers": "resources.workers",
+    "distributed.cpus_per_worker": "resources.cpus_per_worker",
+    "distributed.use_gpu": "resources.gpus_per_worker",
+    "distributed.keep_checkpoints": "keep_checkpoints",
+    "distributed.storage_path": "storage (or --storage)",
+}
+
+
 def _cross_problems(values: Mapping[str, Any]) -> list[str]:
     """Problems between the study's parts, on whatever parts are valid (a partial study reports these in the
     same round as its own bad keys): base + fixed must make a config, each searched key must accept each of
@@ -270,6 +287,12 @@ def _cross_problems(values: Mapping[str, Any]) -> list[str]:
     sampler, scheduler = values.get("sampler", Sampler()), values.get("scheduler", Scheduler())
     objective = values.get("objective", Objective())
     source = str(values.get("path", "study"))
+    problems.extend(
+        f"{part}.{key}: a sweep sets it from the study's {SWEEP_OWNED[key]}; set that instead"
+        for part, keys in (("fixed", fixed or {}), ("search", search))
+        for key in keys
+        if key in SWEEP_OWNED
+    )
     if base_data is not None and fixed is not None:
         try:
             configs = [("base", _trial_config(base_data, fixed, {}, budget, resources, source))]

@@ -229,7 +229,7 @@ def plan_job(
             problems.append(f"{flag} {value!r} {problem}")
     if command.name == "tune":
         study = load_study(command.path, command.overrides)
-        name, config = study.name, study.base_config()
+        name, config = study.name, study.base_config
         shipped = _inside(Path(command.path), working_dir, "the study", problems)
         _inside(study.base_path, working_dir, "its base config", problems)
         arguments = [shipped, *command.arguments]

@@ -87,7 +87,7 @@ def summarize(study: Study, records: list[TrialRecord]) -> list[TrialSummary]:
 def best_metrics(study: Study, best: dict[str, Any]) -> dict[str, float]:
     """``best_<metric>`` for each metric runs report (and the patches seen) in ``best``, a report's metrics:
     the keys both a sweep's parent run and its trials' runs carry."""
-    names = (*metric_names(study.base_config().loss), "patches_seen")
+    names = (*metric_names(study.base_config.loss), "patches_seen")
     return {f"best_{key}": float(value) for key, value in best.items() if key in names}
 
 

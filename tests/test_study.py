@@ -163,3 +163,27 @@ def test_edges_and_grids():
     assert strength.grid() == [0.0, 0.25, 0.5, 0.75, 1.0] and strength.edge(0.95) == "high"
     assert Distribution(type="int", low=2, high=5).grid() == [2, 3, 4, 5]
     assert lr.grid() == pytest.approx([1e-4, 1e-3, 1e-2])
+
+
+def test_what_a_sweep_sets_from_the_study_cannot_be_fixed_or_searched(tmp_path: Path):
+    path = write_study(
+        tmp_path,
+        """
+name: owned
+fixed: {distributed.num_workers: 2, distributed.storage_path: /elsewhere}
+search:
+  distributed.keep_checkpoints: {type: choice, values: [1, 2]}
+""",
+    )
+    with pytest.raises(ConfigError) as refused:
+        load_study(path)
+    assert sorted(refused.value.problems) == [
+        "fixed.distributed.num_workers: a sweep sets it from the study's resources.workers; set that instead",
+        "fixed.distributed.storage_path: a sweep sets it from the study's storage (or --storage); set that instead",
+        "search.distributed.keep_checkpoints: a sweep sets it from the study's keep_checkpoints; set that instead",
+    ]
+
+
+def test_the_base_config_is_built_once():
+    study = load_study(REPO / "search_spaces" / "quickstart.yaml")
+    assert study.base_config is study.base_config and study.base_config.model.name == "srcnn_915"

@@ -251,7 +251,7 @@ def new_tuner(
                 checkpoint_score_attribute=objective.metric,
                 checkpoint_score_order=objective.mode,
             ),
-            failure_config=tune.FailureConfig(max_failures=study.base_config().distributed.max_failures),
+            failure_config=tune.FailureConfig(max_failures=study.base_config.distributed.max_failures),
         ),
     )
 

@@ -34,7 +34,7 @@ def storage_root(study: Study, storage: str | None = None) -> Storage:
     """The sweep's storage root: ``storage`` (``--storage``), else ``SR_TUNE_STORAGE``, else the study's
     ``storage``, else ``<training.output_dir>/sweeps``."""
     chosen = storage or os.environ.get(STORAGE_ENV) or study.storage
-    return Storage.at(chosen or str(Path(study.base_config().training.output_dir) / "sweeps"))
+    return Storage.at(chosen or str(Path(study.base_config.training.output_dir) / "sweeps"))
 
 
 def sweep_paths(study: Study, tracking_uri: str | None, storage: str | None = None) -> SweepPaths:

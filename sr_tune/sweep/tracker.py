@@ -70,7 +70,7 @@ class SweepTracker(NullSweepTracker):
     def __init__(self, client: MlflowClient, study: Study, parent_run_id: str) -> None:
         self.client, self.study, self.parent_run_id = client, study, parent_run_id
         self.tracking_uri = client.tracking_uri
-        self.experiment = study.base_config().tracking.experiment
+        self.experiment = study.base_config.tracking.experiment
 
     @classmethod
     def open(cls, client: MlflowClient, study: Study, tags: dict[str, str]) -> SweepTracker:
@@ -86,7 +86,7 @@ class SweepTracker(NullSweepTracker):
             "base_config": str(study.base_path),
             **{f"fixed.{key}": value for key, value in study.fixed.items()},
         }
-        experiment = study.base_config().tracking.experiment
+        experiment = study.base_config.tracking.experiment
         parent_run_id = start_run(client, experiment, name=f"sweep-{study.name}", tags=tags, params=params)
         client.log_text(parent_run_id, study.text, f"search_space/{study.path.name}")
         return cls(client, study, parent_run_id)
@@ -109,7 +109,7 @@ class SweepTracker(NullSweepTracker):
             self.client.log_metric(run_id, "cpu_threads", threads, step=step)
 
     def prepare_export(self) -> None:
-        prepare_model_logging(self.study.base_config().in_channels)
+        prepare_model_logging(self.study.base_config.in_channels)
 
     def close_trial(
         self,
