@@ -31,8 +31,9 @@ from ray.util.queue import Queue
 
 from sr_tune.checkpoint import has_checkpoint, load_checkpoint
 from sr_tune.config import TrainConfig
-from sr_tune.engine import EvalResult, TrainResult, train
+from sr_tune.engine import TrainResult, train
 from sr_tune.local_ray import LoopbackTorchConfig, single_machine_ray
+from sr_tune.results import EvalResult
 from sr_tune.tracking import flatten, last_line, open_tracker, run_tags, start_run
 
 

@@ -38,6 +38,21 @@ RAY_PRIVATE_NAMES = (
     "ray.train.v2.api.callback.UserCallback",
     "ray.dashboard.modules.dashboard_sdk.SubmissionClient._do_request",
 )
+# Attributes of Tune's ``Trial`` objects (its callbacks' arguments) that sr_tune reads, each through one
+# function below; tests/reliability/test_cluster_hardening.py reads each on a real ``Trial``.
+TRIAL_PRIVATE_ATTRIBUTES = ("experiment_tag", "run_metadata.checkpoint_manager.best_checkpoint_result")
+
+
+def trial_number(trial: Any) -> int:
+    """The trial's number in its sweep, the integer that leads Tune's experiment tag (``3_lr=0.01``): counted
+    from 1 by a search algorithm's generator, from 0 by PBT's variant generator. A resumed sweep keeps it."""
+    return int(trial.experiment_tag.split("_")[0])
+
+
+def best_checkpoint(trial: Any) -> tuple[str | None, dict[str, Any]]:
+    """(path, metrics) of the trial's best checkpoint by the objective, Tune's copy; (None, {}) before any."""
+    best = trial.run_metadata.checkpoint_manager.best_checkpoint_result
+    return (best.checkpoint.path, best.metrics) if best else (None, {})
 
 
 @contextlib.contextmanager

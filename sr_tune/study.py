@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sr_tune.config import TrainConfig, path_name_problem
-from sr_tune.engine import EVAL_METRICS, VGG_DISTANCES, metric_names
 from sr_tune.fields import ConfigError, build_values, parse_override, parse_yaml, setting, validate, with_values
+from sr_tune.results import EVAL_METRICS, VGG_DISTANCES, metric_names
 from sr_tune.storage import storage_problem
 
 # What PBT may change in a running trial: numbers the engine reads afresh after a restore. Structure

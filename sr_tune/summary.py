@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from sr_tune.console import format_value, short_name, trial_label
-from sr_tune.engine import metric_names
+from sr_tune.results import metric_names
 from sr_tune.study import Study
 
 

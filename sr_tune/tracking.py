@@ -31,7 +31,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 
 from sr_tune.credentials import redacted_command
-from sr_tune.engine import CONSTANT_METRICS, EvalResult, TrainResult
+from sr_tune.engine import TrainResult
+from sr_tune.results import CONSTANT_METRICS, EvalResult
 
 TRIAL_TAG = "sr_tune.trial_id"
 log = logging.getLogger(__name__)

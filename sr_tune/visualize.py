@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from sr_tune.engine import EvalResult, Preview
+from sr_tune.results import EvalResult, Preview
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

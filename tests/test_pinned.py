@@ -17,7 +17,8 @@ import torch
 
 from sr_tune.checkpoint import load_checkpoint
 from sr_tune.config import TrainConfig, load_config
-from sr_tune.engine import EvalResult, TrainResult, train
+from sr_tune.engine import TrainResult, train
+from sr_tune.results import EvalResult
 
 from .conftest import ASSETS, REPO, write_vgg_weights
 

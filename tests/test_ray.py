@@ -32,7 +32,7 @@ from sr_tune.checkpoint import load_checkpoint
 from sr_tune.config import load_config
 from sr_tune.console import format_value
 from sr_tune.distributed import fit, init_ray
-from sr_tune.engine import EvalResult
+from sr_tune.results import EvalResult
 from sr_tune.study import load_study
 from sr_tune.sweep.driver import run_sweep
 from sr_tune.sweep.layout import remove_sweep, sweep_paths

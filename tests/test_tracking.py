@@ -14,8 +14,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from sr_tune.engine import EvalResult, TrainResult
+from sr_tune.engine import TrainResult
 from sr_tune.models import create_model
+from sr_tune.results import EvalResult
 from sr_tune.tracking import NullTracker, follow_moved_store, log_model, open_tracker, resolve_tracking_uri, start_run
 
 
@@ -157,7 +158,7 @@ TRIAL_PROCESS_LOGS = """
 import sys
 import torch
 import sr_tune.sweep.trial  # what a sweep's trial process imports
-from sr_tune.engine import EvalResult, Preview
+from sr_tune.results import EvalResult, Preview
 from sr_tune.tracking import open_tracker, start_run
 from mlflow import MlflowClient
 run_id = start_run(MlflowClient(sys.argv[1]), "sr_tune", name="trial", tags={}, params={})

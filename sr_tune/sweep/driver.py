@@ -15,6 +15,7 @@ from ray import tune
 
 from sr_tune.console import SweepView
 from sr_tune.distributed import init_ray
+from sr_tune.local_ray import best_checkpoint
 from sr_tune.storage import Storage
 from sr_tune.study import Study
 from sr_tune.summary import (
@@ -104,9 +105,10 @@ class _SweepCallback(tune.Callback):
         self.tune_sigint: Any = None  # the SIGINT handler Tune installs for its loop
         self.export_prepared = False
 
-    def __getstate__(self) -> dict[str, Any]:
-        # Tune pickles its run config, callbacks included, into the experiment; a resumed sweep sets fresh ones.
-        return {"study": self.study}
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        # Tune pickles its run config, callbacks included, into the experiment: restored, it is the callback of
+        # the sweep that restores it.
+        return (_restoring_sweeps_callback, ())
 
     def wait(self) -> None:
         """Until every trial run whose trial has ended is closed; raises what closing one raised."""
@@ -176,14 +178,14 @@ class _SweepCallback(tune.Callback):
             self.view.ended(trial.trial_id, "failed" if error else "stopped" if stopped else "done", error)
         if not self.tracker.tracked:
             return
-        best = trial.run_metadata.checkpoint_manager.best_checkpoint_result  # by the objective, Tune's copy
+        best_path, best_values = best_checkpoint(trial)
         self.closed.append(
             self.closing.submit(
                 self.tracker.close_trial,
                 trial.trial_id,
                 self.storage,
-                best=best.metrics if best else {},
-                best_checkpoint=best.checkpoint.path if best else None,
+                best=best_values,
+                best_checkpoint=best_path,
                 latest_checkpoint=trial.checkpoint.path if trial.checkpoint else None,
                 patches_seen=patches,
                 stopped_early=stopped,
@@ -196,15 +198,25 @@ def _fit_tuner(
     study: Study, paths: SweepPaths, context: TrialContext, callback: _SweepCallback, restoring: bool
 ) -> list[TrialRecord]:
     """Step 2: build Tune's ``Tuner`` (or restore the interrupted one) and run every trial."""
-    if restoring:
+    if not restoring:
+        return [_record(study, result) for result in new_tuner(study, paths, context, [callback]).fit()]
+    _restoring.append(callback)  # what the run config's pickled callback becomes (``_SweepCallback.__reduce__``)
+    try:
         tuner = tune.Tuner.restore(
             paths.experiment, trainable=trainable(study, context), resume_unfinished=True, resume_errored=True
         )
-        # The restored run config holds the pickled (emptied) callback of the first run: this run's replaces it.
-        tuner._local_tuner.get_run_config().callbacks = [callback]
-    else:
-        tuner = new_tuner(study, paths, context, [callback])
-    return [_record(study, result) for result in tuner.fit()]
+        return [_record(study, result) for result in tuner.fit()]
+    finally:
+        _restoring.remove(callback)
+
+
+_restoring: list[_SweepCallback] = []  # the callback of the sweep this process is restoring
+
+
+def _restoring_sweeps_callback() -> tune.Callback:
+    """A pickled ``_SweepCallback`` unpickled: the callback of the sweep restoring it (one at a time in a
+    process); outside a restore (someone reading the experiment's state), a callback that does nothing."""
+    return _restoring[-1] if _restoring else tune.Callback()
 
 
 def new_tuner(

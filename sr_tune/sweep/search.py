@@ -11,6 +11,7 @@ from typing import Any
 import ray
 from ray import tune
 
+from sr_tune.local_ray import trial_number
 from sr_tune.study import Distribution, Study
 
 DRIVER_CPUS = 0.05  # a trial's driver only waits on its workers; they get the rest of the trial's CPUs
@@ -40,7 +41,7 @@ def trial_namer(study: Study) -> Callable[[Any], str]:
     first = 0 if study.scheduler.name == "pbt" else 1
 
     def name(trial: Any) -> str:
-        return f"t{int(trial.experiment_tag.split('_')[0]) + 1 - first:02d}"
+        return f"t{trial_number(trial) + 1 - first:02d}"
 
     return name
 

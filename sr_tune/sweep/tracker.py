@@ -11,7 +11,7 @@ from typing import Any
 from mlflow import MlflowClient
 
 from sr_tune.checkpoint import load_checkpoint
-from sr_tune.engine import EvalResult
+from sr_tune.results import EvalResult
 from sr_tune.storage import Storage
 from sr_tune.study import Study
 from sr_tune.summary import (

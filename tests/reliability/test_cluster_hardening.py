@@ -123,3 +123,17 @@ def test_the_installed_ray_is_the_tested_one_and_has_every_private_name_sr_tune_
             break
         else:
             raise AssertionError(f"{name}: no module of it imports")
+
+
+def test_each_trial_attribute_sr_tune_reads_is_on_a_real_tune_trial():
+    from ray.tune.experiment import Trial
+
+    from sr_tune.local_ray import TRIAL_PRIVATE_ATTRIBUTES, best_checkpoint, trial_number
+
+    trial = Trial("sr_tune_trial", experiment_tag="3_lr=0.01", stub=True, _setup_default_resource=False)
+    for name in TRIAL_PRIVATE_ATTRIBUTES:  # the failure names the Ray internal that moved
+        found: object = trial
+        for attribute in name.split("."):
+            assert hasattr(found, attribute), f"Tune's Trial has no {name} in Ray {ray.__version__}"
+            found = getattr(found, attribute)
+    assert trial_number(trial) == 3 and best_checkpoint(trial) == (None, {})

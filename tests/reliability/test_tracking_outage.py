@@ -9,7 +9,8 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from sr_tune.engine import EvalResult, TrainResult
+from sr_tune.engine import TrainResult
+from sr_tune.results import EvalResult
 from sr_tune.tracking import MlflowTracker, start_run
 
 from ..services import start_mlflow_server
