@@ -101,7 +101,7 @@ def run_sweep(code: str, source: Path, study_text: str | None, study: Path, conc
         trained = 0.0
         for trial in sweep.glob("trial_*"):
             latest = max(trial.glob("checkpoint_*"))  # Tune numbers them in order
-            trained += load_checkpoint(latest).state["history"][-1]["seconds"]
+            trained += load_checkpoint(latest).run.history[-1].seconds
         client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
         runs = client.search_runs([client.get_experiment_by_name("sr_tune").experiment_id])
         parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)

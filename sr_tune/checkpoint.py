@@ -27,6 +27,7 @@ from torch import nn
 
 from sr_tune.config import TrainConfig
 from sr_tune.models import create_model
+from sr_tune.results import EvalResult
 
 WEIGHTS_FILE = "weights.safetensors"
 META_FILE = "checkpoint.json"
@@ -37,16 +38,41 @@ CHECKPOINT_FILES = frozenset({WEIGHTS_FILE, META_FILE})
 MAX_META_BYTES = 64 * 2**20
 
 
+@dataclass(frozen=True)
+class RunState:
+    """The JSON side of a training run's ``last`` checkpoint that a resume and a sweep read back: the run's
+    evaluations so far and the MLflow run it logs to. A ``best`` checkpoint (weights only) has none."""
+
+    history: tuple[EvalResult, ...] = ()
+    mlflow_run_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"history": [result.to_dict() for result in self.history], "mlflow_run_id": self.mlflow_run_id}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: Path) -> RunState:
+        """Raises ``ValueError`` naming ``source`` for a state sr_tune did not write."""
+        history, run_id = data.get("history", []), data.get("mlflow_run_id")  # absent: a checkpoint of weights only
+        try:
+            if not isinstance(history, list) or not (run_id is None or isinstance(run_id, str)):
+                raise TypeError("history must be a list and mlflow_run_id a string")
+            return cls(tuple(EvalResult(**entry) for entry in history), run_id)
+        except TypeError as error:
+            raise ValueError(f"{source}: state: not a training state sr_tune wrote ({error})") from None
+
+
 @dataclass(frozen=True, kw_only=True)
 class Checkpoint:
     """A loaded checkpoint. ``tensors`` holds every group under its prefix: ``model.``, ``ema.``,
-    ``discriminator.``, ``optimizer.``, ``d_optimizer.``, ``rng.``; ``state`` the JSON-side training state."""
+    ``discriminator.``, ``optimizer.``, ``d_optimizer.``, ``rng.``; ``optimizers`` the optimizers' JSON side
+    (param groups, scalar state) by name; ``run`` what the run recorded."""
 
     config: TrainConfig
     step: int
     metrics: dict[str, float]
     tensors: dict[str, torch.Tensor]
-    state: dict[str, Any] = field(default_factory=dict)
+    optimizers: dict[str, Any] = field(default_factory=dict)
+    run: RunState = RunState()
     path: Path = Path("checkpoint")  # the folder it was read from, named by errors
 
     def group(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -108,11 +134,11 @@ def save_checkpoint(
     metrics: dict[str, float] | None = None,
     modules: dict[str, nn.Module] | None = None,
     optimizers: dict[str, torch.optim.Optimizer] | None = None,
-    state: dict[str, Any] | None = None,
+    run: RunState | None = None,
     keep_other_files: bool = False,
 ) -> Path:
     """Write ``model`` (plus optional extra ``modules`` and ``optimizers`` by name), the config, step,
-    metrics and JSON ``state`` atomically to folder ``path``. The torch RNG state is saved too.
+    metrics and the ``run``'s state atomically to folder ``path``. The torch RNG state is saved too.
 
     An existing ``path`` is replaced only when it is empty or an sr_tune checkpoint (its two files, nothing
     else); one that holds anything else raises ``FileExistsError`` before anything is written, unless
@@ -143,7 +169,7 @@ def save_checkpoint(
         "metrics": metrics or {},
         "config": config.to_dict(),
         "optimizers": optimizer_meta,
-        "state": state or {},
+        "state": run.to_json() if run else {},
     }
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -254,6 +280,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         step=int(meta["step"]),
         metrics=dict(meta.get("metrics", {})),
         tensors=tensors,
-        state={"optimizers": meta.get("optimizers", {}), **meta.get("state", {})},
+        optimizers=meta.get("optimizers", {}),  # checked above: a dict, or absent (weights only)
+        run=RunState.from_json(meta.get("state", {}), meta_file),
         path=path,
     )

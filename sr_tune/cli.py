@@ -165,7 +165,7 @@ def _finished_run(config: TrainConfig, last: Path) -> str | None:
         if "val_psnr" in best.metrics:
             lines.append(f"  best: PSNR-Y {best.metrics['val_psnr']:.2f} dB at step {best.step}")
     lines.append(f"  checkpoints {folder}/{{last,best}}; raise training.steps to train on")
-    if run_id := checkpoint.state.get("mlflow_run_id"):
+    if run_id := checkpoint.run.mlflow_run_id:
         lines.append(f"  MLflow run {run_id}")
     return "\n".join(lines)
 

@@ -173,8 +173,8 @@ def run_loop(
 
     # A stop between saving a checkpoint and logging its evaluation left that evaluation out of the run: the
     # checkpoint's history has it (the steps the run holds are skipped).
-    for past in resume.state.get("history", []) if resume else []:
-        log(EvalResult(**past))
+    for past in resume.run.history if resume else ():
+        log(past)
 
     reported = checkpoint_dir / ".reported"  # rank 0's copy of the checkpoint it reports
 
@@ -201,7 +201,7 @@ def run_loop(
             device=device,
             rank=rank,
             world_size=world_size,
-            extra_state={"mlflow_run_id": options.run_id},
+            mlflow_run_id=options.run_id,
             threads=threads,
         )
     finally:
@@ -320,7 +320,7 @@ def fit(
     run_id = None
     if client is not None:
         if resume and has_checkpoint(output / "last"):
-            run_id = load_checkpoint(output / "last").state.get("mlflow_run_id")
+            run_id = load_checkpoint(output / "last").run.mlflow_run_id
         run_id = run_id or start_run(
             client, config.tracking.experiment, name=name, tags=run_tags(config_path), params=flatten(config.to_dict())
         )

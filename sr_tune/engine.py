@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sr_tune.checkpoint import Checkpoint, load_checkpoint, restore_optimizer, save_checkpoint
+from sr_tune.checkpoint import Checkpoint, RunState, load_checkpoint, restore_optimizer, save_checkpoint
 from sr_tune.config import OptimizerConfig, TrainConfig
 from sr_tune.data.augment import Augmenter
 from sr_tune.data.degrade import imresize, to_8bit
@@ -347,16 +347,14 @@ def _restore(
 ) -> tuple[list[EvalResult], int]:
     """Load a ``last`` checkpoint's weights, optimizer moments and RNG; returns its history and next step."""
     model.load_state_dict(resume.group("model"))
-    _restore_state_keep_settings(optimizer, resume.group("optimizer"), resume.state["optimizers"]["optimizer"])
+    _restore_state_keep_settings(optimizer, resume.group("optimizer"), resume.optimizers["optimizer"])
     if ema is not None:
         ema.load_state_dict(resume.group("ema"))
     if gan is not None:
         _unwrap(gan.discriminator).load_state_dict(resume.group("discriminator"))
-        _restore_state_keep_settings(
-            gan.optimizer, resume.group("d_optimizer"), resume.state["optimizers"]["d_optimizer"]
-        )
+        _restore_state_keep_settings(gan.optimizer, resume.group("d_optimizer"), resume.optimizers["d_optimizer"])
     torch.set_rng_state(resume.group("rng")["torch"])
-    return [EvalResult(**entry) for entry in resume.state["history"]], resume.step + 1
+    return list(resume.run.history), resume.step + 1
 
 
 def _save_checkpoints(
@@ -370,7 +368,7 @@ def _save_checkpoints(
     optimizer: torch.optim.Optimizer,
     gan: Gan | None,
     improved: bool,
-    extra_state: dict[str, Any],
+    mlflow_run_id: str | None,
 ) -> tuple[Path, Path | None]:
     """``folder/last`` (everything a resume needs) and, when validation improved, ``folder/best`` (the
     weights used for evaluation)."""
@@ -387,7 +385,7 @@ def _save_checkpoints(
         metrics=result.metrics(),
         modules=modules,
         optimizers=optimizers,
-        state={**extra_state, "history": [r.to_dict() for r in history]},
+        run=RunState(tuple(history), mlflow_run_id),
     )
     best = None
     if improved:
@@ -410,15 +408,15 @@ def train(
     device: torch.device | None = None,
     rank: int = 0,
     world_size: int = 1,
-    extra_state: dict[str, Any] | None = None,
+    mlflow_run_id: str | None = None,
     threads: Callable[[], int] | None = None,
 ) -> TrainResult:
     """Train ``config``'s model, from scratch, from ``training.init_from`` weights, or resuming ``resume``.
 
     Every ``eval_interval`` steps (and at the end) it evaluates, writes ``checkpoint_dir/last`` (and
     ``best`` when validation PSNR improved) on rank 0, then calls ``on_eval(result, last_or_None)``; a true
-    return value ends training there (every rank must return the same). ``extra_state`` (JSON) is stored in
-    each ``last`` checkpoint, e.g. the tracking run to continue. ``threads``, asked before every step, says how
+    return value ends training there (every rank must return the same). ``mlflow_run_id`` is stored in
+    each ``last`` checkpoint: the tracking run a resume continues. ``threads``, asked before every step, says how
     many CPU threads the steps from there on may use (a sweep's last trials take over the CPUs of ended ones).
     """
     data, training, opt_config, scale = config.data, config.training, config.optimizer, config.model.scale
@@ -513,7 +511,7 @@ def train(
                 optimizer=optimizer,
                 gan=gan,
                 improved=result.psnr > best_psnr,
-                extra_state=extra_state or {},
+                mlflow_run_id=mlflow_run_id,
             )
             best_path = best or best_path
         best_psnr = max(best_psnr, result.psnr)

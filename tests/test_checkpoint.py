@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sr_tune.checkpoint import META_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint
+from sr_tune.checkpoint import META_FILE, WEIGHTS_FILE, RunState, load_checkpoint, save_checkpoint
 from sr_tune.config import load_config
 from sr_tune.models import create_model
+from sr_tune.results import EvalResult
 
 
 def test_round_trip_rebuilds_the_same_model(tmp_path: Path):
@@ -79,3 +80,29 @@ def test_truncated_weights_or_a_pickle_in_their_place_are_named(tmp_path: Path):
     torch.save(model.state_dict(), weights)  # a real pickle renamed: never unpickled
     with pytest.raises(ValueError, match=f"{weights}: not a readable safetensors file"):
         load_checkpoint(tmp_path / "ckpt")
+
+
+def test_a_runs_state_round_trips_typed_and_a_foreign_one_is_named(tmp_path: Path):
+    config = load_config(None, ["model.name=espcn"])
+    evaluation = EvalResult(
+        step=5,
+        loss=0.1,
+        losses={"pixel": 0.1},
+        lr=1e-3,
+        psnr=20.0,
+        ssim=0.5,
+        bicubic_psnr=19.0,
+        bicubic_ssim=0.4,
+        patches_per_second=10.0,
+        seconds=1.0,
+    )
+    run = RunState((evaluation,), "abc123")
+    save_checkpoint(tmp_path / "last", model=create_model("espcn", scale=2), config=config, step=5, run=run)
+    assert load_checkpoint(tmp_path / "last").run == run
+    save_checkpoint(tmp_path / "best", model=create_model("espcn", scale=2), config=config, step=5)
+    assert load_checkpoint(tmp_path / "best").run == RunState()  # weights only
+    meta = json.loads((tmp_path / "last" / META_FILE).read_text())
+    meta["state"]["history"] = [{"step": 5, "not_a_field": 1}]
+    (tmp_path / "last" / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"checkpoint.json: state: not a training state sr_tune wrote"):
+        load_checkpoint(tmp_path / "last")

@@ -32,7 +32,6 @@ from sr_tune.checkpoint import load_checkpoint
 from sr_tune.config import load_config
 from sr_tune.console import format_value
 from sr_tune.distributed import fit, init_ray
-from sr_tune.results import EvalResult
 from sr_tune.study import load_study
 from sr_tune.sweep.driver import run_sweep
 from sr_tune.sweep.layout import remove_sweep, sweep_paths
@@ -122,7 +121,7 @@ def test_two_gloo_workers_match_one_killed_and_restarted_worker_at_double_batch_
     assert [m.step for m in client.get_metric_history(one.run_id, "val_psnr")] == [30, 60, 90]  # each once
 
     # Two gloo workers, seeded: the same curve on every run (patches seeded per rank, a fixed all-reduce order).
-    ddp_curve = curve([EvalResult(**entry) for entry in load_checkpoint(two.checkpoint).state["history"]])
+    ddp_curve = curve(list(load_checkpoint(two.checkpoint).run.history))
     if os.environ.get("SR_TUNE_REPIN"):  # re-pin: SR_TUNE_REPIN=1 pytest tests/test_ray.py -k two_gloo
         DDP_PINNED.write_text(json.dumps({"torch": torch.__version__, "curve": ddp_curve}, indent=2) + "\n")
     pinned = json.loads(DDP_PINNED.read_text())["curve"]
@@ -401,7 +400,7 @@ budget: {num_samples: 2, max_steps: 60}  # one exploit, at step 40
     final = load_checkpoint(_latest_checkpoint(Path(result.experiment) / f"trial_{target}"))
     donor_psnr = dict(zip(reports[donor]["step"], reports[donor]["val_psnr"]))
     own_first = dict(zip(frame["step"], frame["val_psnr"]))
-    inherited = [e for e in final.state["history"] if donor_psnr.get(e["step"]) == pytest.approx(e["psnr"], abs=1e-9)]
+    inherited = [e for e in final.run.history if donor_psnr.get(e.step) == pytest.approx(e.psnr, abs=1e-9)]
     assert inherited, "the exploiting trial's state did not come from the donor"
     assert any(own_first.get(e["step"]) != pytest.approx(e["psnr"], abs=1e-9) for e in inherited)
 

@@ -11,7 +11,6 @@ from typing import Any
 from mlflow import MlflowClient
 
 from sr_tune.checkpoint import load_checkpoint
-from sr_tune.results import EvalResult
 from sr_tune.storage import Storage
 from sr_tune.study import Study
 from sr_tune.summary import (
@@ -132,7 +131,7 @@ class SweepTracker(NullSweepTracker):
         history = []
         if latest_checkpoint:
             with storage.local_copy(latest_checkpoint) as folder:
-                history = [EvalResult(**entry) for entry in load_checkpoint(folder).state["history"]]
+                history = list(load_checkpoint(folder).run.history)
         tags = {"sr_tune.stopped_early": str(stopped_early).lower(), "sr_tune.patches_seen": str(patches_seen)}
         if error:
             tags["sr_tune.error"] = error[-4000:]  # MLflow tag values hold 8000 characters
