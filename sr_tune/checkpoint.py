@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sr_tune.config import TrainConfig
+from sr_tune.errors import InputError
 from sr_tune.models import create_model
 from sr_tune.results import EvalResult
 
@@ -58,7 +59,7 @@ class RunState:
                 raise TypeError("history must be a list and mlflow_run_id a string")
             return cls(tuple(EvalResult(**entry) for entry in history), run_id)
         except TypeError as error:
-            raise ValueError(f"{source}: state: not a training state sr_tune wrote ({error})") from None
+            raise InputError(f"{source}: state: not a training state sr_tune wrote ({error})") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,7 +97,7 @@ class Checkpoint:
             model.load_state_dict(self.model_state)
         except RuntimeError as error:  # missing, unexpected or misshapen tensors: not this model's weights
             problem = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
-            raise ValueError(
+            raise InputError(
                 f"{self.path / WEIGHTS_FILE}: the weights do not fit {self.config.model.name} "
                 f"x{self.config.model.scale} as {META_FILE} describes it ({problem})"
             ) from None
@@ -241,7 +242,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     _put_back_after_a_killed_save(path)
     if path.suffix in PICKLE_SUFFIXES and not path.is_dir():
-        raise ValueError(
+        raise InputError(
             f"{path}: pickle checkpoints are refused (loading one can run arbitrary code); "
             f"sr_tune checkpoints are folders with {WEIGHTS_FILE} and {META_FILE}"
         )
@@ -250,18 +251,18 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         if not required.is_file():
             raise FileNotFoundError(f"{required}: missing; {path} is not an sr_tune checkpoint folder")
     if meta_file.stat().st_size > MAX_META_BYTES:
-        raise ValueError(
+        raise InputError(
             f"{meta_file}: {meta_file.stat().st_size:,} bytes, more than the {MAX_META_BYTES:,} a checkpoint's "
             f"description takes; not a checkpoint sr_tune wrote"
         )
     try:
         meta: dict[str, Any] = json.loads(meta_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{meta_file}: not valid JSON ({error})") from None
+        raise InputError(f"{meta_file}: not valid JSON ({error})") from None
     if not isinstance(meta, dict):
-        raise ValueError(f"{meta_file}: not a checkpoint description (a JSON object is expected)")
+        raise InputError(f"{meta_file}: not a checkpoint description (a JSON object is expected)")
     if meta.get("format") not in (1, FORMAT_VERSION):
-        raise ValueError(f"{meta_file}: unsupported checkpoint format {meta.get('format')!r}")
+        raise InputError(f"{meta_file}: unsupported checkpoint format {meta.get('format')!r}")
     required, optional = {"step": int, "config": dict}, {"metrics": dict, "optimizers": dict, "state": dict}
     wrong = [
         f"{key}: {'missing' if key not in meta else type(meta[key]).__name__} (expected {kind.__name__})"
@@ -270,11 +271,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         and (not isinstance(meta.get(key), kind) or (kind is int and isinstance(meta.get(key), bool)))
     ]
     if wrong:
-        raise ValueError(f"{meta_file}: not a checkpoint sr_tune wrote: {', '.join(wrong)}")
+        raise InputError(f"{meta_file}: not a checkpoint sr_tune wrote: {', '.join(wrong)}")
     try:
         tensors = load_file(weights)
     except (SafetensorError, OSError, ValueError) as error:  # truncated, corrupt, or not safetensors at all
-        raise ValueError(f"{weights}: not a readable safetensors file ({error})") from None
+        raise InputError(f"{weights}: not a readable safetensors file ({error})") from None
     return Checkpoint(
         config=TrainConfig.from_dict(meta["config"], source=str(meta_file)),
         step=int(meta["step"]),

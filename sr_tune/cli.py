@@ -21,9 +21,10 @@ import yaml
 from sr_tune import preflight
 from sr_tune.config import TrainConfig, describe_fields, load_config
 from sr_tune.credentials import credential_problem, redact
+from sr_tune.errors import InputError, SrTuneError
 from sr_tune.fields import ConfigError
 from sr_tune.image_commands import cmd_eval, cmd_import_weights, cmd_prepare, cmd_upscale
-from sr_tune.submit import COMMANDS, ClusterError, JobCommand
+from sr_tune.submit import COMMANDS, JobCommand
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -96,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if config.training.init_from:  # read now: a missing or corrupt one is refused before a run exists
         try:
             load_checkpoint(config.training.init_from)
-        except (ValueError, FileNotFoundError) as error:
+        except (InputError, FileNotFoundError) as error:
             problems.append(f"training.init_from: {error}")
     last = Path(config.training.output_dir) / config.run_name / "last"
     if args.resume and not has_checkpoint(last):
@@ -534,18 +535,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         error, line = stop, f"\nsr-tune: {redact(str(stop)) or message}"  # 143 or 130, as a shell reports them
     except ConfigError as refused:
         code, error, line = 2, refused, f"sr-tune: invalid configuration: {redact(str(refused))}"
-    except (
+    except SrTuneError as refused:
+        code, error, line = refused.exit_code, refused, f"sr-tune: {redact(str(refused))}"
+    except (  # a file or folder the user named, or a store that does not answer: the OS's own words name it
         FileNotFoundError,
         FileExistsError,
         PermissionError,
         NotADirectoryError,
         IsADirectoryError,
-        ValueError,
         ConnectionError,
     ) as refused:
         code, error, line = 2, refused, f"sr-tune: {redact(str(refused))}"
-    except ClusterError as failed:
-        code, error, line = 1, failed, f"sr-tune: {redact(str(failed))}"
     except FloatingPointError as diverged:
         code, error, line = 1, diverged, f"sr-tune: training diverged: {diverged}"
     if debug:

@@ -32,6 +32,7 @@ from sr_tune.data.degrade import imresize, to_8bit
 from sr_tune.data.sampler import ImageBank, PatchSampler
 from sr_tune.data.sources import large_enough, open_source
 from sr_tune.data.validation import ValidationPair, validation_pairs
+from sr_tune.errors import InputError
 from sr_tune.losses import SRLoss, VGGDistance, discriminator_loss
 from sr_tune.metrics import psnr, ssim, ycbcr_to_rgb
 from sr_tune.models import create_model
@@ -103,7 +104,7 @@ def lr_factor(config: OptimizerConfig, step: int, total_steps: int) -> float:
         return warmup * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
     if config.schedule == "constant":
         return warmup
-    raise ValueError(f"optimizer.schedule: {config.schedule!r} is not a schedule (allowed: constant, step, cosine)")
+    raise InputError(f"optimizer.schedule: {config.schedule!r} is not a schedule (allowed: constant, step, cosine)")
 
 
 def _restore_state_keep_settings(

@@ -18,9 +18,10 @@ from typing import Any, Literal
 import yaml
 
 from sr_tune.credentials import redact
+from sr_tune.errors import InputError
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """Invalid configuration; ``problems`` lists each one as ``"key: what is wrong"``."""
 
     def __init__(self, problems: Sequence[str], source: str | None = None) -> None:

@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 
 import sr_tune
 from sr_tune.credentials import credential_problem
+from sr_tune.errors import SrTuneError
 from sr_tune.fields import ConfigError
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -283,8 +284,10 @@ def plan_job(
     )
 
 
-class ClusterError(Exception):
+class ClusterError(SrTuneError):
     """The cluster cannot be reached, or refused this client: one line for the user."""
+
+    exit_code = 1
 
 
 def _token_available() -> bool:

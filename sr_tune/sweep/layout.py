@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ray import tune
 
+from sr_tune.errors import InputError
 from sr_tune.storage import STORAGE_ENV, Storage, scratch_dir
 from sr_tune.study import Study
 
@@ -73,14 +74,14 @@ class SweepState:
             state = json.loads(storage.read_text(path))
             parent, study, overrides = state["parent_run_id"], state["study"], state["overrides"]
         except (ValueError, TypeError, KeyError) as error:
-            raise ValueError(f"{path} is not the state of a sweep sr_tune wrote ({error})") from None
+            raise InputError(f"{path} is not the state of a sweep sr_tune wrote ({error})") from None
         if not (
             (parent is None or isinstance(parent, str))
             and isinstance(study, str)
             and isinstance(overrides, list)
             and all(isinstance(item, str) for item in overrides)
         ):
-            raise ValueError(f"{path} is not the state of a sweep sr_tune wrote (a value of the wrong type)")
+            raise InputError(f"{path} is not the state of a sweep sr_tune wrote (a value of the wrong type)")
         return cls(parent, study, tuple(overrides))
 
 
@@ -144,7 +145,7 @@ def check_storage(study: Study, paths: SweepPaths, resume: bool) -> bool:
     if restoring and paths.storage.exists(paths.state):
         started = SweepState.read(paths.storage, paths.state).overrides
         if started != study.overrides:
-            raise ValueError(
+            raise InputError(
                 f"the sweep of study {study.name!r} was started with the overrides {shlex.join(started) or '(none)'}; "
                 f"--resume continues it with the same ones (given: {shlex.join(study.overrides) or '(none)'})"
             )

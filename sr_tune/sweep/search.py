@@ -11,6 +11,7 @@ from typing import Any
 import ray
 from ray import tune
 
+from sr_tune.errors import InputError
 from sr_tune.local_ray import trial_number
 from sr_tune.study import Distribution, Study
 
@@ -143,7 +144,7 @@ def max_concurrent_trials(study: Study) -> int:
         fits = min(fits, int(resources.get("GPU", 0) // (per_trial.workers * per_trial.gpus_per_worker)))
     if fits < 1:
         cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
-        raise ValueError(
+        raise InputError(
             f"resources: one trial asks for {per_trial.workers} worker(s) x {per_trial.cpus_per_worker:g} CPU(s) "
             f"and {per_trial.gpus_per_worker:g} GPU(s) each, and the cluster has {cpus:g} CPU(s) and {gpus:g} "
             f"GPU(s) in all: lower them with overrides, e.g. resources.cpus_per_worker="
