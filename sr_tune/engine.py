@@ -28,13 +28,13 @@ from torch.nn.parallel import DistributedDataParallel
 from sr_tune.checkpoint import Checkpoint, RunState, load_checkpoint, restore_optimizer, save_checkpoint
 from sr_tune.config import OptimizerConfig, TrainConfig
 from sr_tune.data.augment import Augmenter
-from sr_tune.data.degrade import imresize, to_8bit
+from sr_tune.data.degrade import imresize
 from sr_tune.data.sampler import ImageBank, PatchSampler
 from sr_tune.data.sources import large_enough, open_source
-from sr_tune.data.validation import ValidationPair, validation_pairs
+from sr_tune.data.validation import ValidationPair, protocol_scores, validation_pairs
 from sr_tune.errors import InputError
 from sr_tune.losses import SRLoss, VGGDistance, discriminator_loss
-from sr_tune.metrics import psnr, ssim, ycbcr_to_rgb
+from sr_tune.metrics import ycbcr_to_rgb
 from sr_tune.models import create_model
 from sr_tune.models.srresnet import SRGANDiscriminator
 from sr_tune.results import EvalResult, Preview
@@ -162,14 +162,7 @@ def evaluate(
     distances: dict[str, float] = {}
     preview = None
     for pair in pairs:  # lr (1, C, h, w), hr (1, C, h*s, w*s)
-        sr = model(pair.lr).float().clamp(0, 1)
-        bicubic = imresize(pair.lr, scale=scale).clamp(0, 1)
-        if eight_bit:
-            sr, bicubic = to_8bit(sr), to_8bit(bicubic)
-        scores = {}
-        for prefix, output in (("", sr), ("bicubic_", bicubic)):
-            scores[f"{prefix}psnr"] = psnr(output, pair.hr, crop_border=scale, y_channel=True).item()
-            scores[f"{prefix}ssim"] = ssim(output, pair.hr, crop_border=scale, y_channel=True).item()
+        scores, sr, bicubic = protocol_scores(model(pair.lr), pair, scale, eight_bit=eight_bit)
         totals = {key: value + scores[key] for key, value in totals.items()}
         if vgg is not None:
             for name, value in vgg(sr, pair.hr).items():

@@ -16,11 +16,9 @@ from sr_tune.fields import ConfigError
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from sr_tune.checkpoint import load_checkpoint
-    from sr_tune.data.degrade import imresize, to_8bit
     from sr_tune.data.sources import open_source, source_image_problems, source_problem
-    from sr_tune.data.validation import validation_pairs
+    from sr_tune.data.validation import protocol_scores, validation_pairs
     from sr_tune.inference import Upscaler
-    from sr_tune.metrics import psnr, ssim
 
     # Every folder and image checked before the first row is printed.
     problems = [f"--data {problem}" for folder in args.data if (problem := source_problem(folder))]
@@ -40,18 +38,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for folder in args.data:
         source = open_source(folder, "val")
         pairs = validation_pairs(source, scale=scale, color=config.data.color, quantize_lr=eight_bit)
-        sums = [0.0, 0.0, 0.0, 0.0]
-        for pair in pairs:
-            sr = upscaler.model_space(pair.lr.cpu())
-            bicubic = imresize(pair.lr.cpu(), scale=scale).clamp(0, 1)
-            if eight_bit:  # as the published numbers: outputs saved as 8-bit images, then measured
-                sr, bicubic = to_8bit(sr), to_8bit(bicubic)
-            for index, (metric, output) in enumerate(((psnr, bicubic), (ssim, bicubic), (psnr, sr), (ssim, sr))):
-                sums[index] += metric(output, pair.hr, crop_border=scale, y_channel=True).item() / len(pairs)
+        means = dict.fromkeys(("bicubic_psnr", "bicubic_ssim", "psnr", "ssim"), 0.0)
+        for pair in pairs:  # as the published numbers: with eight_bit, outputs as saved 8-bit images
+            scores, _, _ = protocol_scores(upscaler.model_space(pair.lr.cpu()), pair, scale, eight_bit=eight_bit)
+            means = {key: value + scores[key] / len(pairs) for key, value in means.items()}
         name = Path(folder).name or folder
         print(
-            f"{name:<24}{'x' + str(scale):>6}{len(pairs):>8}{sums[0]:>10.2f} / {sums[1]:.4f}"
-            f"{sums[2]:>10.2f} / {sums[3]:.4f}{sums[2] - sums[0]:>+8.2f}"
+            f"{name:<24}{'x' + str(scale):>6}{len(pairs):>8}{means['bicubic_psnr']:>10.2f} / "
+            f"{means['bicubic_ssim']:.4f}{means['psnr']:>10.2f} / {means['ssim']:.4f}"
+            f"{means['psnr'] - means['bicubic_psnr']:>+8.2f}"
         )
     return 0
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from sr_tune.data.degrade import degrade, to_8bit
+from sr_tune.data.degrade import degrade, imresize, to_8bit
 from sr_tune.data.sampler import to_model_space
 from sr_tune.data.sources import SRImage
-from sr_tune.metrics import rgb_to_ycbcr
+from sr_tune.metrics import psnr, rgb_to_ycbcr, ssim
 
 
 @dataclass(frozen=True)
@@ -75,3 +75,20 @@ def validation_pairs(
             )
         )
     return pairs
+
+
+def protocol_scores(
+    sr: torch.Tensor, pair: ValidationPair, scale: int, *, eight_bit: bool
+) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """The benchmark protocol for one pair: the model's output ``sr`` (1, C, H, W) beside bicubic of the same
+    LR, both clamped to [0, 1] and, with ``eight_bit``, rounded to 8-bit levels as a saved image would be;
+    PSNR and SSIM on Y with a ``scale``-pixel border crop. Returns ({psnr, ssim, bicubic_psnr, bicubic_ssim},
+    sr and bicubic as they were measured)."""
+    sr, bicubic = sr.float().clamp(0, 1), imresize(pair.lr, scale=scale).clamp(0, 1)
+    if eight_bit:
+        sr, bicubic = to_8bit(sr), to_8bit(bicubic)
+    scores = {}
+    for prefix, output in (("", sr), ("bicubic_", bicubic)):
+        scores[f"{prefix}psnr"] = psnr(output, pair.hr, crop_border=scale, y_channel=True).item()
+        scores[f"{prefix}ssim"] = ssim(output, pair.hr, crop_border=scale, y_channel=True).item()
+    return scores, sr, bicubic
