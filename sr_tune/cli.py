@@ -24,6 +24,7 @@ from sr_tune.credentials import credential_problem, redact
 from sr_tune.errors import InputError, SrTuneError
 from sr_tune.fields import ConfigError
 from sr_tune.image_commands import cmd_eval, cmd_import_weights, cmd_prepare, cmd_upscale
+from sr_tune.models import SUPPORTED_SCALES
 from sr_tune.submit import COMMANDS, JobCommand
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     print(f"{'model':<16}{'channels':>9}{'params x2':>12}{'params x3':>12}{'params x4':>12}  description")
     for name in list_models():
         builder = get_builder(name)
-        counts = [_count_parameters(name, s) for s in (2, 3, 4)]
+        counts = [_count_parameters(name, s) for s in SUPPORTED_SCALES]
         channels = inspect.signature(builder).parameters["in_channels"].default
         summary = builder.__doc__.strip().splitlines()[0] if builder.__doc__ else ""
         print(f"{name:<16}{channels:>9}" + "".join(f"{c:>12,}" for c in counts) + f"  {summary}")

@@ -35,7 +35,7 @@ from sr_tune.fields import (
     validate,
     with_values,
 )
-from sr_tune.models import get_builder, list_models
+from sr_tune.models import SUPPORTED_SCALES, get_builder, list_models
 from sr_tune.models.registry import out_of_range, size_problem
 
 
@@ -48,7 +48,7 @@ def _known_model(name: str) -> str | None:
 
 
 def _supported_scale(scale: int) -> str | None:
-    return None if scale in (2, 3, 4) else "is not supported (allowed: 2, 3, 4)"
+    return None if scale in SUPPORTED_SCALES else f"is not supported (allowed: {', '.join(map(str, SUPPORTED_SCALES))})"
 
 
 def _no_channels(kwargs: dict[str, Any]) -> str | None:
@@ -93,7 +93,12 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         problems = _model_kwargs_problems(self.name, self.kwargs)
-        if not problems and self.name in list_models() and self.scale in (2, 3, 4) and "in_channels" not in self.kwargs:
+        if (
+            not problems
+            and self.name in list_models()
+            and self.scale in SUPPORTED_SCALES
+            and "in_channels" not in self.kwargs
+        ):
             # in_channels 3, the larger of the two colour modes
             if too_large := size_problem(self.name, scale=self.scale, in_channels=3, **self.kwargs):
                 problems.append(f"model: {self.name} x{self.scale} with kwargs {self.kwargs!r} {too_large}")

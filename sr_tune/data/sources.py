@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from sr_tune.credentials import credential_problem
 from sr_tune.errors import InputError
+from sr_tune.models import SUPPORTED_SCALES
 from sr_tune.storage import Storage, filesystem_and_path, probe
 
 log = logging.getLogger(__name__)
@@ -250,7 +251,7 @@ def read_paired(
             continue
         name = path.relative_to(hr_folder).with_suffix("").as_posix()
         lr: dict[int, torch.Tensor] = {}
-        for scale in (2, 3, 4):
+        for scale in SUPPORTED_SCALES:
             lr_path = _paired_lr(lr_root, name, scale) if lr_root is not None else None
             if lr_path is None:
                 continue
