@@ -9,6 +9,7 @@ this process, which is what quick runs and tests use.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -25,9 +26,9 @@ import ray.train
 import ray.train.torch
 import torch
 from mlflow import MlflowClient
+from ray.actor import ActorHandle
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from ray.util.queue import Queue
 
 from sr_tune.checkpoint import has_checkpoint, load_checkpoint
 from sr_tune.config import TrainConfig
@@ -61,7 +62,7 @@ class WorkerOptions:
     # After each report rank 0 waits for a token from a Tune trial's driver, which sends one only when Tune
     # lets the trial continue; when the driver is gone (the scheduler stopped or paused the trial) every rank
     # ends training there, so nothing is logged past what Tune saw.
-    report_gate: Queue | None = None
+    report_gate: ActorHandle | None = None  # a ``ReportGate``
 
 
 def init_ray(num_cpus: float | None = None, *, dashboard: bool = True) -> None:
@@ -136,7 +137,8 @@ def _worker(loop_config: dict[str, WorkerOptions]) -> None:
     def send(metrics: dict[str, Any], checkpoint: Path | None) -> bool:
         reported = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None
         ray.train.report(metrics, checkpoint=reported)
-        return options.report_gate is not None and _gate_closed(options.report_gate, rank, world_size)
+        gate = options.report_gate
+        return gate is not None and _gate_closed(gate, int(metrics["step"]), rank, world_size)
 
     start = ray.train.get_checkpoint() or options.start_checkpoint  # Train's own first: it is newer
     run_loop(options, rank=rank, world_size=world_size, device=ray.train.torch.get_device(), start=start, send=send)
@@ -223,13 +225,38 @@ def _node_tags() -> dict[str, str]:
     }
 
 
-def _gate_closed(gate: Queue, rank: int, world_size: int) -> bool:
-    """Rank 0 waits for the driver's go-ahead; the answer (continue or stop) is shared with every rank."""
+class _ReportGate:
+    """Between a Tune trial's driver and rank 0 of its Ray Train run: after each report, rank 0 waits until the
+    driver has relayed the report of that step to Tune and Tune lets the trial go on. Waiting reads the
+    approved step and takes nothing: a rank killed while it waited (its call still pending here) leaves the
+    approval to the rank that replaces it, where a queue would have handed its token to the dead call."""
+
+    def __init__(self) -> None:
+        self.approved = 0  # the last step the driver relayed
+        self.changed = asyncio.Condition()
+
+    async def approve(self, step: int) -> None:
+        async with self.changed:
+            self.approved = max(self.approved, step)
+            self.changed.notify_all()
+
+    async def wait(self, step: int) -> None:
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.approved >= step)
+
+
+# Owned by the trial's driver process: when Tune stops the trial, the gate goes with it.
+ReportGate = ray.remote(num_cpus=0)(_ReportGate)
+
+
+def _gate_closed(gate: ActorHandle, step: int, rank: int, world_size: int) -> bool:
+    """Rank 0 waits for the driver's go-ahead for ``step``; the answer (continue or stop) is shared with every
+    rank."""
     stop = torch.zeros(1)
     if rank == 0:
         try:
-            gate.get()
-        except ray.exceptions.RayActorError:  # the driver (and the queue it owned) is gone
+            ray.get(gate.wait.remote(step))
+        except ray.exceptions.RayActorError:  # the driver (and the gate it owned) is gone
             stop.fill_(1)
     if world_size > 1 and torch.distributed.is_initialized():
         torch.distributed.broadcast(stop, src=0)

@@ -291,7 +291,7 @@ def test_trials_of_two_workers_go_through_the_train_bridge_and_survive_a_killed_
 name: bridge
 search:
   optimizer.lr: {type: choice, values: [3.0e-3, 1.0e-7]}
-sampler: {name: grid, seed: 0}
+sampler: {name: grid, seed: 1}
 scheduler: {name: asha, grace_period: 20, reduction_factor: 2}
 budget: {num_samples: 1, max_steps: 60}
 resources: {workers: 2, cpus_per_worker: 1}
@@ -312,7 +312,7 @@ keep_checkpoints: 1
     good, weak = sorted(trials.values(), key=lambda t: t.params["optimizer.lr"], reverse=True)
     budget = study.patches(60)  # 60 steps x batch 8 x 2 workers
     assert budget == 960 and good.patches_seen == budget and not good.stopped_early
-    # The weak trial started second (grid order, seed 0), met the good one's value at the first rung, and was
+    # The weak trial started second (grid order, seed 1), met the good one's value at the first rung, and was
     # stopped there: its workers found the gate closed and trained no further.
     assert weak.stopped_early and weak.patches_seen == study.patches(20)
     _, runs = mlflow_runs(tmp_path)

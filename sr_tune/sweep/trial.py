@@ -31,7 +31,7 @@ from ray.train.v2.api.callback import UserCallback
 from ray.util.queue import Queue
 
 from sr_tune.console import trial_label
-from sr_tune.distributed import WorkerOptions, build_trainer, run_loop
+from sr_tune.distributed import ReportGate, WorkerOptions, build_trainer, run_loop
 from sr_tune.study import Study
 from sr_tune.sweep.cpu_shares import CpuShares, ThreadShare, own_threads
 from sr_tune.sweep.layout import SweepPaths
@@ -192,7 +192,7 @@ def _train_on_workers(options: WorkerOptions, tags: TrialTags, trial_id: str, st
     relays to Tune; rank 0 waits at the report gate until Tune has taken it."""
     start = options.start_checkpoint
     reports = Queue(actor_options={"num_cpus": 0})  # Train controller -> driver: Reported, Finished or Failed
-    gate = Queue(actor_options={"num_cpus": 0})  # driver -> rank 0: Tune took the report, go on
+    gate = ReportGate.remote()  # driver -> rank 0: Tune took the report of this step, go on
     trainer = build_trainer(
         replace(options, report_gate=gate),
         name=_train_run_name(trial_id, start),
@@ -221,4 +221,4 @@ def _train_on_workers(options: WorkerOptions, tags: TrialTags, trial_id: str, st
         # Returns only once Tune has copied the checkpoint and its scheduler lets the trial continue; a
         # stopped or paused trial never gets here, and its workers find the gate gone.
         tune.report({**message.metrics, **tags.as_metrics()}, checkpoint=held)
-        gate.put(True)
+        ray.get(gate.approve.remote(int(message.metrics["step"])))
