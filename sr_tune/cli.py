@@ -558,8 +558,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def entry() -> NoReturn:
     """The ``sr-tune`` command: ``main``, then exit."""
     code = main()
-    # The interpreter's exit runs garbage collections over every object torch, Ray and MLflow made: 3 to 4 s
-    # after a sweep on 2 cores. Frozen, they are left to reference counting, and the exit takes 0.5 s.
+    # The interpreter's exit runs garbage collections over every object torch, Ray and MLflow made, seconds
+    # after a sweep; frozen, they are left to reference counting.
     gc.freeze()
     sys.exit(code)
 

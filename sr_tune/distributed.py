@@ -68,7 +68,7 @@ class WorkerOptions:
 def init_ray(num_cpus: float | None = None, *, dashboard: bool = True) -> None:
     """Connect to ``RAY_ADDRESS`` when set; otherwise start a local Ray that listens on 127.0.0.1 only, with
     its dashboard unless ``dashboard`` is false: stopped Ray Train runs free their workers' CPUs only through
-    the dashboard's cleanup, and a sweep that starts none does without it (2 s less start-up on 2 cores)."""
+    the dashboard's cleanup, and a sweep that starts none does without it (a faster start)."""
     if ray.is_initialized():
         return
     with _sigterm_handler_kept():

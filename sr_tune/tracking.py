@@ -308,7 +308,7 @@ def _model_logging_store(uri: str, experiment: str) -> Iterator[None]:
 
 def _saving_options(in_channels: int) -> dict[str, Any]:
     """How a model is saved: a ``pt2`` export (no pickle) for a 48x48 LR example, with what loading it needs
-    stated (inferring that runs the model in a subprocess: 15 s on 2 CPUs)."""
+    stated (inferring that runs the model in a subprocess, which takes seconds)."""
     import mlflow
 
     return {
@@ -347,8 +347,8 @@ def log_model(
 
 def prepare_model_logging(in_channels: int) -> None:
     """Save a one-layer model as ``log_model`` saves one, into a folder then removed: the first save in a
-    process imports ``torch.export``'s compiler stack (3 s on 2 CPUs) and has MLflow map the installed
-    packages (2 s), which a ``log_model`` after it finds done (0.3 s for SRCNN instead of 5 s)."""
+    process imports ``torch.export``'s compiler stack and has MLflow map the installed packages (seconds
+    each), which a ``log_model`` after it finds done."""
     import mlflow
 
     layer = torch.nn.Conv2d(in_channels, in_channels, 1).eval()

@@ -60,7 +60,7 @@ def preview_grid(preview: Preview) -> Image.Image:
 @functools.cache
 def _pyplot() -> ModuleType:
     """matplotlib's pyplot, drawing to files only (workers have no display). Imported on first use: a sweep's
-    trial processes only make preview grids, and matplotlib is 0.5 s of each one's start on a busy core."""
+    trial processes only make preview grids, and importing matplotlib is a noticeable part of their start."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -402,7 +402,7 @@ budget: {num_samples: 2, max_steps: 60}  # one exploit, at step 40
     own_first = dict(zip(frame["step"], frame["val_psnr"]))
     inherited = [e for e in final.run.history if donor_psnr.get(e.step) == pytest.approx(e.psnr, abs=1e-9)]
     assert inherited, "the exploiting trial's state did not come from the donor"
-    assert any(own_first.get(e["step"]) != pytest.approx(e["psnr"], abs=1e-9) for e in inherited)
+    assert any(own_first.get(e.step) != pytest.approx(e.psnr, abs=1e-9) for e in inherited)
 
     client, runs = mlflow_runs(tmp_path)
     assert len(runs) == 3  # restarts continue the trial's nested run

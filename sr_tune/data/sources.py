@@ -142,7 +142,7 @@ def image_file_problem(path: Path, *, max_pixels: int = MAX_INPUT_PIXELS) -> str
                 image.verify()  # every chunk's checksum, and the end chunk: a truncated file fails
             elif image.format == "JPEG":
                 # Decoded at 1/8 scale (the DCT's own scaling): every scan is read, so a truncated file fails,
-                # in a third of a full decode (28 ms for 12 MP here); data after the image is fine.
+                # in a fraction of a full decode; data after the image is fine.
                 image.draft(image.mode, (max(width // 8, 1), max(height // 8, 1)))
                 image.load()
             else:
@@ -462,7 +462,7 @@ def source_problem(spec: str) -> str | None:
 
 
 # A sweep's trials that reuse a process read the same images trial after trial: the last source of each split
-# stays decoded in the process (the sample set takes 0.8 s to decode on 2 CPUs, a folder of photos far longer),
+# stays decoded in the process (decoding a folder of photos again for each trial would take seconds or more),
 # up to this many bytes, so that a large dataset is not held twice beside a trial's image bank.
 DECODED_CACHE_BYTES = 1 << 30
 _decoded: dict[str, tuple[tuple, list[SRImage]]] = {}  # split -> (what was read, its images)

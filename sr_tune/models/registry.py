@@ -107,7 +107,7 @@ def out_of_range(name: str, kwargs: Mapping[str, object]) -> list[str]:
 def _shapes_only() -> Iterator[None]:
     """Modules built on PyTorch's meta device (shapes, no memory) with ``torch.nn.init``'s in-place
     initialisers skipped: meta tensors hold no values, and ``normal_`` on one imports torch's compiler stack
-    (VDSR's He initialisation: 1.1 s for a config that would take 13 ms)."""
+    (VDSR's He initialisation: seconds for a check that otherwise takes milliseconds)."""
     initialisers = {name: getattr(nn.init, name) for name in dir(nn.init) if name.endswith("_") and name[0] != "_"}
     try:
         for name in initialisers:

@@ -164,7 +164,7 @@ class _SweepCallback(tune.Callback):
 
     def _prepare_export(self, trials: list[Any]) -> None:
         """Every trial has started and none waits for the slot this one freed: it stays idle until the sweep
-        ends, so the export's warm-up (5 s of imports on 2 CPUs) runs there instead of after the last trial."""
+        ends, so the export's warm-up (seconds of imports) runs there instead of after the last trial."""
         if not self.tracker.tracked or self.export_prepared or not none_left_to_start(self.study, trials):
             return
         self.export_prepared = True
@@ -246,7 +246,7 @@ def new_tuner(
             trial_name_creator=trial_namer(study),
             trial_dirname_creator=trial_dirname,
             # On the local Ray a new trial takes over an ended trial's process (Python, torch and sr_tune already
-            # imported: about 4 s a trial on 2 cores). Not on a cluster, where Tune then packed a sweep's trials
+            # imported: seconds saved per trial). Not on a cluster, where Tune then packed a sweep's trials
             # onto the node whose process it reused instead of spreading them.
             reuse_actors=not os.environ.get("RAY_ADDRESS"),
         ),
@@ -282,7 +282,7 @@ def run_sweep(
     paths = sweep_paths(study, tracking_uri, storage)
     restoring = check_storage(study, paths, resume)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="open-tracking") as pool:
-        # A new SQLite store runs its schema migrations (3 s on 2 CPUs) while the local Ray starts (5 s).
+        # A new SQLite store runs its schema migrations (seconds) while the local Ray starts.
         opening = pool.submit(lambda: MlflowClient(tracking_uri) if tracking_uri else None)
         init_ray(dashboard=not runs_in_trial(study))
         client = opening.result()
