@@ -187,3 +187,14 @@ search:
 def test_the_base_config_is_built_once():
     study = load_study(REPO / "search_spaces" / "quickstart.yaml")
     assert study.base_config is study.base_config and study.base_config.model.name == "srcnn_915"
+
+
+def test_an_asha_study_whose_first_rung_lies_past_its_budget_is_refused():
+    path = REPO / "search_spaces" / "srcnn_optimizer.yaml"
+    with pytest.raises(ConfigError) as refused:
+        load_study(path, ["budget.max_steps=1000"])  # grace_period 2000
+    assert refused.value.problems == [
+        "scheduler.grace_period: 2000 steps is past budget.max_steps 1000: ASHA's first rung would never come; "
+        "lower it (e.g. scheduler.grace_period=500)"
+    ]
+    assert load_study(path, ["budget.max_steps=1000", "scheduler.grace_period=500"]).budget.max_steps == 1000

@@ -312,6 +312,9 @@ def run_sweep(
     callback = _SweepCallback(study, paths.storage, view, tracker, shares)
     try:
         records = _fit_tuner(study, paths, context, callback, restoring)
+    except Exception:
+        tracker.mark_failed()  # not left RUNNING: the error is the sweep's own (a stop signal is handled below)
+        raise
     finally:
         callback.wait()
         if shares is not None:

@@ -55,6 +55,9 @@ class NullSweepTracker:
     def mark_killed(self) -> None:
         pass
 
+    def mark_failed(self) -> None:
+        pass
+
     def publish(
         self, storage: Storage, records: list[TrialRecord], summaries: list[TrialSummary], warnings: list[str]
     ) -> str | None:
@@ -153,6 +156,10 @@ class SweepTracker(NullSweepTracker):
             if run.info.status == "RUNNING":
                 self.client.set_terminated(run.info.run_id, status="KILLED")
         self.client.set_terminated(self.parent_run_id, status="KILLED")
+
+    def mark_failed(self) -> None:
+        """The sweep ended on an error of its own (not a trial's): the parent run says so."""
+        self.client.set_terminated(self.parent_run_id, status="FAILED")
 
     def publish(
         self, storage: Storage, records: list[TrialRecord], summaries: list[TrialSummary], warnings: list[str]
