@@ -31,7 +31,8 @@ SHORTER: dict[str, list[str]] = {
     "sr-tune tune search_spaces/quickstart.yaml": SHORT_SWEEP,
     "sr-tune tune search_spaces/quickstart.yaml --resume": SHORT_SWEEP,
     "sr-tune tune search_spaces/quickstart.yaml --restart --verbose": SHORT_SWEEP,
-    "sr-tune tune search_spaces/srcnn_optimizer.yaml resources=local budget.num_samples=2 budget.max_steps=1000 scheduler.grace_period=500": [
+    "sr-tune tune search_spaces/srcnn_optimizer.yaml resources=local budget.num_samples=2 budget.max_steps=1000 "
+    "scheduler.grace_period=500": [
         *SHORT_SWEEP,
         "training.eval_interval=100",
         "data.batch_size=16",
