@@ -315,14 +315,12 @@ def _cross_problems(values: Mapping[str, Any]) -> list[str]:
                     f"{', '.join(metric_names(config.loss))}"
                 )
                 break
-        if configs and scheduler.name == "asha":
-            grace = scheduler.grace_period or configs[0][1].training.eval_interval
-            if grace > budget.max_steps:
-                what = "" if scheduler.grace_period else " (no grace_period: the evaluation interval)"
-                problems.append(
-                    f"scheduler.grace_period: {grace} steps{what} is past budget.max_steps {budget.max_steps}: ASHA's "
-                    f"first rung would never come; lower it (e.g. scheduler.grace_period={budget.max_steps // 2})"
-                )
+    grace = scheduler.grace_period
+    if scheduler.name == "asha" and grace is not None and grace > budget.max_steps:
+        problems.append(
+            f"scheduler.grace_period: {grace} steps is past budget.max_steps {budget.max_steps}: ASHA's first rung "
+            f"would never come; lower it (e.g. scheduler.grace_period={budget.max_steps // 2})"
+        )
     if scheduler.name == "pbt":
         problems.extend(
             f"search.{key}: PBT can only change {', '.join(PBT_MUTABLE)} in a running trial"

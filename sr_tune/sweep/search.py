@@ -113,7 +113,8 @@ def search_setup(study: Study, optuna_url: str | None, max_concurrent: int) -> t
         scheduler = ASHAScheduler(
             time_attr="patches_seen",
             max_t=study.patches(study.budget.max_steps) + 1,
-            grace_period=study.patches(settings.grace_period or interval),
+            # Without a grace period, the first evaluation (the budget's end, should it come first).
+            grace_period=study.patches(settings.grace_period or min(interval, study.budget.max_steps)),
             reduction_factor=settings.reduction_factor,
         )
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent), scheduler, {}, num_trials(study)
