@@ -18,21 +18,13 @@ from sr_tune.distributed import init_ray
 from sr_tune.local_ray import best_checkpoint
 from sr_tune.storage import Storage
 from sr_tune.study import Study
-from sr_tune.summary import (
-    TrialRecord,
-    TrialSummary,
-    edge_warnings,
-    ranked_checkpoints,
-    summarize,
-)
+from sr_tune.summary import TrialRecord, TrialSummary, edge_warnings, ranked_checkpoints, summarize
 from sr_tune.sweep.cpu_shares import CpuShares, none_left_to_start
 from sr_tune.sweep.layout import SweepPaths, SweepState, check_storage, sweep_paths
 from sr_tune.sweep.search import max_concurrent_trials, runs_in_trial, search_setup, trial_dirname, trial_namer
 from sr_tune.sweep.tracker import NullSweepTracker, SweepTracker
 from sr_tune.sweep.trial import TrialContext, TrialTags, trainable
-from sr_tune.tracking import (
-    run_tags,
-)
+from sr_tune.tracking import run_tags
 
 
 @dataclass(frozen=True)
@@ -197,7 +189,7 @@ class _SweepCallback(tune.Callback):
 def _fit_tuner(
     study: Study, paths: SweepPaths, context: TrialContext, callback: _SweepCallback, restoring: bool
 ) -> list[TrialRecord]:
-    """Step 2: build Tune's ``Tuner`` (or restore the interrupted one) and run every trial."""
+    """Build Tune's ``Tuner`` (or restore the interrupted one) and run every trial."""
     if not restoring:
         return [_record(study, result) for result in new_tuner(study, paths, context, [callback]).fit()]
     _restoring.append(callback)  # what the run config's pickled callback becomes (``_SweepCallback.__reduce__``)
