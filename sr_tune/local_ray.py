@@ -6,6 +6,11 @@ its default on macOS and Windows, keeps them all on 127.0.0.1. Ray Train then jo
 ``torch.distributed`` process group through a TCPStore on rank 0, which PyTorch binds to all interfaces
 (it has no setting for the address); on a loopback-only Ray the workers share this machine, so they join
 through a file instead, and gloo and NCCL open their own sockets on the loopback interface.
+
+Every private Ray name sr_tune uses is touched here and nowhere else (``RAY_PRIVATE_NAMES``,
+``TRIAL_PRIVATE_ATTRIBUTES``), each behind a function or class of this module, and each resolved by a test
+on the tested Ray (``TESTED_RAY``, the minor ``pyproject.toml`` pins): the single-machine switch, Ray Train's
+torch backend, Tune's trial internals and the Jobs client's request method.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import ipaddress
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -41,6 +46,20 @@ RAY_PRIVATE_NAMES = (
 # Attributes of Tune's ``Trial`` objects (its callbacks' arguments) that sr_tune reads, each through one
 # function below; tests/reliability/test_cluster_hardening.py reads each on a real ``Trial``.
 TRIAL_PRIVATE_ATTRIBUTES = ("experiment_tag", "run_metadata.checkpoint_manager.best_checkpoint_result")
+
+
+def bounded_job_client(address: str, timeouts: Callable[[str], tuple[float, float]]) -> Any:
+    """A Ray Jobs ``JobSubmissionClient`` of the dashboard at ``address`` whose every request carries
+    ``timeouts(method)`` (connect, read): Ray's client sets none. ``_do_request`` is the one place that client
+    calls ``requests.request``."""
+    from ray.job_submission import JobSubmissionClient
+
+    class BoundedJobSubmissionClient(JobSubmissionClient):
+        def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> Any:
+            kwargs.setdefault("timeout", timeouts(method))
+            return super()._do_request(method, endpoint, **kwargs)
+
+    return BoundedJobSubmissionClient(address)
 
 
 def trial_number(trial: Any) -> int:

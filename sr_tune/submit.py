@@ -322,17 +322,15 @@ def connect(address: str) -> Any:
     an answer: Ray's client sets no timeout, so one is added where it makes its requests."""
     import requests
     from ray.exceptions import AuthenticationError
-    from ray.job_submission import JobSubmissionClient
 
-    class BoundedJobSubmissionClient(JobSubmissionClient):
-        # Ray 2.60's private name for the one place its client calls `requests.request` (RAY_PRIVATE_NAMES).
-        def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> Any:
-            waits = UPLOAD_WAITS if method in ("PUT", "POST") else 1
-            kwargs.setdefault("timeout", (request_timeout_s(), request_timeout_s() * waits))
-            return super()._do_request(method, endpoint, **kwargs)
+    from sr_tune.local_ray import bounded_job_client
+
+    def timeouts(method: str) -> tuple[float, float]:
+        waits = UPLOAD_WAITS if method in ("PUT", "POST") else 1  # an upload, a job's start
+        return request_timeout_s(), request_timeout_s() * waits
 
     try:
-        return BoundedJobSubmissionClient(address)
+        return bounded_job_client(address, timeouts)
     except AuthenticationError as error:
         raise ClusterError(_auth_problem(address, str(error))) from None
     except ConnectionError:
