@@ -24,6 +24,7 @@ class TrialRecord:
     params: dict[str, Any]  # the searched values (PBT: the last ones it switched to)
     last: dict[str, Any]  # the metrics of its last report
     run_id: str | None = None  # its nested MLflow run
+    patches_seen: int = 0  # at its last report (0: it never reported)
     reports: pd.DataFrame | None = field(default=None, compare=False)  # one row per report, Tune's columns
     error: str | None = None
     checkpoints: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (path, metrics) Tune holds
@@ -65,15 +66,14 @@ def summarize(study: Study, records: list[TrialRecord]) -> list[TrialSummary]:
     summaries = []
     for record in records:
         ranked = ranked_checkpoints(study, record)
-        patches = int(record.last.get("patches_seen", 0))  # 0: the trial never reported
         summaries.append(
             TrialSummary(
                 trial_id=record.trial_id,
                 name=record.name,
                 params=record.params,
                 best=_best_row(record.reports, objective.metric, objective.mode),
-                patches_seen=patches,
-                stopped_early=study.stopped_early(patches, failed=record.error is not None),
+                patches_seen=record.patches_seen,
+                stopped_early=study.stopped_early(record.patches_seen, failed=record.error is not None),
                 error=record.error,
                 run_id=record.run_id,
                 best_checkpoint=ranked[0] if ranked else None,

@@ -58,6 +58,7 @@ def record(trial_id: str, lr: float, psnrs: list[float], *, error: str | None = 
         params=params,
         last=last,
         run_id="r" if patches else None,
+        patches_seen=patches[-1] if patches else 0,
         reports=reports,
         error=error,
         checkpoints=checkpoints,

@@ -23,7 +23,7 @@ from sr_tune.sweep.cpu_shares import CpuShares, none_left_to_start
 from sr_tune.sweep.layout import SweepPaths, SweepState, check_storage, sweep_paths
 from sr_tune.sweep.search import max_concurrent_trials, runs_in_trial, search_setup, trial_dirname, trial_namer
 from sr_tune.sweep.tracker import NullSweepTracker, SweepTracker
-from sr_tune.sweep.trial import TrialContext, TrialTags, trainable
+from sr_tune.sweep.trial import TrialContext, TrialProgress, TrialTags, trainable
 from sr_tune.tracking import run_tags
 
 
@@ -47,6 +47,7 @@ def _record(study: Study, result: Any) -> TrialRecord:
         trial_id=trial_id,
         name=tags.trial_name if tags else trial_id,
         run_id=tags.mlflow_run_id if tags else None,
+        patches_seen=TrialProgress.of(last).patches_seen,
         params={key: result.config[key] for key in study.search},
         last=last,
         reports=result.metrics_dataframe,
@@ -149,7 +150,7 @@ class _SweepCallback(tune.Callback):
         changed = self.shares.update(trials, ended)
         for trial in trials:
             if trial.trial_id in changed and self.tracker.tracked:
-                step = int(trial.last_result.get("step", 0))
+                step = TrialProgress.of(trial.last_result).step
                 self.closed.append(
                     self.closing.submit(self.tracker.log_threads, trial.trial_id, changed[trial.trial_id], step)
                 )
@@ -164,7 +165,7 @@ class _SweepCallback(tune.Callback):
         self.closing.submit(self.tracker.prepare_export)
 
     def _ended(self, trial: Any, error: str | None) -> None:
-        patches = int(trial.last_result.get("patches_seen", 0))  # 0: the trial never reported
+        patches = TrialProgress.of(trial.last_result).patches_seen
         stopped = self.study.stopped_early(patches, failed=error is not None)
         if self.view is not None:
             self.view.ended(trial.trial_id, "failed" if error else "stopped" if stopped else "done", error)
