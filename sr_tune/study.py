@@ -211,8 +211,9 @@ class Study:
         return self.trial_config({})
 
     @functools.cached_property
-    def _base_batch(self) -> int:
-        return _base_batch(self.base_data, self.fixed, str(self.path))
+    def base_batch_size(self) -> int:
+        """The base config's batch size (with ``fixed``): what the study's step counts are counted in."""
+        return self.base_config.data.batch_size
 
     def trial_config(self, sampled: Mapping[str, Any]) -> TrainConfig:
         """The base config with the fixed overrides, the sampled values, and the trial's length and
@@ -221,7 +222,7 @@ class Study:
 
     def patches(self, steps: int) -> int:
         """Patches seen in ``steps`` steps at the base batch size over all of a trial's workers."""
-        return steps * self._base_batch * self.resources.workers
+        return steps * self.base_batch_size * self.resources.workers
 
     def stopped_early(self, patches_seen: int, *, failed: bool) -> bool:
         """A trial that ended without failing after some reports, short of the budget: the scheduler stopped it."""
