@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from sr_tune.credentials import redacted_command
+from sr_tune.results import TrialProgress
 from sr_tune.study import Study
 
 # Short names for run names and table columns; other keys show their last part.
@@ -125,7 +126,8 @@ class SweepView:
 
     def _update(self, state: TrialState, metrics: dict[str, Any]) -> None:
         metric, sign = self.study.objective.metric, 1 if self.study.objective.mode == "max" else -1
-        state.step, state.patches = int(metrics.get("step", 0)), int(metrics.get("patches_seen", 0))
+        progress = TrialProgress.of(metrics)
+        state.step, state.patches = progress.step, progress.patches_seen
         state.value, state.gain = metrics.get(metric), metrics.get("psnr_gain")
         if state.value is not None and (state.best is None or sign * state.value > sign * state.best):
             state.best, state.best_gain = state.value, state.gain

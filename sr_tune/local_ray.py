@@ -10,7 +10,7 @@ through a file instead, and gloo and NCCL open their own sockets on the loopback
 Every private Ray name sr_tune uses is touched here and nowhere else (``RAY_PRIVATE_NAMES``,
 ``TRIAL_PRIVATE_ATTRIBUTES``), each behind a function or class of this module, and each resolved by a test
 on the tested Ray (``TESTED_RAY``, the minor ``pyproject.toml`` pins): the single-machine switch, Ray Train's
-torch backend, Tune's trial internals and the Jobs client's request method.
+torch backend, Tune's trial internals, how Tune's loop takes a stop signal and the Jobs client's request method.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import contextlib
 import ipaddress
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -42,6 +43,7 @@ RAY_PRIVATE_NAMES = (
     "ray.train.torch.config._TorchBackend",
     "ray.train.v2.api.callback.UserCallback",
     "ray.dashboard.modules.dashboard_sdk.SubmissionClient._do_request",
+    "ray.tune.tune._setup_signal_catching",
 )
 # Attributes of Tune's ``Trial`` objects (its callbacks' arguments) that sr_tune reads, each through one
 # function below; tests/reliability/test_cluster_hardening.py reads each on a real ``Trial``.
@@ -60,6 +62,23 @@ def bounded_job_client(address: str, timeouts: Callable[[str], tuple[float, floa
             return super()._do_request(method, endpoint, **kwargs)
 
     return BoundedJobSubmissionClient(address)
+
+
+class TuneStopWatch:
+    """Whether a stop signal (Ctrl-C, or SIGTERM raised again as SIGINT) ended Tune's loop. Tune has no public
+    word for it: its loop installs a SIGINT handler (``ray.tune.tune._setup_signal_catching``) that, on the
+    signal, ends the loop and puts back the handler it replaced. ``loop_running`` is called from a callback
+    inside the loop, ``stopped`` after it."""
+
+    def __init__(self) -> None:
+        self.tune_handler: Any = None
+
+    def loop_running(self) -> None:
+        if self.tune_handler is None:
+            self.tune_handler = signal.getsignal(signal.SIGINT)
+
+    def stopped(self) -> bool:
+        return self.tune_handler is not None and signal.getsignal(signal.SIGINT) is not self.tune_handler
 
 
 def trial_number(trial: Any) -> int:

@@ -1,5 +1,6 @@
 """What an evaluation reports, below the training loop: ``EvalResult`` (one evaluation, as checkpoints,
-Tune, MLflow and the summaries read it), the preview images, and the metric names runs report."""
+Tune, MLflow and the summaries read it), the preview images, the metric names runs report, and how far a
+trial got (``TrialProgress``)."""
 
 from __future__ import annotations
 
@@ -72,3 +73,17 @@ def metric_names(loss: LossConfig) -> tuple[str, ...]:
     gan = loss.adversarial != "none"
     terms = (*loss_terms(loss), *(("discriminator",) if gan else ()))
     return (*EVAL_METRICS, *(f"loss_{t}" for t in terms), *(f"val_{d}" for d in VGG_DISTANCES if gan))
+
+
+@dataclass(frozen=True)
+class TrialProgress:
+    """How far a trial got by its last report to Tune; one that has not reported got nowhere."""
+
+    step: int = 0
+    patches_seen: int = 0
+
+    @classmethod
+    def of(cls, metrics: dict[str, Any]) -> TrialProgress:
+        if "patches_seen" not in metrics:
+            return cls()
+        return cls(int(metrics["step"]), int(metrics["patches_seen"]))

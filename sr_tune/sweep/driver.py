@@ -4,7 +4,6 @@ closed the moment it ends, the console view fed, and the sweep summarized and pu
 from __future__ import annotations
 
 import os
-import signal
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,8 @@ from ray import tune
 
 from sr_tune.console import SweepView
 from sr_tune.distributed import init_ray
-from sr_tune.local_ray import best_checkpoint
+from sr_tune.local_ray import TuneStopWatch, best_checkpoint
+from sr_tune.results import TrialProgress
 from sr_tune.storage import Storage
 from sr_tune.study import Study
 from sr_tune.summary import TrialRecord, TrialSummary, edge_warnings, ranked_checkpoints, summarize
@@ -23,7 +23,7 @@ from sr_tune.sweep.cpu_shares import CpuShares, none_left_to_start
 from sr_tune.sweep.layout import SweepPaths, SweepState, check_storage, sweep_paths
 from sr_tune.sweep.search import max_concurrent_trials, runs_in_trial, search_setup, trial_dirname, trial_namer
 from sr_tune.sweep.tracker import NullSweepTracker, SweepTracker
-from sr_tune.sweep.trial import TrialContext, TrialProgress, TrialTags, trainable
+from sr_tune.sweep.trial import TrialContext, TrialTags, trainable
 from sr_tune.tracking import run_tags
 
 
@@ -95,7 +95,7 @@ class _SweepCallback(tune.Callback):
         self.closed: list[Future] = []
         self.unfinished: list[str] = []  # trial ids a stop signal (Ctrl-C, SIGTERM) left unfinished
         self.running: list[str] = []
-        self.tune_sigint: Any = None  # the SIGINT handler Tune installs for its loop
+        self.stop_watch = TuneStopWatch()
         self.export_prepared = False
 
     def __reduce__(self) -> tuple[Any, tuple[()]]:
@@ -124,13 +124,11 @@ class _SweepCallback(tune.Callback):
             self.view.tick()
 
     def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
-        if self.tune_sigint is None:
-            self.tune_sigint = signal.getsignal(signal.SIGINT)
+        self.stop_watch.loop_running()
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
-        # A stop signal ends Tune's loop, which then puts back the SIGINT handler it replaced; its cleanup has
-        # stopped the trials by now, so the ones unfinished are those running at the last step.
-        if self.tune_sigint is not None and signal.getsignal(signal.SIGINT) is not self.tune_sigint:
+        # Tune's cleanup has stopped the trials by now, so the ones unfinished are those running at the last step.
+        if self.stop_watch.stopped():
             self.unfinished = self.running
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:

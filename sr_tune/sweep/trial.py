@@ -70,20 +70,6 @@ class TrialTags:
 
 
 @dataclass(frozen=True)
-class TrialProgress:
-    """How far a trial got by its last report to Tune; one that has not reported got nowhere."""
-
-    step: int = 0
-    patches_seen: int = 0
-
-    @classmethod
-    def of(cls, metrics: dict[str, Any]) -> TrialProgress:
-        if "patches_seen" not in metrics:
-            return cls()
-        return cls(int(metrics["step"]), int(metrics["patches_seen"]))
-
-
-@dataclass(frozen=True)
 class Reported:
     """Train controller -> trial driver: rank 0 reported ``metrics`` with this persisted checkpoint."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import signal
 from importlib.metadata import version
 
 import ray
@@ -137,3 +138,25 @@ def test_each_trial_attribute_sr_tune_reads_is_on_a_real_tune_trial():
             assert hasattr(found, attribute), f"Tune's Trial has no {name} in Ray {ray.__version__}"
             found = getattr(found, attribute)
     assert trial_number(trial) == 3 and best_checkpoint(trial) == (None, {})
+
+
+def test_the_stop_watch_sees_the_stop_signal_that_ends_tunes_loop():
+    """Pins what ``TuneStopWatch`` reads: Tune's loop swaps in its SIGINT handler, which on the signal ends the
+    loop and puts back the handler it replaced."""
+    from ray.tune.tune import _setup_signal_catching
+
+    from sr_tune.local_ray import TuneStopWatch
+
+    ours = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        ended_on_its_own, stopped = TuneStopWatch(), TuneStopWatch()
+        _setup_signal_catching()
+        ended_on_its_own.loop_running()
+        assert not ended_on_its_own.stopped()
+        interrupted = _setup_signal_catching()
+        stopped.loop_running()
+        signal.raise_signal(signal.SIGINT)
+        assert interrupted.is_set() and stopped.stopped(), f"Ray {ray.__version__}: Tune's stop signal moved"
+        assert not TuneStopWatch().stopped()  # a loop that never stepped was not stopped
+    finally:
+        signal.signal(signal.SIGINT, ours)
