@@ -6,7 +6,6 @@ import argparse
 import gc
 import inspect
 import logging
-import math
 import os
 import shlex
 import signal
@@ -23,7 +22,7 @@ from sr_tune.config import TrainConfig, describe_fields, load_config
 from sr_tune.credentials import credential_problem, redact
 from sr_tune.errors import InputError, SrTuneError
 from sr_tune.fields import ConfigError
-from sr_tune.image_commands import cmd_eval, cmd_import_weights, cmd_prepare, cmd_upscale
+from sr_tune.image_commands import add_image_commands
 from sr_tune.models import SUPPORTED_SCALES
 from sr_tune.submit import COMMANDS, JobCommand
 
@@ -340,26 +339,6 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return submit.exit_code(info)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sr-tune", description="Train and tune super-resolution models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -404,41 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--verbose", action="store_true", help="show Ray's and Tune's own output instead of the log file")
     tune.set_defaults(run=cmd_tune)
 
-    evaluate = sub.add_parser("eval", help="PSNR/SSIM-Y of a checkpoint vs bicubic on benchmark folders")
-    evaluate.add_argument("--checkpoint", required=True, help="checkpoint folder")
-    evaluate.add_argument("--data", nargs="+", required=True, help="image folders (HR/ + LR_bicubic/ layouts too)")
-    evaluate.add_argument("--tile", type=_positive_int, default=256, help="LR tile side for inference (default 256)")
-    evaluate.add_argument(
-        "--float",
-        action="store_true",
-        help="measure in floating point: LR and outputs not rounded to 8 bits (default: the paper protocol)",
-    )
-    evaluate.set_defaults(run=cmd_eval)
-
-    upscale = sub.add_parser("upscale", help="upscale image files of any size with a checkpoint")
-    upscale.add_argument("inputs", nargs="+", help="image files")
-    upscale.add_argument("--checkpoint", required=True, help="checkpoint folder")
-    upscale.add_argument("--out", required=True, help="output folder (PNG files)")
-    upscale.add_argument(
-        "--tile", type=_positive_int, default=256, help="LR tile side; memory grows with it (default 256)"
-    )
-    upscale.add_argument(
-        "--max-output-mp",
-        type=_positive_float,
-        default=200.0,
-        help="refuse an output of more megapixels than this (default 200: 600 MB as 8-bit RGB)",
-    )
-    upscale.add_argument("--overwrite", action="store_true", help="replace output files that exist")
-    upscale.set_defaults(run=cmd_upscale)
-
-    prepare = sub.add_parser("prepare", help="pack a folder of images into Parquet shards (+ manifest.json)")
-    prepare.add_argument("src", help="folder of images (searched recursively)")
-    prepare.add_argument("dest", help="output folder or URI (s3://, gs://, hdfs://)")
-    prepare.add_argument(
-        "--shard-mb", type=_positive_float, default=256.0, help="target shard size in MB (default 256)"
-    )
-    prepare.add_argument("--skip-bad", action="store_true", help="warn about unreadable images instead of stopping")
-    prepare.set_defaults(run=cmd_prepare)
+    add_image_commands(sub)
 
     submit = sub.add_parser(
         "submit",
@@ -475,17 +420,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     jobs.set_defaults(run=cmd_jobs)
 
-    weights = sub.add_parser("import-weights", help="turn published weights into an sr_tune checkpoint")
-    weights.add_argument("format", choices=["waifu2x-vgg7"], help="which published model family")
-    weights.add_argument("source", help="the .npz weight file, or the waifu2x-2024.0.1 wheel itself")
-    weights.add_argument("out", help="checkpoint folder to write")
-    weights.add_argument("--variant", default="anime_style_scale_y", help="member of the wheel to read")
-    weights.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace a checkpoint at OUT, or add one to a folder of other files (which are left as they are)",
-    )
-    weights.set_defaults(run=cmd_import_weights)
     return parser
 
 

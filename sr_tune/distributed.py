@@ -165,7 +165,7 @@ def run_loop(
             resume = load_checkpoint(folder)
     elif options.resume and has_checkpoint(checkpoint_dir / "last"):
         resume = load_checkpoint(checkpoint_dir / "last")
-    tracker = open_tracker(options.tracking_uri, options.run_id, rank, config.in_channels, _node_tags())
+    tracker = open_tracker(options.tracking_uri, options.run_id, rank, _node_tags())
     hyperparameters = {f"hp/{key}": value for key, value in options.hyperparameters.items()}
 
     def log(result: EvalResult) -> int:
@@ -211,8 +211,7 @@ def run_loop(
         if rank == 0:  # the others share the folder on this machine, and may end first
             shutil.rmtree(reported, ignore_errors=True)
     if options.close_run:
-        best_model = load_checkpoint(result.best_checkpoint).build_model() if result.best_checkpoint else None
-        tracker.finish(result, best_model)
+        tracker.finish(result)
 
 
 def _node_tags() -> dict[str, str]:

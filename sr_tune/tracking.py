@@ -4,7 +4,7 @@ A training run's MLflow run is created by the process that starts it (params = t
 of its workers then logs through an ``MlflowTracker`` (every other rank, and runs with tracking off, get a
 ``NullTracker``; both satisfy ``Tracker``): metrics with their step at each evaluation beside an image grid
 (LR | bicubic | SR | HR), and at the end the curves, the best checkpoint folder and the model
-(``mlflow.pytorch.log_model``, ``pt2`` export with an input example: no pickle). Sweeps: one parent run per
+(``served_model``: a models-from-code pyfunc that upscales image files; no pickle). Sweeps: one parent run per
 study, one nested run per Tune trial, all through the same client calls. Nothing here sets MLflow's
 process-wide state, except around the one model-logging call, which reads it and puts it back after.
 """
@@ -16,7 +16,6 @@ import logging
 import os
 import queue
 import subprocess
-import tempfile
 import threading
 import time
 import urllib.error
@@ -26,7 +25,6 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 
@@ -306,54 +304,16 @@ def _model_logging_store(uri: str, experiment: str) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def _saving_options(in_channels: int) -> dict[str, Any]:
-    """How a model is saved: a ``pt2`` export (no pickle) for a 48x48 LR example, with what loading it needs
-    stated (inferring that runs the model in a subprocess, which takes seconds)."""
-    import mlflow
-
-    return {
-        "input_example": torch.rand(1, in_channels, 48, 48).numpy(),
-        "serialization_format": "pt2",
-        "pip_requirements": mlflow.pytorch.get_default_pip_requirements(),
-    }
-
-
 def log_model(
-    client: MlflowClient,
-    run_id: str,
-    model: torch.nn.Module,
-    *,
-    in_channels: int,
-    name: str = "model",
-    registered_name: str | None = None,
+    client: MlflowClient, run_id: str, checkpoint_folder: str | Path, *, registered_name: str | None = None
 ) -> str | None:
-    """Log ``model`` on run ``run_id``, registered as ``registered_name`` when given; returns the registered
-    version."""
-    import mlflow
+    """Log the checkpoint in ``checkpoint_folder`` as run ``run_id``'s model (``served_model``: image files in,
+    upscaled PNGs out), registered as ``registered_name`` when given; returns the registered version."""
+    from sr_tune.served_model import log_image_model
 
-    # torch.export notes at WARNING that the example's batch dimension is specialised: expected, and the
-    # model is exported for that one shape (see the README), so it is not shown on every run's console.
-    logging.getLogger("torch._export").setLevel(logging.ERROR)
     with _model_logging_store(client.tracking_uri, client.get_run(run_id).info.experiment_id):
-        info = mlflow.pytorch.log_model(
-            model.cpu().eval(),
-            name=name,
-            registered_model_name=registered_name,
-            run_id=run_id,
-            **_saving_options(in_channels),
-        )
+        info = log_image_model(run_id, checkpoint_folder, registered_name=registered_name)
     return str(info.registered_model_version) if registered_name else None
-
-
-def prepare_model_logging(in_channels: int) -> None:
-    """Save a one-layer model as ``log_model`` saves one, into a folder then removed: the first save in a
-    process imports ``torch.export``'s compiler stack and has MLflow map the installed packages (seconds
-    each), which a ``log_model`` after it finds done."""
-    import mlflow
-
-    layer = torch.nn.Conv2d(in_channels, in_channels, 1).eval()
-    with tempfile.TemporaryDirectory(prefix="sr_tune-export-") as folder:
-        mlflow.pytorch.save_model(layer, Path(folder) / "model", **_saving_options(in_channels))
 
 
 class Tracker(Protocol):
@@ -367,7 +327,7 @@ class Tracker(Protocol):
 
     def flush(self) -> None: ...
 
-    def finish(self, result: TrainResult, model: torch.nn.Module | None = None) -> None: ...
+    def finish(self, result: TrainResult) -> None: ...
 
 
 class NullTracker:
@@ -384,7 +344,7 @@ class NullTracker:
     def flush(self) -> None:
         pass
 
-    def finish(self, result: TrainResult, model: torch.nn.Module | None = None) -> None:
+    def finish(self, result: TrainResult) -> None:
         pass
 
 
@@ -399,8 +359,8 @@ class MlflowTracker:
     QUIET_S = 10.0
     GIVE_UP_S = 1800.0  # a request the server has not taken in this long is dropped, with an error
 
-    def __init__(self, client: MlflowClient, run_id: str, *, in_channels: int, tags: dict[str, str]) -> None:
-        self.client, self.run_id, self.in_channels = client, run_id, in_channels
+    def __init__(self, client: MlflowClient, run_id: str, *, tags: dict[str, str]) -> None:
+        self.client, self.run_id = client, run_id
         for key, value in tags.items():
             client.set_tag(run_id, key, value)
         # A resumed run has them already.
@@ -485,11 +445,11 @@ class MlflowTracker:
             self.outbox.put(None)
             self.sender.join()
 
-    def finish(self, result: TrainResult, model: torch.nn.Module | None = None) -> None:
-        """Curves, the best checkpoint and the model; then the run is ended."""
+    def finish(self, result: TrainResult) -> None:
+        """Curves, the best checkpoint and the model made of it; then the run is ended."""
         self.flush()
-        if model is not None:
-            log_model(self.client, self.run_id, model, in_channels=self.in_channels)
+        if result.best_checkpoint is not None:
+            log_model(self.client, self.run_id, result.best_checkpoint)
         close_run(
             self.client,
             self.run_id,
@@ -500,10 +460,10 @@ class MlflowTracker:
 
 
 def open_tracker(
-    tracking_uri: str | None, run_id: str | None, rank: int, in_channels: int, tags: dict[str, str] | None = None
+    tracking_uri: str | None, run_id: str | None, rank: int, tags: dict[str, str] | None = None
 ) -> Tracker:
     """An MLflow tracker of run ``run_id`` on rank 0 when tracking is on, which sets ``tags`` (e.g. the node
     rank 0 runs on); a ``NullTracker`` everywhere else."""
     if rank != 0 or tracking_uri is None or run_id is None:
         return NullTracker()
-    return MlflowTracker(MlflowClient(tracking_uri), run_id, in_channels=in_channels, tags=tags or {})
+    return MlflowTracker(MlflowClient(tracking_uri), run_id, tags=tags or {})

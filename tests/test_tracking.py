@@ -3,6 +3,7 @@ behind (a real SQLite store, no Ray)."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
@@ -11,13 +12,23 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import torch
 from mlflow import MlflowClient
+from PIL import Image
 
+from sr_tune.checkpoint import save_checkpoint
+from sr_tune.config import ModelConfig, TrainConfig
+from sr_tune.data.sources import skimage_photo
 from sr_tune.engine import TrainResult
+from sr_tune.inference import png_bytes
 from sr_tune.models import create_model
 from sr_tune.results import EvalResult
+from sr_tune.served_model import image_request, upscaled_pngs
 from sr_tune.tracking import NullTracker, follow_moved_store, log_model, open_tracker, resolve_tracking_uri, start_run
+
+
+def checkpoint_folder(path: Path, name: str = "fsrcnn") -> Path:
+    config = TrainConfig(model=ModelConfig(name=name, scale=2))
+    return save_checkpoint(path, model=create_model(name, scale=2), config=config, step=1)
 
 
 def result(step: int, psnr: float) -> EvalResult:
@@ -49,14 +60,14 @@ def test_a_run_is_logged_through_its_client_and_leaves_mlflows_global_store_alon
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(store)
     run_id = start_run(client, "sr_tune", name="run", tags={"command": "test"}, params={"model.scale": 2})
-    assert isinstance(open_tracker(store, run_id, rank=1, in_channels=1), NullTracker)
-    assert isinstance(open_tracker(None, run_id, rank=0, in_channels=1), NullTracker)
-    tracker = open_tracker(store, run_id, rank=0, in_channels=1)
+    assert isinstance(open_tracker(store, run_id, rank=1), NullTracker)
+    assert isinstance(open_tracker(None, run_id, rank=0), NullTracker)
+    tracker = open_tracker(store, run_id, rank=0)
     history = [result(10, 29.5), result(20, 29.8)]
     for evaluation in history:
         tracker.log_eval(evaluation, {"patches_seen": evaluation.step * 16})
-    model = create_model("srcnn_915", scale=2)
-    tracker.finish(TrainResult(history=history, last_checkpoint=None, best_checkpoint=None), model)
+    best = checkpoint_folder(tmp_path / "best", "srcnn_915")
+    tracker.finish(TrainResult(history=history, last_checkpoint=None, best_checkpoint=best))
 
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["model.scale"] == "2"
@@ -67,24 +78,18 @@ def test_a_run_is_logged_through_its_client_and_leaves_mlflows_global_store_alon
     # The model logging call put MLflow's process-wide store and the variable back as the user had them.
     assert mlflow.get_tracking_uri() == elsewhere
     assert os.environ["MLFLOW_TRACKING_URI"] == elsewhere
-    lr = torch.rand(1, 1, 48, 48)  # the export example's size
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", store)
-        reloaded = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
-    torch.testing.assert_close(reloaded(lr), model(lr), atol=1e-5, rtol=0)
+        reloaded = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    photo = png_bytes(skimage_photo("coffee")[:, :21, :30].contiguous())
+    (upscaled,) = upscaled_pngs(reloaded.predict(image_request([photo])))
+    assert Image.open(io.BytesIO(upscaled)).size == (60, 42)
 
 
 def test_a_registered_model_gets_a_version(tmp_path: Path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_id = start_run(client, "sr_tune", name="parent", tags={}, params={})
-    version = log_model(
-        client,
-        run_id,
-        create_model("fsrcnn", scale=2),
-        in_channels=1,
-        name="best_model",
-        registered_name="sr_tune-test",
-    )
+    version = log_model(client, run_id, checkpoint_folder(tmp_path / "best"), registered_name="sr_tune-test")
     assert version == "1" and client.get_model_version("sr_tune-test", "1").run_id == run_id
 
 
@@ -92,7 +97,7 @@ def _store_with_a_registered_model(folder: Path) -> tuple[str, str]:
     client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
     run_id = start_run(client, "sr_tune", name="first", tags={}, params={})
     client.log_text(run_id, "kept", "notes/first.txt")
-    log_model(client, run_id, create_model("espcn", scale=2), in_channels=1, registered_name="moved")
+    log_model(client, run_id, checkpoint_folder(folder / "checkpoint", "espcn"), registered_name="moved")
     return run_id, client.get_run(run_id).info.artifact_uri
 
 
@@ -113,8 +118,8 @@ def test_a_copied_or_moved_store_keeps_its_artifacts_beside_it(tmp_path: Path, f
     assert client.get_run(run_id).info.artifact_uri == artifact_uri.replace(first.as_uri(), second.as_uri())
     download = Path(client.download_artifacts(run_id, "notes/first.txt", str(tmp_path)))
     assert download.read_text() == "kept"
-    loaded = mlflow.pytorch.load_model(client.get_model_version_download_uri("moved", "1"))
-    assert isinstance(loaded, torch.nn.Module)
+    loaded = mlflow.pyfunc.load_model(client.get_model_version_download_uri("moved", "1"))
+    assert loaded.metadata.metadata["sr_tune_model"] == "espcn"
     later = start_run(client, "sr_tune", name="second", tags={}, params={})
     client.log_text(later, "new", "notes/second.txt")
     assert (second / "mlruns" / later / "artifacts" / "notes" / "second.txt").read_text() == "new"
@@ -134,26 +139,6 @@ def test_a_store_copied_without_its_artifacts_is_left_as_it_is_and_says_where_th
     assert follow_moved_store(f"sqlite:///{first / 'mlflow.db'}", "sr_tune") is None  # the original: at home
 
 
-PREPARE_THEN_LOG = """
-import os, sys, tempfile
-from pathlib import Path
-from mlflow import MlflowClient
-from mlflow.utils import requirements_utils
-from sr_tune.models import create_model
-from sr_tune.tracking import log_model, prepare_model_logging, start_run
-assert "torch._dynamo" not in sys.modules and not requirements_utils._PACKAGES_TO_MODULES
-before = set(Path(tempfile.gettempdir()).glob("sr_tune-export-*"))
-prepare_model_logging(1)
-# What the first export of a process pays for is paid: the compiler stack imported, the packages mapped.
-assert "torch._dynamo" in sys.modules and requirements_utils._PACKAGES_TO_MODULES
-assert set(Path(tempfile.gettempdir()).glob("sr_tune-export-*")) == before  # its folder is gone
-assert "MLFLOW_TRACKING_URI" not in os.environ
-client = MlflowClient(sys.argv[1])
-run_id = start_run(client, "sr_tune", name="parent", tags={}, params={})
-print(log_model(client, run_id, create_model("espcn", scale=2), in_channels=1, registered_name="prepared"))
-"""
-
-
 TRIAL_PROCESS_LOGS = """
 import sys
 import torch
@@ -162,7 +147,7 @@ from sr_tune.results import EvalResult, Preview
 from sr_tune.tracking import open_tracker, start_run
 from mlflow import MlflowClient
 run_id = start_run(MlflowClient(sys.argv[1]), "sr_tune", name="trial", tags={}, params={})
-tracker = open_tracker(sys.argv[1], run_id, 0, 1)
+tracker = open_tracker(sys.argv[1], run_id, 0)
 image = torch.rand(3, 16, 16)
 preview = Preview(lr=image, bicubic=image, sr=image, hr=image, bicubic_psnr=20.0, sr_psnr=21.0)
 tracker.log_eval(EvalResult(step=1, loss=0.1, losses={}, lr=1e-3, vgg={}, patches_per_second=1.0, seconds=1.0,
@@ -183,17 +168,3 @@ def test_a_trial_process_logs_its_evaluations_and_grids_without_importing_matplo
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
-
-
-def test_preparing_the_export_pays_its_first_call_costs_and_leaves_nothing_behind(tmp_path: Path):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
-    done = subprocess.run(  # a fresh process: this one has imported torch._dynamo through its optimizers
-        [sys.executable, "-c", PREPARE_THEN_LOG, store], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "1"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", store)
-        reloaded = mlflow.pytorch.load_model("models:/prepared/1")
-    assert reloaded(torch.rand(1, 1, 48, 48)).shape == (1, 1, 96, 96)  # the export example's size

@@ -44,7 +44,11 @@ class PlainCNN(nn.Module):
         self.body = nn.Sequential(*layers)
 
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
-        return self.body(imresize(lr, scale=self.scale))  # (B, C, h*s, w*s) -> (B, C_out, h*s, w*s)
+        return self.after_bicubic(imresize(lr, scale=self.scale))  # (B, C, h*s, w*s)
+
+    def after_bicubic(self, upscaled: torch.Tensor) -> torch.Tensor:
+        """The network on the bicubic-upscaled image: (B, C, H, W) -> (B, C_out, H, W), the graph an export holds."""
+        return self.body(upscaled)
 
 
 @register_model

@@ -35,8 +35,11 @@ class SRCNN(nn.Module):
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
-        x = imresize(lr, scale=self.scale)  # (B, C, h*s, w*s) MATLAB bicubic, as in the paper
-        x = self.act(self.extract(x))  # (B, n1, H, W)
+        return self.after_bicubic(imresize(lr, scale=self.scale))  # (B, C, h*s, w*s) MATLAB bicubic, as in the paper
+
+    def after_bicubic(self, upscaled: torch.Tensor) -> torch.Tensor:
+        """The network on the bicubic-upscaled image (B, C, H, W): the graph an export holds."""
+        x = self.act(self.extract(upscaled))  # (B, n1, H, W)
         x = self.act(self.map(x))  # (B, n2, H, W)
         return self.reconstruct(x)  # (B, C, H, W)
 

@@ -35,7 +35,10 @@ class VDSR(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
-        upscaled = imresize(lr, scale=self.scale)  # (B, C, h*s, w*s)
+        return self.after_bicubic(imresize(lr, scale=self.scale))  # (B, C, h*s, w*s)
+
+    def after_bicubic(self, upscaled: torch.Tensor) -> torch.Tensor:
+        """The network on the bicubic-upscaled image (B, C, H, W): the graph an export holds."""
         return upscaled + self.residual(upscaled)
 
 

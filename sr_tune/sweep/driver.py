@@ -19,7 +19,7 @@ from sr_tune.results import TrialProgress
 from sr_tune.storage import Storage
 from sr_tune.study import Study
 from sr_tune.summary import TrialRecord, TrialSummary, edge_warnings, ranked_checkpoints, summarize
-from sr_tune.sweep.cpu_shares import CpuShares, none_left_to_start
+from sr_tune.sweep.cpu_shares import CpuShares
 from sr_tune.sweep.layout import SweepPaths, SweepState, check_storage, sweep_paths
 from sr_tune.sweep.search import max_concurrent_trials, runs_in_trial, search_setup, trial_dirname, trial_namer
 from sr_tune.sweep.tracker import NullSweepTracker, SweepTracker
@@ -78,9 +78,8 @@ class _SweepCallback(tune.Callback):
     """In the sweep's driver: keeps the console view current, and ends each trial's MLflow run the moment
     Tune stops or finishes the trial, so the run's end time (and duration) is the trial's. Runs are closed
     (curves drawn, checkpoint uploaded) on a thread of their own: Tune's loop, which starts the next trial
-    and lets running ones past their report gate, does not wait for it. When a trial ends with none left to
-    start, that thread also prepares the best model's export in the slot left idle, and ``shares`` (when given)
-    hands the running trials the CPUs of the ended ones."""
+    and lets running ones past their report gate, does not wait for it. ``shares`` (when given) hands the
+    running trials the CPUs of the ended ones."""
 
     def __init__(
         self,
@@ -96,7 +95,6 @@ class _SweepCallback(tune.Callback):
         self.unfinished: list[str] = []  # trial ids a stop signal (Ctrl-C, SIGTERM) left unfinished
         self.running: list[str] = []
         self.stop_watch = TuneStopWatch()
-        self.export_prepared = False
 
     def __reduce__(self) -> tuple[Any, tuple[()]]:
         # Tune pickles its run config, callbacks included, into the experiment: restored, it is the callback of
@@ -134,12 +132,10 @@ class _SweepCallback(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._ended(trial, None)
         self._share_cpus(trials, ended=trial.trial_id)
-        self._prepare_export(trials)
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._ended(trial, _error_line(trial))
         self._share_cpus(trials, ended=trial.trial_id)
-        self._prepare_export(trials)
 
     def _share_cpus(self, trials: list[Any], ended: str | None = None) -> None:
         """New CPU shares go to the trials at once; their runs get a ``cpu_threads`` point on the closing thread."""
@@ -152,15 +148,6 @@ class _SweepCallback(tune.Callback):
                 self.closed.append(
                     self.closing.submit(self.tracker.log_threads, trial.trial_id, changed[trial.trial_id], step)
                 )
-
-    def _prepare_export(self, trials: list[Any]) -> None:
-        """Every trial has started and none waits for the slot this one freed: it stays idle until the sweep
-        ends, so the export's warm-up (seconds of imports) runs there instead of after the last trial."""
-        if not self.tracker.tracked or self.export_prepared or not none_left_to_start(self.study, trials):
-            return
-        self.export_prepared = True
-        # Not among ``closed``: should it fail, the export fails where the model is logged, with its context.
-        self.closing.submit(self.tracker.prepare_export)
 
     def _ended(self, trial: Any, error: str | None) -> None:
         patches = TrialProgress.of(trial.last_result).patches_seen

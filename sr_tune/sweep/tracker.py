@@ -26,7 +26,6 @@ from sr_tune.tracking import (
     find_trial_run,
     log_model,
     log_summary,
-    prepare_model_logging,
     register_best,
     start_run,
     trial_runs,
@@ -44,9 +43,6 @@ class NullSweepTracker:
         return False
 
     def log_threads(self, trial_id: str, threads: int, step: int) -> None:
-        pass
-
-    def prepare_export(self) -> None:
         pass
 
     def close_trial(self, trial_id: str, storage: Storage, **ending: Any) -> None:
@@ -109,9 +105,6 @@ class SweepTracker(NullSweepTracker):
         run_id = find_trial_run(self.client, self.experiment, self.parent_run_id, trial_id)
         if run_id is not None:
             self.client.log_metric(run_id, "cpu_threads", threads, step=step)
-
-    def prepare_export(self) -> None:
-        prepare_model_logging(self.study.base_config.in_channels)
 
     def close_trial(
         self,
@@ -205,42 +198,37 @@ class SweepTracker(NullSweepTracker):
             figures=summary_figures(study, records, summaries),
             tags={**tags, "mlflow.note.content": parent_description(study, summaries, experiment_id, run_ids)},
         )
-        version = self._register(storage, best) if best and best.best_checkpoint else None
+        version = self._register(storage, best, best_run.info.run_id) if best_run and best.best_checkpoint else None
         # A sweep none of whose trials reported the objective failed, whatever Tune thinks of it.
         client.set_terminated(self.parent_run_id, status="FINISHED" if best else "FAILED")
         return version
 
-    def _register(self, storage: Storage, best: TrialSummary) -> str:
-        """The best trial's best checkpoint as the parent's model, registered as ``sr_tune-<study>``."""
+    def _register(self, storage: Storage, best: TrialSummary, run_id: str) -> str:
+        """The best trial's best checkpoint as its run's model, registered from there as ``sr_tune-<study>``."""
         study = self.study
+        registered_name = f"sr_tune-{study.name}"
         with storage.local_copy(best.best_checkpoint) as folder:
             checkpoint = load_checkpoint(folder)
-            model = checkpoint.build_model()  # reads the weights: while the (downloaded) folder is there
-        registered_name = f"sr_tune-{study.name}"
-        version = log_model(
-            self.client,
-            self.parent_run_id,
-            model,
-            name="best_model",
-            in_channels=checkpoint.config.in_channels,
-            registered_name=registered_name,
-        )
-        value = best.best[study.objective.metric]
+            version = log_model(self.client, run_id, folder, registered_name=registered_name)
+        config, value = checkpoint.config, best.best[study.objective.metric]
         register_best(
             self.client,
             registered_name,
             version,
             description=(
-                f"Best trial {best.name} of sweep {study.name}: {checkpoint.config.model.name} "
-                f"x{checkpoint.config.model.scale} ({checkpoint.config.data.color}), "
-                f"{study.objective.metric} {value:.4f} at step {checkpoint.step}."
+                f"Best trial {best.name} of sweep {study.name}: {config.model.name} x{config.model.scale} "
+                f"({config.data.color}), {study.objective.metric} {value:.4f} at step {checkpoint.step}. Takes image "
+                f"files (column `image`, base64) and answers the upscaled PNGs."
             ),
             tags={
                 "study": study.name,
                 "trial": best.name,
                 "trial_id": best.trial_id,
-                "scale": str(checkpoint.config.model.scale),
+                "model": config.model.name,
+                "scale": str(config.model.scale),
+                "color": config.data.color,
                 study.objective.metric: f"{value:.4f}",
+                **({"val_psnr": f"{best.best['val_psnr']:.4f}"} if "val_psnr" in best.best else {}),
             },
         )
         return version

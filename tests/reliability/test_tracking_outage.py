@@ -40,11 +40,11 @@ def test_an_outage_of_the_tracking_server_delays_logging_but_not_training(tmp_pa
     try:
         client = MlflowClient(uri)
         run_id = start_run(client, "sr_tune", name="outage", tags={}, params={})
-        tracker = MlflowTracker(client, run_id, in_channels=1, tags={})
+        tracker = MlflowTracker(client, run_id, tags={})
         tracker.QUIET_S = 1.0
         tracker.log_eval(evaluation(10))
         tracker.flush()  # the first evaluation is in before the outage
-        tracker = MlflowTracker(client, run_id, in_channels=1, tags={})  # a new sender: flush ended the last
+        tracker = MlflowTracker(client, run_id, tags={})  # a new sender: flush ended the last
         tracker.QUIET_S = 1.0
         server.stop()
 
