@@ -167,6 +167,8 @@ def resolve_model(uri: str, tracking_uri: str) -> Iterator[Path]:
     ``InputError`` of one line."""
     from mlflow.exceptions import MlflowException
 
+    from sr_tune.tracking import process_store
+
     prefix = "sqlite:///"
     if tracking_uri.startswith(prefix) and not Path(tracking_uri[len(prefix) :]).is_file():
         raise InputError(
@@ -175,7 +177,12 @@ def resolve_model(uri: str, tracking_uri: str) -> Iterator[Path]:
         )
     with tempfile.TemporaryDirectory(prefix="sr_tune-model-") as folder:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=folder, tracking_uri=tracking_uri))
+            with process_store(tracking_uri):
+                local = Path(
+                    mlflow.artifacts.download_artifacts(
+                        uri, dst_path=folder, tracking_uri=tracking_uri, registry_uri=tracking_uri
+                    )
+                )
         except MlflowException as error:
             message = str(error.message).splitlines()[0] if error.message else type(error).__name__
             raise InputError(f"{uri}: not found in the MLflow store {tracking_uri} ({message})") from None

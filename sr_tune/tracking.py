@@ -282,14 +282,18 @@ def register_best(client: MlflowClient, name: str, version: str, *, description:
 
 
 @contextmanager
-def _model_logging_store(uri: str, experiment: str) -> Iterator[None]:
-    """``mlflow.pytorch.log_model`` reads MLflow's process-wide store and experiment: set them for that one
-    call, then put back the store and the variables (``set_tracking_uri`` rewrites ``MLFLOW_TRACKING_URI``)
-    exactly as they were."""
+def process_store(uri: str, experiment_id: str | None = None) -> Iterator[None]:
+    """MLflow's process-wide store (and experiment) for one call that reads them (logging a model, resolving a
+    ``models:/`` URI, which ignores the store it is given in places); then the store and the variables
+    (``set_tracking_uri`` rewrites ``MLFLOW_TRACKING_URI``) are put back exactly as they were."""
     import mlflow
     from mlflow.tracking._tracking_service import utils
 
-    variables = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_ID": experiment}
+    variables = {
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a progress bar per download, on a command's console
+        **({"MLFLOW_EXPERIMENT_ID": experiment_id} if experiment_id else {}),
+    }
     saved_uri, saved = utils._tracking_uri, {name: os.environ.get(name) for name in variables}
     os.environ.update(variables)
     mlflow.set_tracking_uri(uri)
@@ -311,7 +315,7 @@ def log_model(
     upscaled PNGs out), registered as ``registered_name`` when given; returns the registered version."""
     from sr_tune.served_model import log_image_model
 
-    with _model_logging_store(client.tracking_uri, client.get_run(run_id).info.experiment_id):
+    with process_store(client.tracking_uri, client.get_run(run_id).info.experiment_id):
         info = log_image_model(run_id, checkpoint_folder, registered_name=registered_name)
     return str(info.registered_model_version) if registered_name else None
 

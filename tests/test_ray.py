@@ -31,7 +31,10 @@ from mlflow.tracking import MlflowClient
 from sr_tune.checkpoint import load_checkpoint
 from sr_tune.config import load_config
 from sr_tune.console import format_value
+from sr_tune.data.sources import skimage_photo
 from sr_tune.distributed import fit, init_ray
+from sr_tune.inference import Upscaler, png_bytes
+from sr_tune.served_model import image_request, upscaled_pngs
 from sr_tune.study import load_study
 from sr_tune.sweep.driver import run_sweep
 from sr_tune.sweep.layout import remove_sweep, sweep_paths
@@ -157,10 +160,12 @@ def test_two_gloo_workers_match_one_killed_and_restarted_worker_at_double_batch_
     assert len(client.get_metric_history(two.run_id, "bicubic_psnr")) == 1  # the same at every evaluation
     assert {a.path for a in client.list_artifacts(two.run_id)} >= {"curves.png", "best_checkpoint", "grids"}
 
-    model = mlflow.pytorch.load_model(f"runs:/{two.run_id}/model")
-    lr = torch.rand(1, 1, 48, 48)
-    expected = load_checkpoint(tmp_path / "runs" / "two" / "best").build_model()(lr)
-    np.testing.assert_allclose(model(lr).detach().numpy(), expected.detach().numpy(), atol=1e-5)
+    # The logged model upscales a photo as `sr-tune upscale` does with the run's best checkpoint.
+    photo = skimage_photo("chelsea")[:, :23, :31].contiguous()
+    answer = mlflow.pyfunc.load_model(f"runs:/{two.run_id}/model").predict(image_request([png_bytes(photo)]))
+    best = load_checkpoint(tmp_path / "runs" / "two" / "best")
+    upscaler = Upscaler(best.build_model(), scale=best.config.model.scale, color=best.config.data.color)
+    assert upscaled_pngs(answer) == [png_bytes(upscaler.rgb(photo))]
 
 
 def test_concurrency_follows_the_cluster_and_bad_resources_are_named(tmp_path: Path, local_ray):
@@ -256,23 +261,28 @@ budget: {num_samples: 4, max_steps: 60}
     assert text == study.text
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert plots == {"plots/best_so_far.png", "plots/param_optimizer.lr.png", "plots/param_optimizer.weight_decay.png"}
+    # The best model is logged on the best trial's own run and registered from there.
+    best_run_id = parent.data.tags["sr_tune.best_run_id"]
     versions = client.search_model_versions("name='sr_tune-asha'")
-    assert [v.run_id for v in versions] == [parent.info.run_id]
+    assert [v.run_id for v in versions] == [best_run_id] and best_run_id != parent.info.run_id
     version = client.get_model_version_by_alias("sr_tune-asha", "best")
     assert str(version.version) == "1" and f"Best trial {best.name} of sweep asha" in version.description
     assert version.tags == {
         "study": "asha",
         "trial": best.name,
         "trial_id": best.trial_id,
+        "model": "srcnn_915",
         "scale": "3",
+        "color": "y",
         "val_psnr": f"{max(values):.4f}",
     }
     with pytest.MonkeyPatch.context() as patch:  # this test's own fluent read of the registry, undone after it
         patch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
-        registered = mlflow.pytorch.load_model("models:/sr_tune-asha/1")
-    lr = torch.rand(1, 1, 48, 48)
-    expected = load_checkpoint(best.best_checkpoint).build_model()(lr)
-    assert torch.allclose(registered(lr), expected, atol=1e-5)
+        registered = mlflow.pyfunc.load_model("models:/sr_tune-asha@best")
+    photo = skimage_photo("coffee")[:, 7:36, 11:52].contiguous()
+    checkpoint = load_checkpoint(best.best_checkpoint)
+    upscaler = Upscaler(checkpoint.build_model(), scale=3, color="y")
+    assert upscaled_pngs(registered.predict(image_request([png_bytes(photo)]))) == [png_bytes(upscaler.rgb(photo))]
 
     # The Optuna study sits in the sweep's own folder, one trial per Tune trial.
     stored = optuna.load_study(study_name="asha", storage=f"sqlite:///{tmp_path / 'runs/sweeps/asha/optuna.db'}")
