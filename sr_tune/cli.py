@@ -179,6 +179,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from sr_tune.summary import sweep_table
     from sr_tune.sweep.driver import run_sweep
     from sr_tune.sweep.layout import remove_sweep, sweep_paths
+    from sr_tune.sweep.tracker import sweep_view_key
 
     # Every problem in one round: the study's own, its data's, the storage's; nothing is created before.
     named, storage = next(
@@ -232,6 +233,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
             f"{result.experiment}; continue with: {again}"
         )
     print(sweep_table(study, result.trials, top=args.top))
+    if result.importance is not None:
+        print(result.importance.line(study.objective.metric))
     for warning in result.warnings:
         print(f"warning: {warning}")
     succeeded = [trial for trial in result.trials if study.objective.metric in trial.best]
@@ -240,9 +243,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         registered = f"; best model registered as sr_tune-{study.name} v{version}" if version else ""
         experiment = client.get_run(result.parent_run_id).info.experiment_id
         print(f"MLflow parent run {result.parent_run_id}{registered}")
+        view = f"viewStateShareKey={sweep_view_key(result.parent_run_id)}"
         print(
             f"browse with: mlflow ui --backend-store-uri {client.tracking_uri}\n"
-            f"  runs table: http://127.0.0.1:5000/#/experiments/{experiment}?workflowType=machine_learning"
+            f"  this sweep's trials: http://127.0.0.1:5000/#/experiments/{experiment}?{view}"
         )
     if not succeeded:
         from sr_tune.tracking import last_line

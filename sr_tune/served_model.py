@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -75,6 +76,33 @@ def image_request(files: list[bytes]) -> pd.DataFrame:
 def upscaled_pngs(answer: pd.DataFrame) -> list[bytes]:
     """The PNG files of the model's answer."""
     return [base64.b64decode(encoded) for encoded in answer[COLUMN]]
+
+
+@contextlib.contextmanager
+def process_store(uri: str, experiment_id: str | None = None) -> Iterator[None]:
+    """MLflow's process-wide store (and experiment) for one call that reads them (logging a model, resolving a
+    ``models:/`` URI, which ignores the store it is given in places); then the store and the variables
+    (``set_tracking_uri`` rewrites ``MLFLOW_TRACKING_URI``) are put back exactly as they were."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    variables = {
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a progress bar per download, on a command's console
+        **({"MLFLOW_EXPERIMENT_ID": experiment_id} if experiment_id else {}),
+    }
+    saved_uri, saved = utils._tracking_uri, {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        utils._tracking_uri = saved_uri
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _signature() -> Any:
@@ -166,8 +194,6 @@ def resolve_model(uri: str, tracking_uri: str) -> Iterator[Path]:
     ``tracking_uri`` into a folder removed afterwards. An unknown name, alias, version or run is an
     ``InputError`` of one line."""
     from mlflow.exceptions import MlflowException
-
-    from sr_tune.tracking import process_store
 
     prefix = "sqlite:///"
     if tracking_uri.startswith(prefix) and not Path(tracking_uri[len(prefix) :]).is_file():

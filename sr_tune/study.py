@@ -99,6 +99,20 @@ class Distribution:
             return self.values
         return (int(self.low), int(self.high)) if self.type == "int" else (self.low, self.high)
 
+    def optuna(self, covering: tuple[Any, ...] = ()) -> Any:
+        """Optuna's distribution of this key; ``covering``: values the range is widened to hold (PBT's
+        perturbations step past the bounds)."""
+        import optuna
+
+        if self.type == "choice":
+            return optuna.distributions.CategoricalDistribution(list(self.values))
+        assert self.low is not None and self.high is not None
+        low, high, step = min(self.low, *covering), max(self.high, *covering), None if covering else self.step
+        if self.type == "int":
+            return optuna.distributions.IntDistribution(int(low), int(high), step=int(step or 1))
+        step = step if self.type == "uniform" else None
+        return optuna.distributions.FloatDistribution(low, high, log=self.type == "loguniform", step=step)
+
     def grid(self) -> list[Any]:
         """Every value the grid sampler visits."""
         if self.type == "choice":

@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from sr_tune.console import format_value, short_name, trial_label
-from sr_tune.results import metric_names
+from sr_tune.results import TrialProgress, metric_names
 from sr_tune.study import Study
 
 
@@ -84,11 +84,50 @@ def summarize(study: Study, records: list[TrialRecord]) -> list[TrialSummary]:
     return sorted(summaries, key=lambda s: (objective.metric not in s.best, sign * s.best.get(objective.metric, 0)))
 
 
-def best_metrics(study: Study, best: dict[str, Any]) -> dict[str, float]:
-    """``best_<metric>`` for each metric runs report (and the patches seen) in ``best``, a report's metrics:
-    the keys both a sweep's parent run and its trials' runs carry."""
+def objective_metric(study: Study, best: dict[str, Any]) -> dict[str, float]:
+    """``best_<objective>`` of a trial's best report ``best``: the one summary metric a trial's run carries,
+    and its parent's too (one runs-table column ranks them all)."""
+    metric = study.objective.metric
+    return {f"best_{metric}": float(best[metric])} if metric in best else {}
+
+
+def sweep_metrics(study: Study, best: dict[str, Any]) -> dict[str, float]:
+    """A sweep's parent run metrics: the best trial's best report under the keys its trials log (``val_psnr``,
+    ``psnr_gain``, ...: the same runs-table columns) and ``best_<objective>``."""
     names = (*metric_names(study.base_config.loss), "patches_seen")
-    return {f"best_{key}": float(value) for key, value in best.items() if key in names}
+    return {**{key: float(value) for key, value in best.items() if key in names}, **objective_metric(study, best)}
+
+
+def measured_on(study: Study) -> str:
+    """What the runs' PSNR numbers are measured on, in words (markdown)."""
+    data, scale = study.base_config.data, study.base_config.model.scale
+    crop = f"centre crops of {data.val_crop} px" if data.val_crop else "whole images"
+    rounding = ", outputs rounded to 8 bits" if data.quantize_lr else ""
+    return (
+        f"`val_psnr`: PSNR-Y in dB averaged over the validation images (`{data.val}`: {crop}, a {scale}-pixel "
+        f"border cut{rounding}); `psnr_gain`: the same minus bicubic's. The dB printed on the `grids/` images are "
+        f"of the one image each grid shows."
+    )
+
+
+def trial_description(
+    study: Study, name: str, params: dict[str, Any], best: dict[str, Any], *, stopped_early: bool, error: str | None
+) -> str:
+    """A trial's run description (markdown): how it ended, its best evaluation, and what the numbers mean."""
+    metric = study.objective.metric
+    lines = [f"## Trial {trial_label(name, params)} of sweep `{study.name}`", ""]
+    if error:
+        lines += [f"**Failed**: `{error.strip().splitlines()[-1]}`", ""]
+    if metric in best:
+        gain = f" ({best['psnr_gain']:+.2f} dB vs bicubic)" if "psnr_gain" in best else ""
+        ended = "stopped early by the scheduler" if stopped_early else "ran its whole budget"
+        progress = TrialProgress.of(best)
+        lines += [
+            f"Best {metric} **{best[metric]:.4f}**{gain} at step {progress.step} "
+            f"({progress.patches_seen:,} patches); it {ended}.",
+            "",
+        ]
+    return "\n".join([*lines, measured_on(study)]) + "\n"
 
 
 def edge_warnings(study: Study, best: TrialSummary) -> list[str]:
@@ -195,10 +234,16 @@ def sweep_table(study: Study, summaries: list[TrialSummary], top: int = 5) -> st
 
 
 def parent_description(
-    study: Study, summaries: list[TrialSummary], experiment_id: str, run_ids: dict[str, str], top: int = 10
+    study: Study,
+    summaries: list[TrialSummary],
+    experiment_id: str,
+    run_ids: dict[str, str],
+    top: int = 10,
+    importance: str = "",
 ) -> str:
     """The sweep's parent run description (markdown, shown on its MLflow page): the study, the best trial
-    linked to its run, and the top trials."""
+    linked to its run, the top trials, ``importance`` (markdown: which hyperparameters mattered) and what the
+    numbers are measured on."""
 
     def link(summary: TrialSummary, text: str) -> str:
         run_id = run_ids.get(summary.trial_id)
@@ -233,4 +278,6 @@ def parent_description(
         lines.append("| " + " | ".join(cells) + " |")
     if len(summaries) > top:
         lines += ["", f"{len(summaries) - top} more in `results.csv`."]
-    return "\n".join(lines) + "\n"
+    if importance:
+        lines += ["", importance.rstrip()]
+    return "\n".join([*lines, "", measured_on(study)]) + "\n"

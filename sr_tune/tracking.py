@@ -12,6 +12,7 @@ process-wide state, except around the one model-logging call, which reads it and
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import queue
@@ -20,8 +21,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -82,15 +83,41 @@ class TrackingServerError(SrTuneError, ConnectionError):
     """The tracking server named by the command does not answer."""
 
 
+# MLflow's UI shows an experiment as model training (runs, metrics, models) with this kind, instead of the
+# GenAI view (traces, latency, tokens) it opens on otherwise; and the note is the experiment's description.
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.note.content": (
+        "Super-resolution runs of sr_tune. Each `sr-tune train` is one run; each `sr-tune tune` sweep is a parent "
+        "run (the best trial's metrics under the trials' own names, `results.csv`, plots, and which "
+        "hyperparameters mattered) with one nested run per trial. The best model of each sweep is registered as "
+        "`sr_tune-<study>`, alias `best`: it takes image files and answers the upscaled PNGs."
+    ),
+}
+SHARED_VIEW_TAG = "mlflow.sharedViewState."  # + key: a runs-table view the UI opens with ?viewStateShareKey=key
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
     """The experiment's id, creating it with its artifacts beside a SQLite store (``mlruns/`` next to the
-    file) rather than under whatever folder a worker process happens to start in."""
+    file) rather than under whatever folder a worker process happens to start in, and ``EXPERIMENT_TAGS``
+    (given to one made before them too, where it has none of its own)."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    uri = client.tracking_uri
-    location = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").as_uri() if uri.startswith("sqlite:") else None
-    return client.create_experiment(name, artifact_location=location)
+    if experiment is None:
+        uri = client.tracking_uri
+        location = (
+            (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").as_uri() if uri.startswith("sqlite:") else None
+        )
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
+    for key, value in EXPERIMENT_TAGS.items():
+        if key not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
+
+
+def share_runs_view(client: MlflowClient, experiment: str, key: str, view: dict[str, Any]) -> None:
+    """Store a runs-table view (columns, order, filter) in the experiment: the UI opens it at
+    ``#/experiments/<id>?viewStateShareKey=<key>``."""
+    client.set_experiment_tag(experiment, f"{SHARED_VIEW_TAG}{key}", json.dumps(view))
 
 
 def follow_moved_store(uri: str, experiment: str) -> str | None:
@@ -281,39 +308,12 @@ def register_best(client: MlflowClient, name: str, version: str, *, description:
     client.set_registered_model_alias(name, "best", version)
 
 
-@contextmanager
-def process_store(uri: str, experiment_id: str | None = None) -> Iterator[None]:
-    """MLflow's process-wide store (and experiment) for one call that reads them (logging a model, resolving a
-    ``models:/`` URI, which ignores the store it is given in places); then the store and the variables
-    (``set_tracking_uri`` rewrites ``MLFLOW_TRACKING_URI``) are put back exactly as they were."""
-    import mlflow
-    from mlflow.tracking._tracking_service import utils
-
-    variables = {
-        "MLFLOW_TRACKING_URI": uri,
-        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a progress bar per download, on a command's console
-        **({"MLFLOW_EXPERIMENT_ID": experiment_id} if experiment_id else {}),
-    }
-    saved_uri, saved = utils._tracking_uri, {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        utils._tracking_uri = saved_uri
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def log_model(
     client: MlflowClient, run_id: str, checkpoint_folder: str | Path, *, registered_name: str | None = None
 ) -> str | None:
     """Log the checkpoint in ``checkpoint_folder`` as run ``run_id``'s model (``served_model``: image files in,
     upscaled PNGs out), registered as ``registered_name`` when given; returns the registered version."""
-    from sr_tune.served_model import log_image_model
+    from sr_tune.served_model import log_image_model, process_store
 
     with process_store(client.tracking_uri, client.get_run(run_id).info.experiment_id):
         info = log_image_model(run_id, checkpoint_folder, registered_name=registered_name)

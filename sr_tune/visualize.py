@@ -39,7 +39,8 @@ def _tile(image: torch.Tensor) -> Image.Image:
 
 def grid_captions(preview: Preview) -> list[str]:
     bicubic, sr = preview.bicubic_psnr, preview.sr_psnr
-    return ["LR (nearest)", f"bicubic {bicubic:.2f} dB", f"SR {sr:.2f} dB ({sr - bicubic:+.2f})", "HR"]
+    # The dB are of this one image; a run's val_psnr averages every validation image (the run says so).
+    return ["LR (nearest)", f"bicubic {bicubic:.2f} dB", f"SR {sr:.2f} dB ({sr - bicubic:+.2f})", "HR; dB: this image"]
 
 
 def preview_grid(preview: Preview) -> Image.Image:
@@ -94,6 +95,16 @@ def best_so_far_figure(points: Sequence[tuple[float, float]], metric: str, mode:
     figure, axis = _pyplot().subplots(figsize=(6, 4))
     axis.plot(xs, ys, drawstyle="steps-post")
     axis.set(xlabel="patches seen by the sweep", ylabel=f"best {metric} so far", title="sweep progress")
+    figure.tight_layout()
+    return figure
+
+
+def importance_figure(shares: dict[str, float], metric: str) -> Figure:
+    """Each searched key's share of the objective's variance (fANOVA), largest on top."""
+    keys = list(shares)[::-1]
+    figure, axis = _pyplot().subplots(figsize=(6, 1 + 0.5 * len(keys)))
+    axis.barh(keys, [shares[key] for key in keys])
+    axis.set(xlabel=f"importance for {metric} (share of variance)", xlim=(0, 1), title="what mattered")
     figure.tight_layout()
     return figure
 

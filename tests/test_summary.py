@@ -13,13 +13,15 @@ from sr_tune.cli import main
 from sr_tune.study import load_study
 from sr_tune.summary import (
     TrialRecord,
-    best_metrics,
     edge_warnings,
+    objective_metric,
     parent_description,
     results_csv,
     summarize,
     summary_figures,
+    sweep_metrics,
     sweep_table,
+    trial_description,
 )
 
 from .conftest import write_sweep_study as write_study
@@ -82,9 +84,11 @@ def test_trials_are_ranked_by_their_best_report_and_early_stops_are_told_apart(s
     assert summaries[0].best_checkpoint == "/ckpt/b/1" and summaries[1].best_checkpoint == "/ckpt/c/0"
     assert [s.latest_checkpoint for s in summaries] == ["/ckpt/b/1", "/ckpt/c/1", "/ckpt/a/0"]
     assert [s.stopped_early for s in summaries] == [False, False, True]  # a saw 160 of 320 patches
-    assert best_metrics(study, summaries[0].best) == pytest.approx(
-        {"best_val_psnr": 29.6, "best_psnr_gain": 0.6, "best_loss": 0.01, "best_patches_seen": 320}
+    # The parent carries the best trial's values under the trials' own names; a trial only its best objective.
+    assert sweep_metrics(study, summaries[0].best) == pytest.approx(
+        {"val_psnr": 29.6, "psnr_gain": 0.6, "loss": 0.01, "patches_seen": 320, "best_val_psnr": 29.6}
     )
+    assert objective_metric(study, summaries[2].best) == {"best_val_psnr": 29.1}
     assert sweep_table(study, summaries).splitlines() == [
         "best 3 of 3 trial(s) of summary:",
         "rank trial     val_psnr  vs bicubic   patches       lr      aug       bs",
@@ -130,7 +134,21 @@ def test_the_parent_run_description_names_the_study_and_links_the_best_trial(stu
     assert "**Best: [tb lr=9.5e-3 aug=0.5 bs=8](#/experiments/7/runs/run-b)**: val_psnr 29.6000 (+0.60 dB" in text
     assert "| rank | trial | val_psnr | vs bicubic | patches | lr | aug | bs | |" in lines
     assert "| 1 | [tb](#/experiments/7/runs/run-b) | 29.6000 | +0.60 dB | 320 | 9.5e-3 | 0.5 | 8 |  |" in lines
-    assert lines[-1] == "1 more in `results.csv`."
+    assert "1 more in `results.csv`." in lines
+    assert lines[-1].startswith("`val_psnr`: PSNR-Y in dB averaged over the validation images (`sample`: centre")
+    assert "The dB printed on the `grids/` images are of the one image each grid shows." in lines[-1]
+
+
+def test_a_trial_describes_how_it_ended_and_what_its_numbers_are_measured_on(study):
+    best = {"val_psnr": 29.61234, "psnr_gain": 0.6, "step": 40, "patches_seen": 320}
+    text = trial_description(study, "t02", {"optimizer.lr": 2e-3}, best, stopped_early=True, error=None)
+    assert text.splitlines()[:3] == [
+        "## Trial t02 lr=2.0e-3 of sweep `summary`",
+        "",
+        "Best val_psnr **29.6123** (+0.60 dB vs bicubic) at step 40 (320 patches); it stopped early by the scheduler.",
+    ]
+    failed = trial_description(study, "t03", {}, {}, stopped_early=False, error="Traceback\nValueError: boom\n")
+    assert "**Failed**: `ValueError: boom`" in failed and "Best" not in failed
 
 
 def test_a_failed_trial_is_ranked_last_and_marked(study):

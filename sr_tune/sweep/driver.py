@@ -14,6 +14,7 @@ from ray import tune
 
 from sr_tune.console import SweepView
 from sr_tune.distributed import init_ray
+from sr_tune.importance import Importance, importance
 from sr_tune.local_ray import TuneStopWatch, best_checkpoint
 from sr_tune.results import TrialProgress
 from sr_tune.storage import Storage
@@ -36,6 +37,7 @@ class SweepResult:
     warnings: list[str]
     experiment: str  # the URI (local: the path) of Tune's experiment
     unfinished: int = 0  # trials a stop signal (Ctrl-C, SIGTERM) left running: continue with ``resume``
+    importance: Importance | None = None  # which searched keys mattered for the objective
 
 
 def _record(study: Study, result: Any) -> TrialRecord:
@@ -162,6 +164,8 @@ class _SweepCallback(tune.Callback):
                 self.tracker.close_trial,
                 trial.trial_id,
                 self.storage,
+                name=str(trial),
+                params={key: trial.config.get(key) for key in self.study.search},
                 best=best_values,
                 best_checkpoint=best_path,
                 latest_checkpoint=trial.checkpoint.path if trial.checkpoint else None,
@@ -310,8 +314,10 @@ def run_sweep(
         _prune_checkpoints(study, paths.storage, records)
     scored = [s for s in summaries if study.objective.metric in s.best]
     warnings = edge_warnings(study, scored[0]) if scored else []
+    what_mattered = importance(study, summaries)
     # A finished sweep resumed again (a second `make run`) only shows its results: nothing is logged twice.
-    version = None if tracker.finished() else tracker.publish(paths.storage, records, summaries, warnings)
+    published = tracker.finished()
+    version = None if published else tracker.publish(paths.storage, records, summaries, warnings, what_mattered)
     return SweepResult(
         study=study,
         trials=summaries,
@@ -319,4 +325,5 @@ def run_sweep(
         model_version=version,
         warnings=warnings,
         experiment=paths.experiment,
+        importance=what_mattered,
     )

@@ -47,17 +47,6 @@ def trial_namer(study: Study) -> Callable[[Any], str]:
     return name
 
 
-def _optuna_distribution(dist: Distribution) -> Any:
-    import optuna
-
-    if dist.type == "choice":
-        return optuna.distributions.CategoricalDistribution(list(dist.values))
-    if dist.type == "int":
-        return optuna.distributions.IntDistribution(int(dist.low), int(dist.high), step=int(dist.step or 1))
-    step = dist.step if dist.type == "uniform" else None
-    return optuna.distributions.FloatDistribution(dist.low, dist.high, log=dist.type == "loguniform", step=step)
-
-
 def _tune_domain(dist: Distribution) -> Any:
     if dist.type == "choice":
         return tune.choice(list(dist.values))
@@ -99,7 +88,7 @@ def search_setup(study: Study, optuna_url: str | None, max_concurrent: int) -> t
         "grid": lambda: optuna.samplers.GridSampler({k: d.grid() for k, d in study.search.items()}, seed=seed),
     }
     searcher = OptunaSearch(
-        space={key: _optuna_distribution(dist) for key, dist in study.search.items()},
+        space={key: dist.optuna() for key, dist in study.search.items()},
         metric=objective.metric,
         mode=objective.mode,
         sampler=samplers[study.sampler.name](),

@@ -11,15 +11,18 @@ from typing import Any
 from mlflow import MlflowClient
 
 from sr_tune.checkpoint import load_checkpoint
+from sr_tune.importance import Importance
 from sr_tune.storage import Storage
 from sr_tune.study import Study
 from sr_tune.summary import (
     TrialRecord,
     TrialSummary,
-    best_metrics,
+    objective_metric,
     parent_description,
     results_csv,
     summary_figures,
+    sweep_metrics,
+    trial_description,
 )
 from sr_tune.tracking import (
     close_run,
@@ -27,9 +30,33 @@ from sr_tune.tracking import (
     log_model,
     log_summary,
     register_best,
+    share_runs_view,
     start_run,
     trial_runs,
 )
+from sr_tune.visualize import importance_figure
+
+
+def sweep_view_key(parent_run_id: str) -> str:
+    """The key of the runs-table view of the sweep whose parent run is ``parent_run_id``."""
+    return f"sweep-{parent_run_id}"
+
+
+def trials_view(study: Study, parent_run_id: str) -> dict[str, Any]:
+    """The sweep's trials in MLflow's runs table, best first, with the columns that tell them apart: the
+    objective, the gain over bicubic, the data seen, the searched values and how each trial ended."""
+    metric = study.objective.metric
+    metrics = dict.fromkeys([f"best_{metric}", metric, "psnr_gain", "patches_seen"])
+    return {
+        "searchFilter": f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        "orderByKey": f"metrics.`best_{metric}`",
+        "orderByAsc": study.objective.mode == "min",
+        "selectedColumns": [
+            *(f"metrics.`{key}`" for key in metrics),
+            *(f"params.`{key}`" for key in study.search),
+            "tags.`sr_tune.stopped_early`",
+        ],
+    }
 
 
 class NullSweepTracker:
@@ -55,7 +82,12 @@ class NullSweepTracker:
         pass
 
     def publish(
-        self, storage: Storage, records: list[TrialRecord], summaries: list[TrialSummary], warnings: list[str]
+        self,
+        storage: Storage,
+        records: list[TrialRecord],
+        summaries: list[TrialSummary],
+        warnings: list[str],
+        importance: Importance | None,
     ) -> str | None:
         return None
 
@@ -87,14 +119,21 @@ class SweepTracker(NullSweepTracker):
         experiment = study.base_config.tracking.experiment
         parent_run_id = start_run(client, experiment, name=f"sweep-{study.name}", tags=tags, params=params)
         client.log_text(parent_run_id, study.text, f"search_space/{study.path.name}")
-        return cls(client, study, parent_run_id)
+        return cls(client, study, parent_run_id).share_view()
 
     @classmethod
     def reopen(cls, client: MlflowClient, study: Study, parent_run_id: str) -> SweepTracker:
         """A resumed sweep's parent run: a stopped sweep (KILLED) goes on."""
         if client.get_run(parent_run_id).info.status == "KILLED":
             client.update_run(parent_run_id, status="RUNNING")
-        return cls(client, study, parent_run_id)
+        return cls(client, study, parent_run_id).share_view()
+
+    def share_view(self) -> SweepTracker:
+        """The runs-table view of this sweep's trials (``trials_view``), stored in the experiment."""
+        experiment = self.client.get_run(self.parent_run_id).info.experiment_id
+        view = trials_view(self.study, self.parent_run_id)
+        share_runs_view(self.client, experiment, sweep_view_key(self.parent_run_id), view)
+        return self
 
     def finished(self) -> bool:
         """Published already: a finished sweep resumed again (a second `make run`) logs nothing twice."""
@@ -111,6 +150,8 @@ class SweepTracker(NullSweepTracker):
         trial_id: str,
         storage: Storage,
         *,
+        name: str,
+        params: dict[str, Any],
         best: dict[str, Any],
         best_checkpoint: str | None,
         latest_checkpoint: str | None,
@@ -119,8 +160,8 @@ class SweepTracker(NullSweepTracker):
         error: str | None,
     ) -> None:
         """End a trial's nested run: curves from its latest checkpoint's history, its best checkpoint, its best
-        metrics under the parent's ``best_*`` keys (one runs-table column for both) and how it ended. A trial
-        that failed before its process created the run has none to end."""
+        objective value under the parent's ``best_<objective>`` key (one runs-table column for both), and how it
+        ended in its description. A trial that failed before its process created the run has none to end."""
         run_id = find_trial_run(self.client, self.experiment, self.parent_run_id, trial_id)
         if run_id is None:
             return
@@ -128,7 +169,13 @@ class SweepTracker(NullSweepTracker):
         if latest_checkpoint:
             with storage.local_copy(latest_checkpoint) as folder:
                 history = list(load_checkpoint(folder).run.history)
-        tags = {"sr_tune.stopped_early": str(stopped_early).lower(), "sr_tune.patches_seen": str(patches_seen)}
+        tags = {
+            "sr_tune.stopped_early": str(stopped_early).lower(),
+            "sr_tune.patches_seen": str(patches_seen),
+            "mlflow.note.content": trial_description(
+                self.study, name, params, best, stopped_early=stopped_early, error=error
+            ),
+        }
         if error:
             tags["sr_tune.error"] = error[-4000:]  # MLflow tag values hold 8000 characters
         with ExitStack() as stack:
@@ -138,7 +185,7 @@ class SweepTracker(NullSweepTracker):
                 run_id,
                 history=history,
                 best_checkpoint=best_folder,
-                metrics=best_metrics(self.study, best),
+                metrics=objective_metric(self.study, best),
                 tags=tags,
                 failed=error is not None,
             )
@@ -155,11 +202,17 @@ class SweepTracker(NullSweepTracker):
         self.client.set_terminated(self.parent_run_id, status="FAILED")
 
     def publish(
-        self, storage: Storage, records: list[TrialRecord], summaries: list[TrialSummary], warnings: list[str]
+        self,
+        storage: Storage,
+        records: list[TrialRecord],
+        summaries: list[TrialSummary],
+        warnings: list[str],
+        importance: Importance | None,
     ) -> str | None:
         """End the trials' runs still open (a trial of an interrupted run), then the parent's summary: the best
         trial's values under the trials' own keys, its markdown description, the results table and plots; and
-        the best model in the registry. Returns its version."""
+        the best model in the registry, and which hyperparameters mattered (``importance``). Returns the model's
+        version."""
         study, client = self.study, self.client
         runs = trial_runs(client, self.experiment, self.parent_run_id)
         for summary in summaries:
@@ -168,6 +221,8 @@ class SweepTracker(NullSweepTracker):
                 self.close_trial(
                     summary.trial_id,
                     storage,
+                    name=summary.name,
+                    params=summary.params,
                     best=summary.best,
                     best_checkpoint=summary.best_checkpoint,
                     latest_checkpoint=summary.latest_checkpoint,
@@ -187,16 +242,22 @@ class SweepTracker(NullSweepTracker):
         if best_run is not None:
             tags["sr_tune.best_run_id"] = best_run.info.run_id
             client.set_tag(best_run.info.run_id, "sr_tune.best", "true")
+        figures = summary_figures(study, records, summaries)
+        if importance is not None:
+            files["importance.csv"] = importance.csv()
+            figures["plots/importance.png"] = importance_figure(importance.shares, study.objective.metric)
         experiment_id = client.get_run(self.parent_run_id).info.experiment_id
         run_ids = {trial_id: run.info.run_id for trial_id, run in runs.items()}
+        what_mattered = importance.markdown(study.objective.metric) if importance else ""
+        description = parent_description(study, summaries, experiment_id, run_ids, importance=what_mattered)
         log_summary(
             client,
             self.parent_run_id,
             params=best.params if best else {},
-            metrics=best_metrics(study, best.best) if best else {},
+            metrics=sweep_metrics(study, best.best) if best else {},
             files=files,
-            figures=summary_figures(study, records, summaries),
-            tags={**tags, "mlflow.note.content": parent_description(study, summaries, experiment_id, run_ids)},
+            figures=figures,
+            tags={**tags, "mlflow.note.content": description},
         )
         version = self._register(storage, best, best_run.info.run_id) if best_run and best.best_checkpoint else None
         # A sweep none of whose trials reported the objective failed, whatever Tune thinks of it.
