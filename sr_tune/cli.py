@@ -179,7 +179,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from sr_tune.summary import sweep_table
     from sr_tune.sweep.driver import run_sweep
     from sr_tune.sweep.layout import remove_sweep, sweep_paths
-    from sr_tune.sweep.tracker import sweep_view_key
+    from sr_tune.sweep.tracker import trials_page
 
     # Every problem in one round: the study's own, its data's, the storage's; nothing is created before.
     named, storage = next(
@@ -243,10 +243,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         registered = f"; best model registered as sr_tune-{study.name} v{version}" if version else ""
         experiment = client.get_run(result.parent_run_id).info.experiment_id
         print(f"MLflow parent run {result.parent_run_id}{registered}")
-        view = f"viewStateShareKey={sweep_view_key(result.parent_run_id)}"
         print(
             f"browse with: mlflow ui --backend-store-uri {client.tracking_uri}\n"
-            f"  this sweep's trials: http://127.0.0.1:5000/#/experiments/{experiment}?{view}"
+            f"  this sweep's trials: http://127.0.0.1:5000/{trials_page(experiment, result.parent_run_id)}"
         )
     if not succeeded:
         from sr_tune.tracking import last_line

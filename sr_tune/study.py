@@ -107,7 +107,7 @@ class Distribution:
         if self.type == "choice":
             return optuna.distributions.CategoricalDistribution(list(self.values))
         assert self.low is not None and self.high is not None
-        low, high, step = min(self.low, *covering), max(self.high, *covering), None if covering else self.step
+        low, high, step = min((self.low, *covering)), max((self.high, *covering)), None if covering else self.step
         if self.type == "int":
             return optuna.distributions.IntDistribution(int(low), int(high), step=int(step or 1))
         step = step if self.type == "uniform" else None

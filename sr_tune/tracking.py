@@ -206,6 +206,16 @@ def run_tags(config_path: str | None = None) -> dict[str, str]:
     return tags
 
 
+def param_text(value: Any) -> str:
+    """A param as MLflow shows it: a float a searcher drew (``0.0025575632...``) with 5 significant digits and
+    its exponent (``2.5576e-03``), which a runs-table column would otherwise cut off; short values as they are.
+    The exact value is in the run's checkpoints and in Tune's results."""
+    text = str(value)
+    if isinstance(value, float) and len(text) > 10:
+        return f"{value:.4e}"
+    return text
+
+
 def start_run(
     client: MlflowClient,
     experiment: str,
@@ -218,7 +228,7 @@ def start_run(
     """Create a run (nested under ``parent_run_id`` when given) with its tags and params; returns its id."""
     nesting = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
     run = client.create_run(experiment_id(client, experiment), run_name=name, tags={**tags, **nesting})
-    batch = [Param(key, str(value)) for key, value in params.items()]
+    batch = [Param(key, param_text(value)) for key, value in params.items()]
     for start in range(0, len(batch), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run.info.run_id, params=batch[start : start + 100])
     return run.info.run_id
@@ -287,7 +297,7 @@ def log_summary(
     now = int(time.time() * 1000)
     client.log_batch(
         run_id,
-        params=[Param(key, str(value)) for key, value in params.items() if key not in existing],
+        params=[Param(key, param_text(value)) for key, value in params.items() if key not in existing],
         metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
     )
     for artifact_file, text in files.items():

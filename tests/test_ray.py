@@ -222,7 +222,7 @@ budget: {num_samples: 4, max_steps: 60}
         assert child.info.status == "FINISHED"
         lr, wd = trial.params["optimizer.lr"], trial.params["optimizer.weight_decay"]
         assert child.info.run_name == f"{trial.name} lr={format_value(lr)} wd={format_value(wd)}"
-        assert float(child.data.params["optimizer.lr"]) == pytest.approx(lr)
+        assert float(child.data.params["optimizer.lr"]) == pytest.approx(lr, rel=1e-4)  # 5 digits, the exponent
         assert child.data.tags["sr_tune.stopped_early"] == str(trial.stopped_early).lower()
         history = client.get_metric_history(child.info.run_id, "val_psnr")
         last_step = trial.patches_seen // 8
@@ -230,6 +230,8 @@ budget: {num_samples: 4, max_steps: 60}
         # Ended when Tune stopped or finished the trial: seconds after its last evaluation, not at the sweep's end.
         assert 0 <= child.info.end_time - history[-1].timestamp < 20_000
         assert child.data.metrics["best_val_psnr"] == pytest.approx(max(m.value for m in history))
+        assert [key for key in child.data.metrics if key.startswith("best_")] == ["best_val_psnr"]  # one summary
+        assert f"Best val_psnr **{max(m.value for m in history):.4f}**" in child.data.tags["mlflow.note.content"]
         assert len(client.get_metric_history(child.info.run_id, "bicubic_psnr")) == 1
         assert not [key for key in child.data.metrics if key.startswith("hp/")]  # params already; only PBT varies them
         assert len(client.list_artifacts(child.info.run_id, "grids")) == len(history)
@@ -247,20 +249,35 @@ budget: {num_samples: 4, max_steps: 60}
     assert parent.data.tags["sr_tune.best_run_id"] == best_run.info.run_id
     assert parent.data.tags["sr_tune.best_trial"] == best.name
     # Best values under the trials' own keys: one runs-table column each.
-    assert float(parent.data.params["optimizer.lr"]) == pytest.approx(best.params["optimizer.lr"])
+    assert float(parent.data.params["optimizer.lr"]) == pytest.approx(best.params["optimizer.lr"], rel=1e-4)
     assert parent.data.metrics["best_val_psnr"] == pytest.approx(max(values)) == best_run.data.metrics["best_val_psnr"]
+    assert parent.data.metrics["val_psnr"] == pytest.approx(max(values))  # where the runs table's column looks
     description = parent.data.tags["mlflow.note.content"]
     assert description.startswith("## Sweep `asha`")
     assert f"(#/experiments/{parent.info.experiment_id}/runs/{best_run.info.run_id})" in description
     assert parent.data.tags["git_sha"] and "sr_tune.study" in parent.data.tags
+    assert "### What mattered for `val_psnr`" in description and "| `optimizer.lr` |" in description
+    assert result.importance is not None and set(result.importance.shares) == set(study.search)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"results.csv", "plots", "search_space"} <= artifacts
+    assert {"results.csv", "importance.csv", "plots", "search_space"} <= artifacts
+    # The experiment opens as model training, described, with this sweep's trials as a shared runs-table view.
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.tags["mlflow.note.content"].startswith("Super-resolution runs of sr_tune.")
+    view = json.loads(experiment.tags[f"mlflow.sharedViewState.sweep-{parent.info.run_id}"])
+    assert view["searchFilter"] == f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    assert view["selectedColumns"][:2] == ["metrics.`best_val_psnr`", "metrics.`val_psnr`"]
     table = pd.read_csv(client.download_artifacts(parent.info.run_id, "results.csv", str(tmp_path)))
     assert len(table) == 4 and table["best_val_psnr"].iloc[0] == pytest.approx(max(values))
     text = Path(client.download_artifacts(parent.info.run_id, "search_space/study.yaml", str(tmp_path))).read_text()
     assert text == study.text
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert plots == {"plots/best_so_far.png", "plots/param_optimizer.lr.png", "plots/param_optimizer.weight_decay.png"}
+    assert plots == {
+        "plots/best_so_far.png",
+        "plots/importance.png",
+        "plots/param_optimizer.lr.png",
+        "plots/param_optimizer.weight_decay.png",
+    }
     # The best model is logged on the best trial's own run and registered from there.
     best_run_id = parent.data.tags["sr_tune.best_run_id"]
     versions = client.search_model_versions("name='sr_tune-asha'")

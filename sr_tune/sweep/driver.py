@@ -314,7 +314,7 @@ def run_sweep(
         _prune_checkpoints(study, paths.storage, records)
     scored = [s for s in summaries if study.objective.metric in s.best]
     warnings = edge_warnings(study, scored[0]) if scored else []
-    what_mattered = importance(study, summaries)
+    what_mattered = importance(study, records)
     # A finished sweep resumed again (a second `make run`) only shows its results: nothing is logged twice.
     published = tracker.finished()
     version = None if published else tracker.publish(paths.storage, records, summaries, warnings, what_mattered)

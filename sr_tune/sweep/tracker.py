@@ -37,6 +37,13 @@ from sr_tune.tracking import (
 from sr_tune.visualize import importance_figure
 
 
+def trials_page(experiment_id: str, parent_run_id: str) -> str:
+    """The MLflow UI's address (after the host) of the sweep's trials: the runs tab in its model-training mode
+    (the experiment root would open the GenAI overview, and drop the view), with the sweep's view."""
+    view = f"viewStateShareKey={sweep_view_key(parent_run_id)}"
+    return f"#/experiments/{experiment_id}/runs?workflowType=machine_learning&{view}"
+
+
 def sweep_view_key(parent_run_id: str) -> str:
     """The key of the runs-table view of the sweep whose parent run is ``parent_run_id``."""
     return f"sweep-{parent_run_id}"
@@ -47,15 +54,17 @@ def trials_view(study: Study, parent_run_id: str) -> dict[str, Any]:
     objective, the gain over bicubic, the data seen, the searched values and how each trial ended."""
     metric = study.objective.metric
     metrics = dict.fromkeys([f"best_{metric}", metric, "psnr_gain", "patches_seen"])
+    columns = [
+        *(f"metrics.`{key}`" for key in metrics),
+        *(f"params.`{key}`" for key in study.search),
+        "tags.`sr_tune.stopped_early`",
+    ]
     return {
         "searchFilter": f"tags.mlflow.parentRunId = '{parent_run_id}'",
         "orderByKey": f"metrics.`best_{metric}`",
         "orderByAsc": study.objective.mode == "min",
-        "selectedColumns": [
-            *(f"metrics.`{key}`" for key in metrics),
-            *(f"params.`{key}`" for key in study.search),
-            "tags.`sr_tune.stopped_early`",
-        ],
+        "selectedColumns": columns,
+        "columnOrder": columns,
     }
 
 
