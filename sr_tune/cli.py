@@ -141,7 +141,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if workers:
         print(f"Ray checkpoint: {result.checkpoint}")
     if result.run_id and client is not None:
-        print(f"MLflow run {result.run_id}; browse with: mlflow ui --backend-store-uri {client.tracking_uri}")
+        experiment = client.get_run(result.run_id).info.experiment_id
+        print(
+            f"MLflow run {result.run_id}; browse with: mlflow ui --backend-store-uri {client.tracking_uri}\n"
+            f"  the run: http://127.0.0.1:5000/#/experiments/{experiment}/runs/{result.run_id}"
+            f"?workflowType=machine_learning"
+        )
     return 0
 
 

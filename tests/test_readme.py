@@ -49,6 +49,9 @@ SHORTER: dict[str, list[str]] = {
     "sr-tune eval --checkpoint runs/srcnn_915_x3/best --data ~/Set5 ~/Set14": [],
     "sr-tune eval --checkpoint runs/srcnn_915_x3/best --data ~/Set5 --float": [],
     "sr-tune upscale --checkpoint runs/srcnn_915_x3/best photo.jpg --out upscaled/ --tile 256": [],
+    "sr-tune upscale --model models:/sr_tune-quickstart@best photo.jpg --out upscaled_best/": [],
+    "sr-tune eval --model models:/sr_tune-quickstart@best --data ~/Set5": [],
+    "sr-tune export --checkpoint runs/srcnn_915_x3/best srcnn.onnx": [],
     "sr-tune submit --address http://127.0.0.1:8265 --storage s3://bucket/sr_tune --tracking-uri "
     "https://mlflow.internal -- tune search_spaces/quickstart.yaml": ["--dry-run"],
     "sr-tune jobs list --address http://127.0.0.1:8265": [],
