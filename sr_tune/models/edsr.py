@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from sr_tune.models._layers import check_scale, conv, pixel_shuffle_stages
-from sr_tune.models.registry import AtLeast, register_model
+from sr_tune.models.registry import AtLeast, Count, register_model
 
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 
@@ -54,7 +54,12 @@ class EDSR(nn.Module):
 
 @register_model
 def edsr_baseline(
-    scale: int, in_channels: int = 3, res_scale: Annotated[float, AtLeast(0, exclusive=True)] = 1.0
+    scale: int,
+    in_channels: int = 3,
+    res_scale: Annotated[float, AtLeast(0, exclusive=True)] = 1.0,
+    num_blocks: Count = 16,
+    width: Count = 64,
 ) -> EDSR:
-    """EDSR-baseline: 16 blocks of 64, no BN; ``res_scale=0.1`` as an option."""
-    return EDSR(scale=scale, in_channels=in_channels, res_scale=res_scale)
+    """EDSR-baseline: 16 blocks of 64, no BN; ``res_scale=0.1`` as an option; fewer or narrower blocks for a
+    compute budget (``num_blocks``, ``width``)."""
+    return EDSR(scale=scale, in_channels=in_channels, num_blocks=num_blocks, width=width, res_scale=res_scale)
