@@ -241,6 +241,13 @@ def discriminator_step(
     return loss.detach(), d_real, d_fake
 
 
+def ema_decay_at(decay: float, step: int) -> float:
+    """The EMA's decay at ``step`` (1-based): min(decay, (1 + step) / (10 + step)). Early on the average follows
+    the model closely; a fixed 0.999 would still hold a third of the random initial weights at step 400, so a
+    short run or an early ASHA rung would score the initialisation rather than the training."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 @torch.no_grad()
 def ema_update(ema: nn.Module | None, model: nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model for parameters; buffers copied."""
@@ -470,7 +477,7 @@ def train(
         if opt_config.grad_clip_norm > 0:
             nn.utils.clip_grad_norm_(model.parameters(), opt_config.grad_clip_norm)
         optimizer.step()
-        ema_update(ema, model, opt_config.ema_decay)
+        ema_update(ema, model, ema_decay_at(opt_config.ema_decay, step))
 
         extra_terms = {"discriminator": d_loss} if d_loss is not None else {}
         window.add(step, {"total": loss, **terms, **extra_terms}, data.batch_size)

@@ -11,12 +11,23 @@ from types import SimpleNamespace
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from sr_tune.checkpoint import load_checkpoint
 from sr_tune.config import OptimizerConfig, load_config
 from sr_tune.data.degrade import imresize, to_8bit
 from sr_tune.data.sources import BadImageError, skimage_photo
-from sr_tune.engine import LossWindow, build_data, build_optimizer, evaluate, lr_factor, parameter_groups, train
+from sr_tune.engine import (
+    LossWindow,
+    build_data,
+    build_optimizer,
+    ema_decay_at,
+    ema_update,
+    evaluate,
+    lr_factor,
+    parameter_groups,
+    train,
+)
 from sr_tune.fields import ConfigError
 from sr_tune.metrics import psnr, rgb_to_y
 from sr_tune.models import create_model
@@ -306,3 +317,15 @@ def test_a_training_image_smaller_than_a_patch_is_named_or_skipped(tmp_path: Pat
     assert len(sampler.bank) == 1 and "tiny (40x30) is smaller than the 33px crop" in caplog.text
     with pytest.raises(BadImageError, match="no image is at least 99x99 pixels"):
         build_data(replace(skipping, data=replace(skipping.data, lr_patch_size=33)), torch.device("cpu"), 0, 1)
+
+
+def test_the_weight_average_follows_the_model_early_and_reaches_its_decay_later():
+    model, ema = nn.Linear(4, 4), nn.Linear(4, 4)
+    nn.init.ones_(model.weight), nn.init.zeros_(ema.weight)
+    for step in range(1, 31):
+        ema_update(ema, model, ema_decay_at(0.999, step))
+    # A fixed 0.999 would be 1 - 0.999**30 = 3% of the way to the model after 30 steps.
+    assert ema.weight.min().item() > 0.99
+    assert ema_decay_at(0.999, 1) == pytest.approx(2 / 11)
+    assert ema_decay_at(0.999, 8990) == pytest.approx(0.999) and ema_decay_at(0.999, 10**6) == 0.999
+    assert ema_decay_at(0.9, 1000) == 0.9
