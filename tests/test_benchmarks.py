@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +45,18 @@ def test_sampler_prints_the_ratio_to_a_classic_dataloader_for_each_augmentation(
         assert classic_rate > 0 and ours_rate > 0
         # The rates are printed whole, the ratio to 0.1, each from the unrounded rates.
         assert float(ratio.rstrip("x")) == pytest.approx(ours_rate / classic_rate, rel=1 / classic_rate, abs=0.051)
+
+
+def test_photo_x2_scores_bicubic_waifu2x_and_the_recipe_on_the_held_out_photographs(waifu2x_wheel: Path):
+    lines = run_script("photo_x2.py", "--quick", "--waifu2x", str(waifu2x_wheel))
+    header = next(i for i, line in enumerate(lines) if line.startswith("model"))
+    rows = {line[:40].strip(): line[40:].split() for line in lines[header + 1 :]}
+    assert list(rows) == ["bicubic", "waifu2x vgg_7 (Y, published)", "hand-set FSRCNN recipe, 40 steps"]
+    bicubic, waifu2x = float(rows["bicubic"][0]), float(rows["waifu2x vgg_7 (Y, published)"][0])
+    # Each difference comes from the unrounded values: within a rounding step of the printed ones.
+    assert rows["bicubic"][1] == "+0.00" and rows["waifu2x vgg_7 (Y, published)"][2] == "+0.00"
+    assert float(rows["bicubic"][2]) == pytest.approx(bicubic - waifu2x, abs=0.011)
+    assert float(rows["waifu2x vgg_7 (Y, published)"][1]) == pytest.approx(waifu2x - bicubic, abs=0.011)
+    # The published weights beat bicubic even on the photographs' flat 96-pixel corners (+0.31 dB here).
+    assert waifu2x > bicubic + 0.1
+    assert rows["hand-set FSRCNN recipe, 40 steps"][-1].endswith("s")

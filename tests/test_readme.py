@@ -38,6 +38,12 @@ SHORTER: dict[str, list[str]] = {
         "data.batch_size=16",
         "data.val_crop=96",
     ],
+    "sr-tune tune search_spaces/photo_x2.yaml": [
+        *SHORT_SWEEP,
+        "budget.time_limit_s=0",
+        "training.eval_interval=50",
+        "data.val_crop=48",
+    ],
     "sr-tune train configs/smoke.yaml": [],
     "sr-tune train configs/smoke.yaml --resume": [],
     "sr-tune train configs/smoke.yaml model.name=fsrcnn optimizer.lr=1e-3 training.steps=2000": ["training.steps=100"],
