@@ -223,13 +223,16 @@ def _row(study: Study, summary: TrialSummary) -> tuple[str, str, str, list[str],
 def sweep_table(study: Study, summaries: list[TrialSummary], top: int = 5) -> str:
     """The best trials: objective, PSNR gain over bicubic, data seen and the searched values."""
     metric = study.objective.metric
-    columns = "".join(f"{short_name(key):>9}" for key in study.search)
+    rows = [(rank, trial.name, *_row(study, trial)) for rank, trial in enumerate(summaries[:top], 1)]
+    names = [short_name(key) for key in study.search]
+    # Each searched column at least two spaces wider than its name and its longest value (num_blocks, charbonnier).
+    widths = [max(9, 2 + len(name), *(2 + len(row[5][i]) for row in rows)) for i, name in enumerate(names)]
+    columns = "".join(f"{name:>{width}}" for name, width in zip(names, widths))
     header = f"{'rank':<5}{'trial':<7}{metric:>11}{'vs bicubic':>12}{'patches':>10}{columns}"
     lines = [f"best {min(top, len(summaries))} of {len(summaries)} trial(s) of {study.name}:", header]
-    for rank, trial in enumerate(summaries[:top], 1):
-        value, gain, patches, values, status = _row(study, trial)
-        searched = "".join(f"{v:>9}" for v in values)
-        lines.append(f"{rank:<5}{trial.name:<7}{value:>11}{gain:>12}{patches:>10}{searched}  {status}".rstrip())
+    for rank, name, value, gain, patches, values, status in rows:
+        searched = "".join(f"{v:>{width}}" for v, width in zip(values, widths))
+        lines.append(f"{rank:<5}{name:<7}{value:>11}{gain:>12}{patches:>10}{searched}  {status}".rstrip())
     return "\n".join(lines)
 
 

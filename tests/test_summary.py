@@ -163,3 +163,12 @@ def test_a_bad_study_stops_the_tune_command_naming_the_file_and_key(tmp_path: Pa
     error = capsys.readouterr().err
     assert str(path) in error and "optimizer.lrr: unknown key" in error
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()  # nothing started
+
+
+def test_a_searched_value_longer_than_the_column_widens_it_and_keeps_two_spaces_before_it(study):
+    summaries = summarize(study, [record("a", 1e-3, [29.1], batch=123456789012), record("b", 2e-3, [29.0])])
+    header, *rows = sweep_table(study, summaries).splitlines()[1:]
+    assert header.endswith("      aug            bs")
+    # The values end where their column's name ends: right-aligned under it.
+    edge = header.index(" bs") + 3
+    assert [row[edge - 14 : edge] for row in rows] == ["  123456789012", "             8"]
