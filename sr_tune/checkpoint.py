@@ -239,7 +239,10 @@ def has_checkpoint(path: str | Path) -> bool:
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint folder written by ``save_checkpoint``; errors name the file at fault."""
+    if not str(path).strip():
+        raise InputError("the checkpoint path is empty: name a checkpoint folder (e.g. runs/fsrcnn_x2/best)")
     path = Path(path)
+    path = path.resolve() if not path.name else path  # "." or "..": a folder whose name the put-back needs
     _put_back_after_a_killed_save(path)
     if path.suffix in PICKLE_SUFFIXES and not path.is_dir():
         raise InputError(

@@ -21,10 +21,10 @@ from sr_tune.fields import ConfigError
 
 
 @contextlib.contextmanager
-def _checkpoint_folder(args: argparse.Namespace) -> Iterator[Path]:
+def _checkpoint_folder(args: argparse.Namespace) -> Iterator[str | Path]:
     """``--checkpoint DIR``, or the checkpoint of ``--model URI`` fetched from the MLflow store for the command."""
-    if args.checkpoint:
-        yield Path(args.checkpoint)
+    if args.checkpoint is not None:
+        yield args.checkpoint
         return
     from sr_tune.served_model import resolve_model
     from sr_tune.tracking import resolve_tracking_uri

@@ -106,3 +106,11 @@ def test_a_runs_state_round_trips_typed_and_a_foreign_one_is_named(tmp_path: Pat
     (tmp_path / "last" / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"checkpoint.json: state: not a training state sr_tune wrote"):
         load_checkpoint(tmp_path / "last")
+
+
+def test_an_empty_checkpoint_path_is_refused_by_name_and_the_current_folder_is_read(tmp_path: Path, monkeypatch):
+    with pytest.raises(ValueError, match="the checkpoint path is empty"):
+        load_checkpoint("")
+    save_checkpoint(tmp_path / "ckpt", model=create_model("srcnn_915", scale=3), config=load_config(), step=4)
+    monkeypatch.chdir(tmp_path / "ckpt")
+    assert load_checkpoint(".").step == 4
