@@ -37,6 +37,7 @@ from sr_tune.data.validation import protocol_scores, validation_pairs
 from sr_tune.inference import Upscaler
 from sr_tune.models import create_model
 from sr_tune.models.waifu2x import read_vgg7_weights
+from sr_tune.served_model import resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent
 HELD_OUT = {
@@ -74,23 +75,20 @@ def held_out_folder(folder: Path, crop: int | None) -> Path:
     return folder
 
 
+def mean_scores(folder: Path, color: str, upscaler: Upscaler | None) -> dict[str, float]:
+    """Mean protocol scores on the photographs in ``folder`` (whole images, 8-bit), as `sr-tune eval` loops;
+    without an upscaler only the bicubic ones mean anything."""
+    pairs = validation_pairs(open_source(str(folder), "val"), scale=2, color=color, quantize_lr=True)
+    means: dict[str, float] = {}
+    for pair in pairs:
+        sr = upscaler.model_space(pair.lr.cpu()) if upscaler else torch.zeros(1, 1, *pair.hr.shape[-2:])
+        scores, _, _ = protocol_scores(sr, pair, 2, eight_bit=True)
+        means = {key: means.get(key, 0.0) + scores[key] / len(pairs) for key in ("psnr", "bicubic_psnr")}
+    return means
+
+
 def score(upscaler: Upscaler, folder: Path) -> float:
-    """Mean PSNR-Y of ``upscaler`` on the photographs in ``folder`` (whole images, 8-bit), as `sr-tune eval`."""
-    pairs = validation_pairs(open_source(str(folder), "val"), scale=2, color=upscaler.color, quantize_lr=True)
-    total = 0.0
-    for pair in pairs:
-        scores, _, _ = protocol_scores(upscaler.model_space(pair.lr.cpu()), pair, 2, eight_bit=True)
-        total += scores["psnr"]
-    return total / len(pairs)
-
-
-def bicubic(folder: Path) -> float:
-    pairs = validation_pairs(open_source(str(folder), "val"), scale=2, color="y", quantize_lr=True)
-    total = 0.0
-    for pair in pairs:
-        scores, _, _ = protocol_scores(torch.zeros(1, 1, *pair.hr.shape[-2:]), pair, 2, eight_bit=True)
-        total += scores["bicubic_psnr"]
-    return total / len(pairs)
+    return mean_scores(folder, upscaler.color, upscaler)["psnr"]
 
 
 def upscaler_of(checkpoint: Checkpoint) -> Upscaler:
@@ -129,7 +127,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sr_tune-photo_x2-") as scratch:
         work = Path(scratch)
         folder = held_out_folder(work / "held_out", 96 if args.quick else None)
-        rows: list[tuple[str, float, str]] = [("bicubic", bicubic(folder), "")]
+        rows: list[tuple[str, float, str]] = [("bicubic", mean_scores(folder, "y", None)["bicubic_psnr"], "")]
         if args.waifu2x:
             rows.append(("waifu2x vgg_7 (Y, published)", score(waifu2x(args.waifu2x), folder), ""))
         steps = 40 if args.quick else args.recipe_steps
@@ -145,8 +143,6 @@ def main() -> None:
         for name, path in (item.split("=", 1) for item in args.checkpoint):
             rows.append((name, score(upscaler_of(load_checkpoint(path)), folder), ""))
         for name, uri in (item.split("=", 1) for item in args.model):
-            from sr_tune.served_model import resolve_model
-
             with resolve_model(uri, args.tracking_uri) as path:
                 rows.append((name, score(upscaler_of(load_checkpoint(path)), folder), ""))
 
