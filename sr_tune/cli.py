@@ -237,7 +237,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             f"sweep {study.name!r} stopped with {result.unfinished} trial(s) unfinished: its state is saved in "
             f"{result.experiment}; continue with: {again}"
         )
-    print(sweep_table(study, result.trials, top=args.top))
+    print(sweep_table(study, result.trials, top=args.top, final=result.final))
     if result.importance is not None:
         print(result.importance.line(study.objective.metric))
     for warning in result.warnings:
@@ -245,7 +245,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     succeeded = [trial for trial in result.trials if study.objective.metric in trial.best]
     if result.parent_run_id and client is not None:
         version = result.model_version
-        registered = f"; best model registered as sr_tune-{study.name} v{version}" if version else ""
+        whose = "the final run's model" if result.final else "best model"
+        registered = f"; {whose} registered as sr_tune-{study.name} v{version}" if version else ""
         experiment = client.get_run(result.parent_run_id).info.experiment_id
         print(f"MLflow parent run {result.parent_run_id}{registered}")
         print(

@@ -173,7 +173,14 @@ class Budget:
     num_samples: int = setting(8, "trials (the grid sampler: the grid's size)", ge=1)
     max_steps: int = setting(1000, "steps per trial at the base config's batch size", ge=1)
     max_concurrent: int = setting(0, "trials at once (0 = as many as the cluster's CPUs/GPUs fit)", ge=0)
-    time_limit_s: float = setting(0.0, "wall-clock limit of the sweep in seconds (0 = none)", ge=0.0)
+    time_limit_s: float = setting(0.0, "wall-clock limit of the search in seconds (0 = none)", ge=0.0)
+    final_steps: int = setting(
+        0,
+        "after the search, the best trial's values trained again from the start for this many steps (counted "
+        "like max_steps) over all the CPUs the trials shared; that model is the one registered (0 = none: the "
+        "best trial's)",
+        ge=0,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -229,10 +236,15 @@ class Study:
         """The base config's batch size (with ``fixed``): what the study's step counts are counted in."""
         return self.base_config.data.batch_size
 
-    def trial_config(self, sampled: Mapping[str, Any]) -> TrainConfig:
-        """The base config with the fixed overrides, the sampled values, and the trial's length and
-        evaluation interval rescaled to its batch size (same patches seen as the base batch size)."""
-        return _trial_config(self.base_data, self.fixed, sampled, self.budget, self.resources, str(self.path))
+    def trial_config(
+        self, sampled: Mapping[str, Any], *, steps: int | None = None, workers: int | None = None
+    ) -> TrainConfig:
+        """The base config with the fixed overrides, the sampled values, and the trial's length (``steps``,
+        default ``budget.max_steps``) and evaluation interval rescaled to its batch size (same patches seen as the
+        base batch size), on ``workers`` (default ``resources.workers``)."""
+        budget = self.budget if steps is None else dataclasses.replace(self.budget, max_steps=steps)
+        resources = self.resources if workers is None else dataclasses.replace(self.resources, workers=workers)
+        return _trial_config(self.base_data, self.fixed, sampled, budget, resources, str(self.path))
 
     def patches(self, steps: int) -> int:
         """Patches seen in ``steps`` steps at the base batch size over all of a trial's workers."""
@@ -322,6 +334,12 @@ def _cross_problems(values: Mapping[str, Any]) -> list[str]:
                     problems.extend(f"search.{key} = {value!r}: {p}" for p in error.problems)
                     break
                 configs.append((f"search.{key} = {value!r}", config))
+        if configs and budget.final_steps:
+            final_budget = dataclasses.replace(budget, max_steps=budget.final_steps)
+            try:
+                _trial_config(base_data, fixed, {}, final_budget, resources, source)
+            except ConfigError as error:
+                problems.extend(f"budget.final_steps = {budget.final_steps}: {p}" for p in error.problems)
         for where, config in configs:
             if objective.metric not in (*metric_names(config.loss), "patches_seen"):
                 problems.append(

@@ -220,10 +220,14 @@ def _row(study: Study, summary: TrialSummary) -> tuple[str, str, str, list[str],
     )
 
 
-def sweep_table(study: Study, summaries: list[TrialSummary], top: int = 5) -> str:
-    """The best trials: objective, PSNR gain over bicubic, data seen and the searched values."""
+def sweep_table(study: Study, summaries: list[TrialSummary], top: int = 5, final: TrialSummary | None = None) -> str:
+    """The best trials: objective, PSNR gain over bicubic, data seen and the searched values; then the
+    ``final`` run (the best values trained longer) when there is one."""
     metric = study.objective.metric
-    rows = [(rank, trial.name, *_row(study, trial)) for rank, trial in enumerate(summaries[:top], 1)]
+    rows = [(str(rank), trial.name, *_row(study, trial)) for rank, trial in enumerate(summaries[:top], 1)]
+    if final is not None:
+        value, gain, patches, values, status = _row(study, final)
+        rows.append(("", final.name, value, gain, patches, values, status or f"{summaries[0].name} trained longer"))
     names = [short_name(key) for key in study.search]
     # Each searched column at least two spaces wider than its name and its longest value (num_blocks, charbonnier).
     widths = [max(9, 2 + len(name), *(2 + len(row[5][i]) for row in rows)) for i, name in enumerate(names)]

@@ -306,6 +306,54 @@ budget: {num_samples: 4, max_steps: 60}
     assert len(stored.trials) == 4
 
 
+def test_a_final_run_trains_the_best_values_longer_on_both_cpus_and_its_model_is_registered(tmp_path: Path, local_ray):
+    study = load_study(
+        write_study(
+            tmp_path,
+            """
+name: final
+search:
+  optimizer.lr: {type: loguniform, low: 1.0e-4, high: 3.0e-3}
+  data.batch_size: {type: choice, values: [4, 8]}
+sampler: {name: random, seed: 1}
+scheduler: {name: none}
+budget: {num_samples: 2, max_steps: 20, final_steps: 60}
+""",
+        )
+    )
+    result = run_sweep(study, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    winner, final = result.trials[0], result.final
+    assert final is not None and final.params == winner.params and final.error is None
+    assert final.patches_seen == study.patches(60)  # the final budget at the base batch size, all of it
+    checkpoint = load_checkpoint(final.best_checkpoint)
+    # Two one-CPU workers sharing the winner's batch: the same patches per step, so the same recipe, longer.
+    batch = study.trial_config(winner.params).data.batch_size
+    assert checkpoint.config.distributed.num_workers == 2 and checkpoint.config.data.batch_size == batch // 2
+    assert checkpoint.config.training.steps == 60 * 8 // batch
+    assert checkpoint.config.optimizer.lr == winner.params["optimizer.lr"]
+    assert final.best["val_psnr"] == pytest.approx(checkpoint.metrics["val_psnr"])
+
+    client, runs = mlflow_runs(tmp_path)
+    parent = next(r for r in runs if r.info.run_id == result.parent_run_id)
+    children = {r.data.tags[TRIAL_TAG]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {t.trial_id for t in result.trials} | {"final"}
+    final_run = children["final"]
+    assert final_run.info.status == "FINISHED" and final_run.data.tags["sr_tune.final_of"] == winner.name
+    assert final_run.data.params["training.steps"] == str(60 * 8 // batch)
+    history = client.get_metric_history(final_run.info.run_id, "val_psnr")
+    assert [m.step for m in history] == list(range(20 * 8 // batch, 60 * 8 // batch + 1, 20 * 8 // batch))
+    assert final_run.data.metrics["best_val_psnr"] == pytest.approx(max(m.value for m in history))
+    assert parent.data.tags["sr_tune.final_run_id"] == final_run.info.run_id
+    assert parent.data.metrics["final_val_psnr"] == pytest.approx(final.best["val_psnr"])
+    assert parent.data.tags["sr_tune.best_trial"] == winner.name  # the search's best stays the search's
+    # The registered model is the final run's, not the winning trial's.
+    version = client.get_model_version_by_alias("sr_tune-final", "best")
+    assert version.run_id == final_run.info.run_id and version.tags["trial_id"] == "final"
+    assert version.description.startswith("The final run (the best trial's values trained longer) of sweep final")
+    assert f"at step {checkpoint.step}" in version.description
+
+
 def test_trials_of_two_workers_go_through_the_train_bridge_and_survive_a_killed_worker(tmp_path: Path, local_ray):
     """The path of every study with GPUs or ``workers: 2``: each trial a Ray Train run over 2 gloo workers whose
     reports and checkpoints its driver relays to Tune. ASHA stops the weak trial through the report gate, a

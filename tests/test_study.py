@@ -198,3 +198,31 @@ def test_an_asha_study_whose_first_rung_lies_past_its_budget_is_refused():
         "lower it (e.g. scheduler.grace_period=500)"
     ]
     assert load_study(path, ["budget.max_steps=1000", "scheduler.grace_period=500"]).budget.max_steps == 1000
+
+
+def test_the_final_run_splits_the_winning_batch_evenly_over_the_free_cpus(tmp_path: Path):
+    from sr_tune.sweep.final import final_config, final_workers
+
+    assert [final_workers(batch, 4) for batch in (32, 6, 9, 7, 1)] == [4, 3, 3, 1, 1]
+    assert final_workers(16, 0) == 1
+    study = load_study(
+        write_study(
+            tmp_path,
+            """
+name: final
+fixed: {data.batch_size: 16, training.eval_interval: 50}
+search:
+  data.batch_size: {type: choice, values: [16, 48]}
+budget: {max_steps: 200, final_steps: 1000}
+""",
+        )
+    )
+    for batch, slots, workers, steps, interval in ((16, 2, 2, 1000, 50), (48, 2, 2, 334, 17), (48, 5, 4, 334, 17)):
+        config = final_config(study, {"data.batch_size": batch}, slots)
+        assert config.distributed.num_workers == workers and config.data.batch_size * workers == batch
+        assert (config.training.steps, config.training.eval_interval) == (steps, interval)
+    with pytest.raises(ConfigError) as refused:
+        load_study(study.path, ["budget.final_steps=-1"])
+    assert [p for p in refused.value.problems if "final_steps" in p] == [
+        "budget.final_steps: -1 is out of range (allowed: >= 0) (from the override 'budget.final_steps=-1')"
+    ]

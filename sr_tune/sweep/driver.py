@@ -21,6 +21,7 @@ from sr_tune.storage import Storage
 from sr_tune.study import Study
 from sr_tune.summary import TrialRecord, TrialSummary, edge_warnings, ranked_checkpoints, summarize
 from sr_tune.sweep.cpu_shares import CpuShares
+from sr_tune.sweep.final import FINAL_ID, cpu_slots, final_config, train_final
 from sr_tune.sweep.layout import SweepPaths, SweepState, check_storage, sweep_paths
 from sr_tune.sweep.search import max_concurrent_trials, runs_in_trial, search_setup, trial_dirname, trial_namer
 from sr_tune.sweep.tracker import NullSweepTracker, SweepTracker
@@ -38,6 +39,7 @@ class SweepResult:
     experiment: str  # the URI (local: the path) of Tune's experiment
     unfinished: int = 0  # trials a stop signal (Ctrl-C, SIGTERM) left running: continue with ``resume``
     importance: Importance | None = None  # which searched keys mattered for the objective
+    final: TrialSummary | None = None  # the best values trained again for ``budget.final_steps``
 
 
 def _record(study: Study, result: Any) -> TrialRecord:
@@ -317,7 +319,19 @@ def run_sweep(
     what_mattered = importance(study, records)
     # A finished sweep resumed again (a second `make run`) only shows its results: nothing is logged twice.
     published = tracker.finished()
-    version = None if published else tracker.publish(paths.storage, records, summaries, warnings, what_mattered)
+    final = None
+    if study.budget.final_steps and scored and not published:
+        try:
+            final = _train_final(study, paths, scored[0], tracker, tags, view)
+        except KeyboardInterrupt:  # its state is saved: ``resume`` continues the final run
+            tracker.mark_killed()
+            return SweepResult(study, summaries, tracker.parent_run_id, None, warnings, paths.experiment, 1)
+        except Exception:
+            tracker.mark_failed()
+            raise
+    version = None
+    if not published:
+        version = tracker.publish(paths.storage, records, summaries, warnings, what_mattered, final=final)
     return SweepResult(
         study=study,
         trials=summaries,
@@ -326,4 +340,32 @@ def run_sweep(
         warnings=warnings,
         experiment=paths.experiment,
         importance=what_mattered,
+        final=final,
     )
+
+
+def _train_final(
+    study: Study,
+    paths: SweepPaths,
+    winner: TrialSummary,
+    tracker: NullSweepTracker,
+    tags: dict[str, str],
+    view: SweepView | None,
+) -> TrialSummary:
+    """``budget.final_steps`` of the winner's values (``sweep.final``), announced on the console view."""
+    config = final_config(study, winner.params, cpu_slots(study))
+    if view is not None:
+        view.message(
+            f"{FINAL_ID}: {winner.name}'s values trained again for {config.training.steps} steps on "
+            f"{config.distributed.num_workers} worker(s) (batch {config.data.batch_size} each)"
+        )
+    client = MlflowClient(tracker.tracking_uri) if tracker.tracking_uri else None
+    final = train_final(study, paths, winner, config, client=client, parent_run_id=tracker.parent_run_id, tags=tags)
+    if view is not None:
+        metric = study.objective.metric
+        reached = {summary.name: summary.best.get(metric) for summary in (final, winner)}
+        view.message(
+            f"{FINAL_ID}: best {metric} "
+            + ", ".join(f"{name} {value:.4f}" for name, value in reached.items() if value is not None)
+        )
+    return final

@@ -24,6 +24,7 @@ from sr_tune.summary import (
     sweep_metrics,
     trial_description,
 )
+from sr_tune.sweep.final import FINAL_ID
 from sr_tune.tracking import (
     close_run,
     find_trial_run,
@@ -217,14 +218,15 @@ class SweepTracker(NullSweepTracker):
         summaries: list[TrialSummary],
         warnings: list[str],
         importance: Importance | None,
+        final: TrialSummary | None = None,
     ) -> str | None:
         """End the trials' runs still open (a trial of an interrupted run), then the parent's summary: the best
         trial's values under the trials' own keys, its markdown description, the results table and plots; and
-        the best model in the registry, and which hyperparameters mattered (``importance``). Returns the model's
-        version."""
+        the best model in the registry (the ``final`` run's when there is one), and which hyperparameters
+        mattered (``importance``). Returns the model's version."""
         study, client = self.study, self.client
         runs = trial_runs(client, self.experiment, self.parent_run_id)
-        for summary in summaries:
+        for summary in [*summaries, *([final] if final else [])]:
             run = runs.get(summary.trial_id)
             if run is not None and run.info.status == "RUNNING":
                 self.close_trial(
@@ -268,6 +270,11 @@ class SweepTracker(NullSweepTracker):
             figures=figures,
             tags={**tags, "mlflow.note.content": description},
         )
+        final_run = runs.get(final.trial_id) if final and study.objective.metric in final.best else None
+        if final_run is not None:  # the winner's values trained longer: that is the sweep's model
+            client.log_metric(self.parent_run_id, f"final_{study.objective.metric}", final.best[study.objective.metric])
+            client.set_tag(self.parent_run_id, "sr_tune.final_run_id", final_run.info.run_id)
+            best, best_run = final, final_run
         version = self._register(storage, best, best_run.info.run_id) if best_run and best.best_checkpoint else None
         # A sweep none of whose trials reported the objective failed, whatever Tune thinks of it.
         client.set_terminated(self.parent_run_id, status="FINISHED" if best else "FAILED")
@@ -281,12 +288,14 @@ class SweepTracker(NullSweepTracker):
             checkpoint = load_checkpoint(folder)
             version = log_model(self.client, run_id, folder, registered_name=registered_name)
         config, value = checkpoint.config, best.best[study.objective.metric]
+        final = best.trial_id == FINAL_ID
+        origin = "The final run (the best trial's values trained longer)" if final else f"Best trial {best.name}"
         register_best(
             self.client,
             registered_name,
             version,
             description=(
-                f"Best trial {best.name} of sweep {study.name}: {config.model.name} x{config.model.scale} "
+                f"{origin} of sweep {study.name}: {config.model.name} x{config.model.scale} "
                 f"({config.data.color}), {study.objective.metric} {value:.4f} at step {checkpoint.step}. Takes image "
                 f"files (column `image`, base64) and answers the upscaled PNGs."
             ),
