@@ -213,11 +213,11 @@ name: final
 fixed: {data.batch_size: 16, training.eval_interval: 50}
 search:
   data.batch_size: {type: choice, values: [16, 48]}
-budget: {max_steps: 200, final_steps: 1000}
+budget: {max_steps: 200, final_steps: 1000}  # 5x: evaluated every 5 x 50 steps
 """,
         )
     )
-    for batch, slots, workers, steps, interval in ((16, 2, 2, 1000, 50), (48, 2, 2, 334, 17), (48, 5, 4, 334, 17)):
+    for batch, slots, workers, steps, interval in ((16, 2, 2, 1000, 250), (48, 2, 2, 334, 84), (48, 5, 4, 334, 84)):
         config = final_config(study, {"data.batch_size": batch}, slots)
         assert config.distributed.num_workers == workers and config.data.batch_size * workers == batch
         assert (config.training.steps, config.training.eval_interval) == (steps, interval)

@@ -32,10 +32,13 @@ def final_workers(batch_size: int, cpu_slots: int) -> int:
 
 def final_config(study: Study, params: dict[str, Any], cpu_slots: int) -> TrainConfig:
     """The winning ``params`` over at most ``cpu_slots`` workers: ``budget.final_steps`` steps (at the base batch
-    size, rescaled like a trial's), each worker taking an equal share of the trial's batch."""
+    size, rescaled like a trial's), each worker taking an equal share of the trial's batch. It evaluates as
+    often in its length as a full trial does (each evaluation writes and reports a checkpoint)."""
     batch = study.trial_config(params).data.batch_size
     workers = final_workers(batch, cpu_slots)
-    config = study.trial_config(params, steps=study.budget.final_steps, workers=workers)
+    stretch = max(1, study.budget.final_steps // study.budget.max_steps)
+    interval = {"training.eval_interval": study.eval_interval_steps() * stretch}
+    config = study.trial_config({**params, **interval}, steps=study.budget.final_steps, workers=workers)
     return replace(
         config,
         data=replace(config.data, batch_size=batch // workers),
