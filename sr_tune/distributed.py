@@ -65,14 +65,15 @@ class WorkerOptions:
     report_gate: ActorHandle | None = None  # a ``ReportGate``
 
 
-def init_ray(num_cpus: float | None = None, *, dashboard: bool = True) -> None:
-    """Connect to ``RAY_ADDRESS`` when set; otherwise start a local Ray that listens on 127.0.0.1 only, with
-    its dashboard unless ``dashboard`` is false: stopped Ray Train runs free their workers' CPUs only through
-    the dashboard's cleanup, and a sweep that starts none does without it (a faster start)."""
+def init_ray(num_cpus: float | None = None, *, num_gpus: float | None = None, dashboard: bool = True) -> None:
+    """Connect to ``RAY_ADDRESS`` when set; otherwise start a local Ray that listens on 127.0.0.1 only (with
+    ``num_cpus`` and ``num_gpus``, default: what it detects), with its dashboard unless ``dashboard`` is
+    false: stopped Ray Train runs free their workers' CPUs only through the dashboard's cleanup, and a sweep
+    that starts none does without it (a faster start)."""
     if ray.is_initialized():
         return
     with _sigterm_handler_kept():
-        _start_or_connect(num_cpus, dashboard)
+        _start_or_connect(num_cpus, num_gpus, dashboard)
 
 
 @contextlib.contextmanager
@@ -87,7 +88,7 @@ def _sigterm_handler_kept() -> Iterator[None]:
             signal.signal(signal.SIGTERM, ours)
 
 
-def _start_or_connect(num_cpus: float | None, dashboard: bool) -> None:
+def _start_or_connect(num_cpus: float | None, num_gpus: float | None, dashboard: bool) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
         return
@@ -98,6 +99,7 @@ def _start_or_connect(num_cpus: float | None, dashboard: bool) -> None:
         ray.init(
             address="local",  # a new one: never a cluster some `ray start` left on this machine
             num_cpus=int(num_cpus) if num_cpus else None,
+            num_gpus=num_gpus,
             include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
             configure_logging=False,
@@ -215,12 +217,16 @@ def run_loop(
 
 
 def _node_tags() -> dict[str, str]:
-    """Where this worker runs, for its MLflow run: Ray's node id and address (none in Ray's local mode)."""
+    """Where this worker runs, for its MLflow run: Ray's node id and address, and the GPUs Ray gave it (none
+    in Ray's local mode)."""
     if not ray.is_initialized():
         return {}
+    context = ray.get_runtime_context()
+    gpus = context.get_accelerator_ids().get("GPU", [])
     return {
-        "sr_tune.node_id": ray.get_runtime_context().get_node_id(),
+        "sr_tune.node_id": context.get_node_id(),
         "sr_tune.node_ip": ray.util.get_node_ip_address(),
+        **({"sr_tune.gpu_ids": ",".join(gpus)} if gpus else {}),
     }
 
 

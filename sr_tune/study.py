@@ -58,8 +58,10 @@ def _storage_location(location: str) -> str | None:
     return storage_problem(location)
 
 
-def _zero_or_one(gpus: float) -> str | None:
-    return None if gpus in (0, 1) else "is not supported (allowed: 0 or 1: one GPU per DDP worker)"
+def _gpu_share(gpus: float) -> str | None:
+    if 0 <= gpus <= 1:
+        return None
+    return "is not supported (allowed: 0, 1 (one GPU per DDP worker) or a share of one GPU, e.g. 0.25)"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,7 +189,12 @@ class Budget:
 class Resources:
     workers: int = setting(1, "Ray Train workers per trial (a Tune trial drives Ray Train workers)", ge=1)
     cpus_per_worker: float = setting(1.0, "CPUs each worker reserves", gt=0.0)
-    gpus_per_worker: float = setting(0.0, "GPUs each worker reserves: 0 or 1", check=_zero_or_one)
+    gpus_per_worker: float = setting(
+        0.0,
+        "GPUs each worker reserves: 0, 1, or a share of one GPU for a one-worker trial (0.25: four trials of a "
+        "small model train side by side on each GPU)",
+        check=_gpu_share,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -348,6 +355,12 @@ def _cross_problems(values: Mapping[str, Any]) -> list[str]:
                     f"{', '.join(metric_names(config.loss))}"
                 )
                 break
+    if 0 < resources.gpus_per_worker < 1 and resources.workers > 1:
+        problems.append(
+            f"resources.gpus_per_worker: a share of a GPU ({resources.gpus_per_worker:g}) is for one-worker trials "
+            f"(the DDP workers of one trial each need a GPU of their own); set resources.workers=1 or "
+            f"resources.gpus_per_worker=1"
+        )
     grace = scheduler.grace_period
     if scheduler.name == "asha" and grace is not None and grace > budget.max_steps:
         problems.append(

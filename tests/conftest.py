@@ -31,6 +31,7 @@ RAY_FILES = (
     "test_sweep_stopped.py",
     "test_hpo_benchmark.py",
     "test_overhead_benchmark.py",
+    "test_gpu_shares.py",
 )
 
 

@@ -226,3 +226,21 @@ budget: {max_steps: 200, final_steps: 1000}  # 5x: evaluated every 5 x 50 steps
     assert [p for p in refused.value.problems if "final_steps" in p] == [
         "budget.final_steps: -1 is out of range (allowed: >= 0) (from the override 'budget.final_steps=-1')"
     ]
+
+
+def test_a_share_of_a_gpu_is_for_one_worker_trials(tmp_path: Path):
+    path = REPO / "search_spaces" / "fsrcnn.yaml"
+    assert load_study(path, ["resources.gpus_per_worker=0.25"]).resources.gpus_per_worker == 0.25
+    with pytest.raises(ConfigError) as refused:
+        load_study(path, ["resources.gpus_per_worker=0.5", "resources.workers=2"])
+    assert refused.value.problems == [
+        "resources.gpus_per_worker: a share of a GPU (0.5) is for one-worker trials (the DDP workers of one trial "
+        "each need a GPU of their own); set resources.workers=1 or resources.gpus_per_worker=1 (from the override "
+        "'resources.gpus_per_worker=0.5')"
+    ]
+    with pytest.raises(ConfigError) as refused:
+        load_study(path, ["resources.gpus_per_worker=2"])
+    assert [p.split(" (from")[0] for p in refused.value.problems] == [
+        "resources.gpus_per_worker: 2.0 is not supported (allowed: 0, 1 (one GPU per DDP worker) or a share of one "
+        "GPU, e.g. 0.25)"
+    ]

@@ -21,7 +21,7 @@ from sr_tune.storage import Storage
 from sr_tune.study import Study
 from sr_tune.summary import TrialRecord, TrialSummary, edge_warnings, ranked_checkpoints, summarize
 from sr_tune.sweep.cpu_shares import CpuShares
-from sr_tune.sweep.final import FINAL_ID, cpu_slots, final_config, train_final
+from sr_tune.sweep.final import FINAL_ID, final_config, final_slots, train_final
 from sr_tune.sweep.layout import SweepPaths, SweepState, check_storage, sweep_paths
 from sr_tune.sweep.search import max_concurrent_trials, runs_in_trial, search_setup, trial_dirname, trial_namer
 from sr_tune.sweep.tracker import NullSweepTracker, SweepTracker
@@ -353,7 +353,7 @@ def _train_final(
     view: SweepView | None,
 ) -> TrialSummary:
     """``budget.final_steps`` of the winner's values (``sweep.final``), announced on the console view."""
-    config = final_config(study, winner.params, cpu_slots(study))
+    config = final_config(study, winner.params, final_slots(study))
     if view is not None:
         view.message(
             f"{FINAL_ID}: {winner.name}'s values trained again for {config.training.steps} steps on "

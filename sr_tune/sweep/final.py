@@ -1,5 +1,5 @@
 """A sweep's final training (``budget.final_steps``): the best trial's values trained again from the start, for
-longer, as one Ray Train run over all the CPUs the sweep's trials shared. Search trials are kept short so that
+longer, as one Ray Train run over all the CPUs (or GPUs) the sweep's trials shared. Search trials are kept short so that
 many configurations can be compared; the model people use is then trained once, long, on the whole machine.
 
 The run is a nested MLflow run of the sweep tagged as trial ``final``: a resumed sweep finds it again (and Ray
@@ -24,18 +24,18 @@ from sr_tune.tracking import TRIAL_TAG, find_trial_run, flatten, start_run
 FINAL_ID = "final"  # its trial tag, Train run name and working folder
 
 
-def final_workers(batch_size: int, cpu_slots: int) -> int:
-    """The most data-parallel workers, at most ``cpu_slots``, that split ``batch_size`` evenly: each worker takes
+def final_workers(batch_size: int, slots: int) -> int:
+    """The most data-parallel workers, at most ``slots``, that split ``batch_size`` evenly: each worker takes
     an equal share, so the final run sees the winning trial's batch (and its learning rate still fits)."""
-    return max(w for w in range(1, max(cpu_slots, 1) + 1) if batch_size % w == 0)
+    return max(w for w in range(1, max(slots, 1) + 1) if batch_size % w == 0)
 
 
-def final_config(study: Study, params: dict[str, Any], cpu_slots: int) -> TrainConfig:
-    """The winning ``params`` over at most ``cpu_slots`` workers: ``budget.final_steps`` steps (at the base batch
-    size, rescaled like a trial's), each worker taking an equal share of the trial's batch. It evaluates as
-    often in its length as a full trial does (each evaluation writes and reports a checkpoint)."""
+def final_config(study: Study, params: dict[str, Any], slots: int) -> TrainConfig:
+    """The winning ``params`` over at most ``slots`` workers (a whole GPU each on GPUs): ``budget.final_steps``
+    steps (at the base batch size, rescaled like a trial's), each worker taking an equal share of the trial's
+    batch. It evaluates as often in its length as a full trial does (each evaluation writes a checkpoint)."""
     batch = study.trial_config(params).data.batch_size
-    workers = final_workers(batch, cpu_slots)
+    workers = final_workers(batch, slots)
     stretch = max(1, study.budget.final_steps // study.budget.max_steps)
     interval = {"training.eval_interval": study.eval_interval_steps() * stretch}
     config = study.trial_config({**params, **interval}, steps=study.budget.final_steps, workers=workers)
@@ -46,9 +46,12 @@ def final_config(study: Study, params: dict[str, Any], cpu_slots: int) -> TrainC
     )
 
 
-def cpu_slots(study: Study) -> int:
-    """How many one-trial slots the sweep ran at once, in workers: what the final run spreads over."""
-    return max_concurrent_trials(study) * study.resources.workers
+def final_slots(study: Study) -> int:
+    """How many workers the final run may spread over: the one-worker slots the sweep's trials ran in at once;
+    on GPUs, the whole GPUs those trials held together (four trials of a quarter GPU: one)."""
+    slots = max_concurrent_trials(study) * study.resources.workers
+    gpus = study.resources.gpus_per_worker
+    return max(1, int(slots * gpus + 1e-9)) if gpus else slots
 
 
 def train_final(

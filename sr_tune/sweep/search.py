@@ -19,14 +19,19 @@ DRIVER_CPUS = 0.05  # a trial's driver only waits on its workers; they get the r
 
 
 def runs_in_trial(study: Study) -> bool:
-    """A trial of one CPU worker trains in the trial's own process: Ray Train would start a controller, a
-    worker and their helpers (five more processes, two of them importing torch) for no parallelism."""
-    return study.resources.workers == 1 and not study.resources.gpus_per_worker
+    """A trial of one CPU worker, or of one worker with a share of a GPU, trains in the trial's own process:
+    Ray Train would start a controller, a worker and their helpers (five more processes, two of them importing
+    torch) for no parallelism."""
+    return study.resources.workers == 1 and study.resources.gpus_per_worker < 1
 
 
 def trial_resources(study: Study) -> dict[str, float]:
+    """What Tune reserves for a trial. A share of a GPU is Ray's fractional GPU resource: Tune places as many
+    such trials on a GPU as their shares fit, and each trial's process sees that GPU alone (Ray sets its
+    ``CUDA_VISIBLE_DEVICES``). Ray does not divide the GPU's memory: the trials must fit in it together."""
     if runs_in_trial(study):
-        return {"CPU": study.resources.cpus_per_worker}
+        gpus = study.resources.gpus_per_worker
+        return {"CPU": study.resources.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
     return {"CPU": DRIVER_CPUS}  # the driver only waits on its Train workers, which get the rest
 
 
@@ -129,9 +134,9 @@ def max_concurrent_trials(study: Study) -> int:
     if study.budget.max_concurrent:
         return study.budget.max_concurrent
     resources, per_trial = ray.cluster_resources(), study.resources
-    fits = int(resources.get("CPU", 1) // (per_trial.workers * per_trial.cpus_per_worker))
+    fits = _fits(resources.get("CPU", 1), per_trial.workers * per_trial.cpus_per_worker)
     if per_trial.gpus_per_worker:
-        fits = min(fits, int(resources.get("GPU", 0) // (per_trial.workers * per_trial.gpus_per_worker)))
+        fits = min(fits, _fits(resources.get("GPU", 0), per_trial.workers * per_trial.gpus_per_worker))
     if fits < 1:
         cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
         raise InputError(
@@ -141,3 +146,8 @@ def max_concurrent_trials(study: Study) -> int:
             f"{max(int(cpus // per_trial.workers), 1)}"
         )
     return fits
+
+
+def _fits(available: float, per_trial: float) -> int:
+    """Whole trials of ``per_trial`` in ``available``, with room for float error (1 // 0.1 is 9.0)."""
+    return int(math.floor(available / per_trial + 1e-9))

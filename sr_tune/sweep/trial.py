@@ -32,6 +32,7 @@ from ray.util.queue import Queue
 
 from sr_tune.console import trial_label
 from sr_tune.distributed import ReportGate, WorkerOptions, build_trainer, run_loop
+from sr_tune.engine import resolve_device
 from sr_tune.study import Study
 from sr_tune.sweep.cpu_shares import CpuShares, ThreadShare, own_threads
 from sr_tune.sweep.layout import SweepPaths
@@ -169,9 +170,9 @@ def trainable(study: Study, context: TrialContext) -> Any:
 
 
 def _train_in_trial(options: WorkerOptions, tags: TrialTags, own: int, share: ThreadShare | None) -> None:
-    """``run_loop`` in this process, reporting straight to Tune: ``tune.report`` returns only when Tune lets
-    the trial go on, so a stopped trial ends inside it, having logged nothing Tune did not see. It trains on
-    ``own`` threads (its Ray CPUs) until ``share`` says more."""
+    """``run_loop`` in this process (on its share of a GPU, if it has one), reporting straight to Tune:
+    ``tune.report`` returns only when Tune lets the trial go on, so a stopped trial ends inside it, having
+    logged nothing Tune did not see. It trains on ``own`` threads (its Ray CPUs) until ``share`` says more."""
     # Set, not inherited: a reused process may come from a trial given more, and a user's OMP_NUM_THREADS
     # would win over the one Ray sets from the trial's CPUs.
     torch.set_num_threads(own)
@@ -183,8 +184,11 @@ def _train_in_trial(options: WorkerOptions, tags: TrialTags, own: int, share: Th
         )  # Tune copies the checkpoint into the trial's folder
         return False
 
+    # A trial with a share of a GPU sees that GPU alone (Ray set CUDA_VISIBLE_DEVICES); training.device may
+    # still say cpu.
+    device = resolve_device(options.config.training.device) if options.config.distributed.use_gpu else None
     start = options.start_checkpoint
-    run_loop(options, rank=0, world_size=1, device=torch.device("cpu"), start=start, send=send, threads=share)
+    run_loop(options, rank=0, world_size=1, device=device or torch.device("cpu"), start=start, send=send, threads=share)
 
 
 def _train_on_workers(options: WorkerOptions, tags: TrialTags, trial_id: str, storage_path: str) -> None:
