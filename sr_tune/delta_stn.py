@@ -1,0 +1,330 @@
+"""Delta-STN (Bae & Grosse, NeurIPS 2020): regularisation hyperparameters tuned online, inside one training run.
+
+Every ``nn.Conv2d`` of a network becomes a structured best-response layer (``StnConv2d``): its general weights
+w, b plus response weights r, r_b, gated per output channel by a zero-initialised linear map of the centred
+hyperparameters (u_i - u0, one row per example):
+
+    [a_i | c_i] = Theta (u_i - u0)            a_i, c_i: (out,)
+    w_i = w + diag(a_i) r,   b_i = b + c_i * r_b
+
+At u = u0 the layer is the plain conv with the general weights: training starts as the plain model, and the
+model deployed is the plain network (``Responding.plain_state_dict``).
+
+One step (``DeltaStn.step``):
+  (a) the general weights on the training loss at u0 (response branch off);
+  (b) the response weights on per-example perturbed u_i = u0 + sigma * eps through the linearised response
+      f(x; w) + J_u f (u_i - u0) (``torch.func.jvp``), so that they fit the best-response Jacobian;
+  (c) every ``hyper_interval`` steps, one step of u (and, with ``tune_scales``, of sigma) on a held-out batch
+      with a fixed validation objective (minus an entropy bonus on sigma). The gradient reaches u only through
+      the gates: grad_u L_val = grad_w L_val(w) Theta.
+
+Hyperparameters live unconstrained (``Hyperparameters``): ``log`` ones (L2, loss weights) as u = log(value),
+projected onto their bounds after each step; ``unit`` ones (augmentation strength) as value = low + (high - low)
+* sigmoid(u). A training loss sees the constrained values, one row per example, as constants: only the gates
+carry their gradient. L2 is a term of the training loss (per example, ``Responding.squared_weights``), never the
+optimizer's ``weight_decay``.
+
+BatchNorm is refused: a per-example perturbation would leak into the other examples through the batch statistics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True, kw_only=True)
+class HyperSpec:
+    """One tuned hyperparameter: its start value and bounds (``log``: positive, tuned in log space)."""
+
+    name: str
+    initial: float
+    low: float
+    high: float
+    kind: Literal["log", "unit"] = "log"
+
+    def __post_init__(self) -> None:
+        if not self.low < self.initial < self.high:
+            raise ValueError(
+                f"{self.name}: the start value {self.initial:g} must lie inside ({self.low:g}, {self.high:g})"
+            )
+        if self.kind == "log" and self.low <= 0:
+            raise ValueError(f"{self.name}: a log-scale hyperparameter needs a positive lower bound, not {self.low:g}")
+
+    def unconstrained(self, value: float) -> float:
+        if self.kind == "log":
+            return math.log(value)
+        share = (value - self.low) / (self.high - self.low)
+        return math.log(share / (1 - share))
+
+
+class Hyperparameters(nn.Module):
+    """The tuned values, unconstrained (``u``: (H,)), and the scale sigma (H,) of their per-example perturbations
+    in that space (``raw_scale``: sigma = softplus(raw_scale))."""
+
+    def __init__(self, specs: tuple[HyperSpec, ...], scale: float = 0.3) -> None:
+        super().__init__()
+        self.specs = specs
+        self.u = nn.Parameter(torch.tensor([spec.unconstrained(spec.initial) for spec in specs], dtype=torch.float64))
+        inverse_softplus = math.log(math.expm1(scale))
+        self.raw_scale = nn.Parameter(torch.full((len(specs),), inverse_softplus, dtype=torch.float64))
+        log_kind = [spec.kind == "log" for spec in specs]
+        self.register_buffer("is_log", torch.tensor(log_kind))
+        self.register_buffer("low", torch.tensor([spec.low for spec in specs], dtype=torch.float64))
+        self.register_buffer("high", torch.tensor([spec.high for spec in specs], dtype=torch.float64))
+
+    @property
+    def names(self) -> list[str]:
+        return [spec.name for spec in self.specs]
+
+    def scale(self) -> Tensor:
+        return F.softplus(self.raw_scale)
+
+    def constrain(self, u: Tensor) -> Tensor:
+        """The values of unconstrained ``u`` (..., H), as the training loss and the augmentation use them."""
+        log_value = torch.exp(u).clamp(self.low, self.high)
+        unit_value = self.low + (self.high - self.low) * torch.sigmoid(u)
+        return torch.where(self.is_log, log_value, unit_value)
+
+    def values(self) -> dict[str, float]:
+        return dict(zip(self.names, self.constrain(self.u.detach()).tolist(), strict=True))
+
+    def perturbed(self, batch: int) -> Tensor:
+        """(batch, H) draws u_i = u0 + sigma * eps, constants (phase b trains the response weights on them)."""
+        u0 = self.u.detach()
+        noise = torch.randn((batch, len(self.specs)), dtype=u0.dtype, device=u0.device)
+        return u0 + self.scale().detach() * noise
+
+    def entropy(self) -> Tensor:
+        """The perturbation's Gaussian entropy, sum of log(sigma sqrt(2 pi e)): rewarding it keeps sigma from
+        collapsing to 0 (where the response weights would learn nothing)."""
+        return torch.log(self.scale() * math.sqrt(2 * math.pi * math.e)).sum()
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Log-scale values back inside their bounds after a step (the sigmoid keeps unit ones inside)."""
+        bounded = self.u.clamp(torch.log(self.low.clamp_min(1e-300)), torch.log(self.high))
+        self.u.copy_(torch.where(self.is_log, bounded, self.u))
+
+
+class _Offset:
+    """What every ``StnConv2d`` of one network reads: the centred hyperparameters u_i - u0, (B, H), or None
+    (the plain network)."""
+
+    def __init__(self) -> None:
+        self.value: Tensor | None = None
+
+
+class StnConv2d(nn.Module):
+    """A ``Conv2d`` (its general weights kept under the same names, ``weight`` and ``bias``) with response
+    weights gated per output channel by the offset its network is run at. Costs two convolutions when the
+    offset is set, one otherwise."""
+
+    def __init__(self, conv: nn.Conv2d, offset: _Offset, num_hyper: int) -> None:
+        super().__init__()
+        self.conv, self.offset = conv, offset
+        self.response_weight = nn.Parameter(torch.empty_like(conv.weight))
+        nn.init.kaiming_uniform_(self.response_weight, a=math.sqrt(5))  # nn.Conv2d's own initialisation
+        self.response_bias = nn.Parameter(torch.zeros_like(conv.bias)) if conv.bias is not None else None
+        # Zero: at the start every example's weights are the general ones, whatever its offset.
+        self.gate = nn.Linear(num_hyper, 2 * conv.out_channels, bias=False, dtype=conv.weight.dtype)
+        nn.init.zeros_(self.gate.weight)
+
+    def _gates(self, offset: Tensor) -> tuple[Tensor, Tensor]:
+        scale, shift = self.gate(offset.to(self.gate.weight.dtype)).chunk(2, dim=1)
+        return scale, shift  # (B, out) each
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv(x)
+        if self.offset.value is None:
+            return out
+        scale, shift = self._gates(self.offset.value)
+        conv = self.conv
+        response = F.conv2d(x, self.response_weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        out = out + response * scale[:, :, None, None]
+        if self.response_bias is not None:
+            out = out + (shift * self.response_bias)[:, :, None, None]
+        return out
+
+    def squared_weights(self) -> Tensor:
+        """||w_i||^2 of each example's weights (B,), or of the general weights (a 0-d tensor) with no offset:
+        per output channel o, ||w_o + a_io r_o||^2 = ||w_o||^2 + 2 a_io <w_o, r_o> + a_io^2 ||r_o||^2."""
+        general = self.conv.weight.flatten(1)  # (out, in * k * k)
+        if self.offset.value is None:
+            return general.square().sum()
+        response = self.response_weight.flatten(1)
+        scale, _ = self._gates(self.offset.value)
+        cross, own = (general * response).sum(1), response.square().sum(1)  # (out,)
+        return general.square().sum() + (2 * scale * cross + scale.square() * own).sum(1)
+
+
+@dataclass(frozen=True)
+class Responding:
+    """A network whose convolutions respond to the hyperparameters (``respond``)."""
+
+    model: nn.Module
+    layers: tuple[StnConv2d, ...]
+    _offset: _Offset
+
+    @contextlib.contextmanager
+    def at(self, offset: Tensor | None) -> Iterator[None]:
+        """Run the network at per-example offsets u_i - u0 (B, H); None: the plain network."""
+        before, self._offset.value = self._offset.value, offset
+        try:
+            yield
+        finally:
+            self._offset.value = before
+
+    def response_parameters(self) -> list[nn.Parameter]:
+        found = []
+        for layer in self.layers:
+            found += [layer.response_weight, layer.gate.weight]
+            found += [layer.response_bias] if layer.response_bias is not None else []
+        return found
+
+    def general_parameters(self) -> list[nn.Parameter]:
+        """Every other parameter of the network (PReLU slopes and any layer that is not a convolution too)."""
+        response = {id(p) for p in self.response_parameters()}
+        return [p for p in self.model.parameters() if id(p) not in response]
+
+    def squared_weights(self) -> Tensor:
+        """The L2 penalty's ||w||^2 over every convolution's weights (biases are not decayed): per example (B,)
+        at the current offset, a 0-d tensor without one."""
+        return sum(layer.squared_weights() for layer in self.layers)
+
+    def plain_state_dict(self) -> dict[str, Tensor]:
+        """The general weights under the plain network's own keys: the model to deploy."""
+        plain = {}
+        for key, value in self.model.state_dict().items():
+            if ".response_" in key or key.endswith(".gate.weight"):
+                continue
+            plain[key.replace(".conv.weight", ".weight").replace(".conv.bias", ".bias")] = value
+        return plain
+
+
+def respond(model: nn.Module, num_hyper: int) -> Responding:
+    """Swap every ``Conv2d`` of ``model`` (in place; a bare ``Conv2d`` is wrapped) for a ``StnConv2d`` reading
+    one shared offset: train ``Responding.model``. Refuses a network with BatchNorm, naming the layer."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            raise ValueError(
+                f"Delta-STN: layer {name!r} is a BatchNorm; per-example hyperparameters would mix through its batch "
+                f"statistics. Use a model without BatchNorm (EDSR-baseline, FSRCNN, ESPCN, VDSR, SRCNN, waifu2x)"
+            )
+    offset = _Offset()
+    if isinstance(model, nn.Conv2d):  # a network of one convolution (a linear filter)
+        layer = StnConv2d(model, offset, num_hyper)
+        return Responding(layer, (layer,), offset)
+    layers = []
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, nn.Conv2d):
+                layer = StnConv2d(child, offset, num_hyper)
+                setattr(parent, child_name, layer)
+                layers.append(layer)
+    if not layers:
+        raise ValueError("Delta-STN: the model has no Conv2d layer to respond to the hyperparameters")
+    return Responding(model, tuple(layers), offset)
+
+
+# A per-example training loss: (prediction, target, hyperparameter values (B, H)) -> (B,), L2 excluded.
+TrainLoss = Callable[[Tensor, Tensor, Tensor], Tensor]
+# The examples of one step built at per-example hyperparameter values (B, H) (augmentation reads them).
+Batch = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+@dataclass
+class DeltaStn:
+    """The three phases of a Delta-STN step over one ``Responding`` network.
+
+    ``l2`` names the hyperparameter that weights ||w||^2 in the training loss (None: no L2). ``val_loss`` is
+    the fixed validation objective of phase (c): a mean over its batch, never a tunable term."""
+
+    net: Responding
+    hyper: Hyperparameters
+    general_optimizer: torch.optim.Optimizer
+    response_optimizer: torch.optim.Optimizer
+    hyper_optimizer: torch.optim.Optimizer
+    train_loss: TrainLoss
+    val_loss: Callable[[Tensor, Tensor], Tensor]
+    l2: str | None = None
+    hyper_interval: int = 5  # training steps per hyperparameter step
+    warmup_steps: int = 0  # steps before the first hyperparameter step: the response weights learn first
+    tune_scales: bool = False
+    entropy_weight: float = 1e-3
+    steps_done: int = 0
+
+    def _l2_index(self) -> int | None:
+        return self.hyper.names.index(self.l2) if self.l2 is not None else None
+
+    def _loss(self, pred: Tensor, target: Tensor, values: Tensor) -> Tensor:
+        """The training loss at per-example ``values`` (B, H): the user's terms plus lambda_i ||w_i||^2."""
+        per_example = self.train_loss(pred, target, values)
+        if (index := self._l2_index()) is not None:
+            per_example = per_example + values[:, index].to(per_example.dtype) * self.net.squared_weights()
+        return per_example.mean()
+
+    def step(
+        self, batch_at: Batch, val_batch: Callable[[], tuple[Tensor, Tensor]], batch_size: int
+    ) -> dict[str, float]:
+        """Phases (a) and (b) on batches of ``batch_size`` examples, and (c) every ``hyper_interval`` steps past
+        the warm-up. Returns the validation loss and the values only when a hyperparameter step ran (no host
+        sync otherwise)."""
+        hyper, net = self.hyper, self.net
+        u0 = hyper.u.detach()
+
+        # (a) The general weights at u0, the response branch off: the plain model's own training step.
+        values0 = hyper.constrain(u0).expand(batch_size, -1)
+        x, y = batch_at(values0)
+        self.general_optimizer.zero_grad(set_to_none=True)
+        with net.at(None):
+            self._loss(net.model(x), y, values0).backward()
+        self.general_optimizer.step()
+
+        # (b) The response weights at per-example perturbed u_i, through the linearised response.
+        u_i = hyper.perturbed(batch_size)
+        values_i = hyper.constrain(u_i)
+        x, y = batch_at(values_i)
+        offset = (u_i - u0).to(x.dtype)  # (B, H)
+
+        # f(x; w) at u0 and its directional derivative along u_i - u0, in one forward-mode pass (dual numbers:
+        # the tangent stays differentiable with respect to the response weights).
+        with fwAD.dual_level():
+            with net.at(fwAD.make_dual(torch.zeros_like(offset), offset)):
+                pred, tangent = fwAD.unpack_dual(net.model(x))
+        self.response_optimizer.zero_grad(set_to_none=True)
+        with net.at(offset):  # the L2 term: each example's own weights, exactly (quadratic in the gates)
+            self._loss(pred + tangent, y, values_i).backward()
+        self.response_optimizer.step()
+
+        self.steps_done += 1
+        if self.steps_done <= self.warmup_steps or self.steps_done % self.hyper_interval:
+            return {}
+        return self.hyper_step(val_batch)
+
+    def hyper_step(self, val_batch: Callable[[], tuple[Tensor, Tensor]]) -> dict[str, float]:
+        """(c) One step of u (and sigma) on the validation objective: the network at u (+ sigma eps with
+        ``tune_scales``) through the gates, centred on the current u0."""
+        hyper, net = self.hyper, self.net
+        x, y = val_batch()
+        if self.tune_scales:
+            noise = torch.randn((x.shape[0], len(hyper.specs)), dtype=hyper.u.dtype, device=hyper.u.device)
+            at = hyper.u + hyper.scale() * noise
+        else:
+            at = hyper.u.expand(x.shape[0], -1)
+        self.hyper_optimizer.zero_grad(set_to_none=True)
+        with net.at((at - hyper.u.detach()).to(x.dtype)):  # numerically 0 (or sigma eps); d/du = I
+            val = self.val_loss(net.model(x), y)
+        objective = val - self.entropy_weight * hyper.entropy() if self.tune_scales else val
+        objective.backward()
+        self.hyper_optimizer.step()
+        hyper.project_()
+        return {"val_loss": float(val.detach()), **{f"hp/{k}": v for k, v in hyper.values().items()}}
