@@ -3,6 +3,7 @@ from trial records built by hand; and the `tune` command refusing a bad study be
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -95,6 +96,14 @@ def test_trials_are_ranked_by_their_best_report_and_early_stops_are_told_apart(s
         "1    tb         29.6000    +0.60 dB       320   9.5e-3      0.5       16",
         "2    tc         29.5000    +0.50 dB       320   2.0e-3      0.5        8",
         "3    ta         29.1000    +0.10 dB       160   1.0e-3      0.5        8  stopped early",
+    ]
+    # A final run (the best values trained longer) closes the table, unranked.
+    final = dataclasses.replace(
+        summaries[0], trial_id="final", name="final", best={"val_psnr": 29.9, "psnr_gain": 0.9}, patches_seen=3200
+    )
+    assert sweep_table(study, summaries, top=1, final=final).splitlines()[2:] == [
+        "1    tb         29.6000    +0.60 dB       320   9.5e-3      0.5       16",
+        "     final      29.9000    +0.90 dB     3,200   9.5e-3      0.5       16  tb trained longer",
     ]
     assert edge_warnings(study, summaries[0]) == [
         "optimizer.lr = 0.0095 in the best trial lies near the high edge of its range (0.0001 .. 0.01); "

@@ -268,7 +268,9 @@ def run_sweep(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="open-tracking") as pool:
         # A new SQLite store runs its schema migrations (seconds) while the local Ray starts.
         opening = pool.submit(lambda: MlflowClient(tracking_uri) if tracking_uri else None)
-        init_ray(dashboard=not runs_in_trial(study))
+        # Ray Train runs (trials of several workers, the final run) need the dashboard: its state API is how
+        # Ray's placement-group cleaner follows them.
+        init_ray(dashboard=not runs_in_trial(study) or study.budget.final_steps > 0)
         client = opening.result()
     max_concurrent_trials(study)  # a trial the cluster cannot hold is refused before the parent run exists
     tags = {**run_tags(str(study.path)), **(tags or {}), "sr_tune.study": study.name}
