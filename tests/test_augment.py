@@ -138,3 +138,27 @@ def test_augmentation_draws_come_from_the_step_generator():
     first = augmenter.warp_matrices(4, step_generator(3, 0, 10))
     assert torch.equal(first, augmenter.warp_matrices(4, step_generator(3, 0, 10)))
     assert not torch.equal(first, augmenter.warp_matrices(4, step_generator(3, 1, 10)))  # another rank
+
+
+def test_per_sample_strengths_scale_each_samples_warp_from_the_same_draws(images):
+    augmenter = Augmenter(strength=0.6, color_jitter=True)
+    bank = ImageBank(images)
+    warped = sampler(bank, augmenter, color="rgb")
+    lr, hr = warped.batch(step=3)
+    # The augmenter's own strength for every sample: the same batch, draw for draw.
+    same_lr, same_hr = warped.batch(step=3, strengths=torch.full((64,), 0.6, dtype=torch.float64))
+    assert torch.equal(hr, same_hr) and torch.equal(lr, same_lr)
+    # Strength 0 for the first half: their patches are the plain crops; the rest are warped as before.
+    strengths = torch.cat([torch.zeros(32, dtype=torch.float64), torch.full((32,), 0.6, dtype=torch.float64)])
+    _, mixed = warped.batch(step=3, strengths=strengths)
+    generator = step_generator(0, 0, 3)
+    matrices = augmenter.warp_matrices(64, generator, strengths)
+    flips = torch.randint(8, (64,), generator=generator)  # drawn right after the warps' draws
+    plain = to_model_space(bank.crop(*warped.draw(step=3), size=warped.crop_size), "rgb")
+    margin = (warped.crop_size - 33) // 2
+    centre = dihedral(plain[:, :, margin : margin + 33, margin : margin + 33], flips)
+    torch.testing.assert_close(mixed[:32], centre[:32], rtol=0, atol=1e-5)
+    assert torch.equal(mixed[32:], hr[32:])
+    torch.testing.assert_close(matrices[:32], torch.eye(3, dtype=torch.float64).expand(32, 3, 3))
+    with pytest.raises(ValueError, match=r"must be 64 values in \[0, 0.6\]"):
+        warped.batch(step=3, strengths=torch.full((64,), 0.7, dtype=torch.float64))

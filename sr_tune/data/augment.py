@@ -34,8 +34,8 @@ MAX_SATURATION = 0.3  # blend with each pixel's grey by 1 +- this
 _CORNERS = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=torch.float64)
 
 
-def _uniform(generator: torch.Generator, n: int, half_width: float) -> torch.Tensor:
-    """(n,) float64 uniform in [-half_width, half_width]."""
+def _uniform(generator: torch.Generator, n: int, half_width: float | torch.Tensor) -> torch.Tensor:
+    """(n,) float64 uniform in [-half_width, half_width] (``half_width``: one for all, or (n,) one each)."""
     return (torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1) * half_width
 
 
@@ -142,15 +142,32 @@ class Augmenter:
         margin = math.ceil(patch * (self.reach() - 1) / 2) + 1
         return patch + 2 * margin
 
-    def warp_matrices(self, batch: int, generator: torch.Generator) -> torch.Tensor:
-        """(B, 3, 3) float64: perspective then zoom * rotation * shear, then translation."""
-        s = self.strength
-        corners = _CORNERS + _uniform(generator, batch * 8, MAX_CORNER_SHIFT * s).reshape(batch, 4, 2)
+    def _strengths(self, batch: int, strengths: torch.Tensor | None) -> float | torch.Tensor:
+        """The strength of each sample: ``strengths`` (B,) float64, each at most the augmenter's own (which sizes
+        the crop), or the augmenter's for all. The draws are the same either way; only their ranges scale."""
+        if strengths is None:
+            return self.strength
+        strengths = strengths.detach().to("cpu", torch.float64)
+        if strengths.shape != (batch,) or not bool(((strengths >= 0) & (strengths <= self.strength)).all()):
+            raise ValueError(f"per-sample strengths must be {batch} values in [0, {self.strength}]")
+        return strengths
+
+    def warp_matrices(
+        self, batch: int, generator: torch.Generator, strengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, 3, 3) float64: perspective then zoom * rotation * shear, then translation; at ``strengths`` (B,)
+        per sample when given."""
+        s = self._strengths(batch, strengths)
+
+        def each(draws: int) -> float | torch.Tensor:  # the strength of each of ``draws`` draws per sample
+            return s.repeat_interleave(draws) if isinstance(s, torch.Tensor) else s
+
+        corners = _CORNERS + _uniform(generator, batch * 8, MAX_CORNER_SHIFT * each(8)).reshape(batch, 4, 2)
         perspective = homography_from_corners(corners)
         angle = torch.deg2rad(_uniform(generator, batch, MAX_ROTATION_DEGREES * s))
         zoom = torch.exp(_uniform(generator, batch, math.log(MAX_ZOOM) * s))
         shear = torch.tan(torch.deg2rad(_uniform(generator, batch, MAX_SHEAR_DEGREES * s)))
-        shift = _uniform(generator, batch * 2, 2 * MAX_TRANSLATE * s).reshape(batch, 2)
+        shift = _uniform(generator, batch * 2, 2 * MAX_TRANSLATE * each(2)).reshape(batch, 2)
         cos, sin = torch.cos(angle), torch.sin(angle)
         affine = torch.zeros(batch, 3, 3, dtype=torch.float64)
         # zoom * [[cos, -sin], [sin, cos]] @ [[1, shear], [0, 1]]
@@ -164,16 +181,19 @@ class Augmenter:
         """Whether pixels move by anything but whole-pixel flips and rotations (or change colour)."""
         return self.strength > 0
 
-    def __call__(self, crops: torch.Tensor, patch: int, generator: torch.Generator) -> torch.Tensor:
-        """uint8 crops (B, 3, crop_size, crop_size) -> augmented float RGB patches (B, 3, patch, patch) in [0, 1]."""
+    def __call__(
+        self, crops: torch.Tensor, patch: int, generator: torch.Generator, strengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """uint8 crops (B, 3, crop_size, crop_size) -> augmented float RGB patches (B, 3, patch, patch) in [0, 1];
+        at ``strengths`` (B,) per sample when given (each at most the augmenter's strength)."""
         batch = crops.shape[0]
         rgb = crops.float() / 255.0
         if self.warps:
-            rgb = warp(rgb, self.warp_matrices(batch, generator), patch).clamp(0, 1)
+            rgb = warp(rgb, self.warp_matrices(batch, generator, strengths), patch).clamp(0, 1)
         if self.flip_rot:
             rgb = dihedral(rgb, upload(torch.randint(8, (batch,), generator=generator), rgb.device))
         if self.color_jitter and self.warps:
-            s = self.strength
+            s = self._strengths(batch, strengths)
             factors = [1 + _uniform(generator, batch, r * s) for r in (MAX_BRIGHTNESS, MAX_CONTRAST, MAX_SATURATION)]
             rgb = jitter_colors(rgb, *factors)
         return rgb

@@ -158,11 +158,15 @@ class PatchSampler:
         """Image index, top and left of every crop of ``step`` (each (B,), on the bank's device)."""
         return self._draw(step)[:3]
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lr, hr) float batches for ``step``: (B, C, p, p) and (B, C, p*s, p*s), C = 1 for Y, 3 for RGB."""
+    def batch(self, step: int, strengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lr, hr) float batches for ``step``: (B, C, p, p) and (B, C, p*s, p*s), C = 1 for Y, 3 for RGB; the same
+        crops and draws at any per-sample augmentation ``strengths`` (B,) up to the augmenter's own."""
         if self.augmenter.warps:
             crops = self.bank.crop(*self.draw(step), size=self.crop_size)  # (B, 3, S, S)
-            return self._degrade(self.augmenter(crops, self.hr_size, step_generator(self.seed, self.rank, step)))
+            generator = step_generator(self.seed, self.rank, step)
+            return self._degrade(self.augmenter(crops, self.hr_size, generator, strengths))
+        if strengths is not None:
+            raise ValueError("per-sample augmentation strengths need an augmenter with a strength above 0")
         # Flips and rotations alone move whole pixels: the gather does them, for a run of steps at once. A small
         # batch's time is the per-op cost of some 20 ops, which a run of steps shares.
         first = step - step % self.steps_at_once  # runs start at multiples: a resumed run cuts the same ones
