@@ -151,7 +151,7 @@ def test_per_sample_strengths_scale_each_samples_warp_from_the_same_draws(images
     # Strength 0 for the first half: their patches are the plain crops; the rest are warped as before.
     strengths = torch.cat([torch.zeros(32, dtype=torch.float64), torch.full((32,), 0.6, dtype=torch.float64)])
     _, mixed = warped.batch(step=3, strengths=strengths)
-    generator = step_generator(0, 0, 3)
+    generator = step_generator(9, 0, 3)  # the sampler's seed, rank 0, the step
     matrices = augmenter.warp_matrices(64, generator, strengths)
     flips = torch.randint(8, (64,), generator=generator)  # drawn right after the warps' draws
     plain = to_model_space(bank.crop(*warped.draw(step=3), size=warped.crop_size), "rgb")
