@@ -2,8 +2,10 @@
 
 One fixed task, FSRCNN x2 (Y) on the built-in sample photographs with Adam, batch 16, searching the learning
 rate, L2 and the gradient-clipping norm (all three changeable inside a running trial, so PBT searches the same
-space). Every method runs through the product's own sweep (``sweep.new_tuner``: Optuna samplers inside Ray
-Tune, ASHA and PBT as a study configures them, trials training in their Tune process), one local Ray for all:
+space); or, with ``--study FILE``, that study's search space and fixed recipe (its budget, scheduler and sampler
+replaced by the benchmark's; PBT only where the study's keys can change inside a trial). Every method runs
+through the product's own sweep (``sweep.new_tuner``: Optuna samplers inside Ray Tune, ASHA and PBT as a study
+configures them, trials training in their Tune process), one local Ray for all:
 
 - random, tpe, qmc: ``--trials`` trials of ``--max-steps`` steps each, the whole budget;
 - asha+random, asha+tpe: ASHA with the studies' defaults (grace period one evaluation interval, reduction
@@ -19,7 +21,8 @@ random's seeds), its share of the budget and of random's own compute to get ther
 ``--out DIR`` gets the plot (best-so-far validation PSNR vs compute, mean and min-max over seeds) and the
 raw reports as JSON lines.
 
-    python benchmarks/hpo_efficiency.py [--quick] [--seeds 3] [--trials 12] [--max-steps 400] [--out DIR]
+    python benchmarks/hpo_efficiency.py [--quick] [--seeds 3] [--trials 12] [--max-steps 400] [--study FILE]
+        [--out DIR]
 
 ``--quick``: one seed, 4 trials of 96 steps (about 4 minutes on 2 CPUs).
 """
@@ -104,16 +107,38 @@ class BudgetStopper(tune.Stopper):
 
 
 def method_study(method: str, seed: int, args: argparse.Namespace, folder: Path) -> Study:
+    """The task's study set up for ``method``: the built-in FSRCNN one, or ``--study``'s search space and fixed
+    recipe with the method's sampler and scheduler and the benchmark's budget."""
     sampler, scheduler = METHODS[method]
     interval = args.max_steps // 8
+    samples = args.trials * 8 if scheduler == "asha" else args.trials  # ASHA draws until the budget is spent
+    name = f"{method.replace('+', '_')}_{seed}"
+    if args.study:
+        return load_study(
+            args.study,
+            [
+                f"name={name}",
+                f"sampler.name={sampler}",
+                f"sampler.seed={seed}",
+                f"scheduler.name={scheduler}",
+                f"scheduler.grace_period={args.grace * interval}",
+                f"scheduler.reduction_factor={args.reduction_factor}",
+                f"budget.num_samples={samples}",
+                f"budget.max_steps={args.max_steps}",
+                "budget.max_concurrent=2",
+                "budget.time_limit_s=0",
+                "budget.final_steps=0",
+                f"training.eval_interval={interval}",
+                f"training.output_dir={folder / 'runs'}",
+                "keep_checkpoints=1",
+            ],
+        )
     schedulers = {
         "none": "{name: none}",
         "asha": f"{{name: asha, grace_period: {args.grace * interval}, reduction_factor: {args.reduction_factor}}}",
         "pbt": "{name: pbt}",
     }
-    # ASHA draws trials until the budget is spent: more than it can ever start.
-    samples = args.trials * 8 if scheduler == "asha" else args.trials
-    path = folder / f"{method.replace('+', '_')}_{seed}.yaml"
+    path = folder / f"{name}.yaml"
     path.write_text(
         STUDY.format(
             name=path.stem,
@@ -245,6 +270,9 @@ def main() -> None:
     parser.add_argument("--reduction-factor", type=int, default=2)
     parser.add_argument("--out", type=Path, help="folder for the plot and the raw reports")
     parser.add_argument("--reports", type=Path, help="analyse the reports an earlier run wrote (--out) instead")
+    parser.add_argument(
+        "--study", type=Path, help="a study file whose search space and recipe to use (default: the FSRCNN task)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.trials, args.max_steps = 1, 4, 96
@@ -256,7 +284,8 @@ def main() -> None:
         parser.error(f"--methods: {unknown or 'random is the reference and must be one of them'}")
 
     runs = read_reports(args.reports, methods) if args.reports else run_methods(methods, args)
-    budget = args.trials * args.max_steps * 16
+    batch = method_study("random", 0, args, Path(tempfile.mkdtemp(prefix="hpo-study-"))).base_batch_size
+    budget = args.trials * args.max_steps * batch
     grid = list(range(budget // (8 * args.trials), budget + 1, budget // (8 * args.trials)))  # one report apart
     target = statistics.fmean(max(r.psnr for r in reports) for reports in runs["random"])
     random_reach = compute_to_reach(mean_curve(runs["random"], grid), grid, target)
@@ -269,7 +298,7 @@ def main() -> None:
                     for r in reports:
                         out.write(json.dumps({"method": method, "seed": seed, **vars(r)}) + "\n")
 
-    print(f"\nbudget {budget} patches a run ({args.trials} trials x {args.max_steps} steps x 16 patches); random")
+    print(f"\nbudget {budget} patches a run ({args.trials} trials x {args.max_steps} steps x {batch} patches); random")
     print(f"search's final best, mean of {args.seeds} seeds: {target:.3f} dB; its mean curve gets there after")
     print(f"{random_reach} patches. 'compute to reach': where a method's mean best-so-far curve first gets there.")
     columns = ("final best dB, mean (min-max)", "seeds reaching it", "compute to reach", "of budget", "of random's")

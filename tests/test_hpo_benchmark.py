@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from sr_tune.study import load_study
 
 from .conftest import REPO
 
@@ -45,3 +48,22 @@ def test_hpo_efficiency_compares_each_method_with_random_search_at_equal_budget(
     random_trials = {r["trial"] for r in reports if r["method"] == "random"}
     assert len(random_trials) == 2 and sum(r["method"] == "random" for r in reports) == 16  # 8 evaluations each
     assert (tmp_path / "hpo_efficiency.png").stat().st_size > 10_000
+
+
+def test_hpo_efficiency_takes_a_shipped_studys_space_and_recipe_with_its_own_budget(tmp_path: Path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import hpo_efficiency
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    args = argparse.Namespace(
+        study=REPO / "search_spaces" / "photo_x2.yaml", max_steps=800, trials=12, grace=1, reduction_factor=3
+    )
+    study = hpo_efficiency.method_study("asha+tpe", 2, args, tmp_path)
+    shipped = load_study(REPO / "search_spaces" / "photo_x2.yaml")
+    assert study.search == shipped.search and study.fixed["optimizer.ema_decay"] == 0.999  # the study's own
+    assert (study.sampler.name, study.sampler.seed, study.scheduler.name) == ("tpe", 2, "asha")
+    assert (study.scheduler.grace_period, study.scheduler.reduction_factor) == (100, 3)
+    assert (study.budget.num_samples, study.budget.max_steps, study.budget.max_concurrent) == (96, 800, 2)
+    assert study.budget.time_limit_s == 0 and study.budget.final_steps == 0  # the benchmark's budget only
+    assert study.eval_interval_steps() == 100
