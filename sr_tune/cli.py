@@ -245,7 +245,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     succeeded = [trial for trial in result.trials if study.objective.metric in trial.best]
     if result.parent_run_id and client is not None:
         version = result.model_version
-        whose = "the final run's model" if result.final else "best model"
+        whose = "the final run's model" if result.final_registered else "best model"
         registered = f"; {whose} registered as sr_tune-{study.name} v{version}" if version else ""
         experiment = client.get_run(result.parent_run_id).info.experiment_id
         print(f"MLflow parent run {result.parent_run_id}{registered}")

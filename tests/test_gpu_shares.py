@@ -5,6 +5,7 @@ placement is real while the trials train on the CPU (``training.device: cpu``). 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -41,15 +42,15 @@ sampler: {name: random, seed: 0}
 scheduler: {name: none}
 budget: {num_samples: 6, max_steps: 120}
 resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0.25}
-""",
-            fixed="  training.device: cpu\n",
+""",  # write_study fixes training.device: cpu
         )
     )
     assert runs_in_trial(study) and trial_resources(study) == {"CPU": 1, "GPU": 0.25}
     assert max_concurrent_trials(study) == 4  # the 8 CPUs would hold 8 trials; the GPU's quarters, 4
     # A final run would take the whole GPU the four trials shared, as one worker.
     assert final_slots(study) == 1
-    final = final_config(study, {"optimizer.lr": 1e-3}, final_slots(study))
+    with_final = replace(study, budget=replace(study.budget, final_steps=240))
+    final = final_config(with_final, {"optimizer.lr": 1e-3}, final_slots(with_final))
     assert final.distributed.num_workers == 1 and final.distributed.use_gpu
 
     result = run_sweep(study, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -347,11 +347,17 @@ budget: {num_samples: 2, max_steps: 30, final_steps: 60}
     assert parent.data.tags["sr_tune.final_run_id"] == final_run.info.run_id
     assert parent.data.metrics["final_val_psnr"] == pytest.approx(final.best["val_psnr"])
     assert parent.data.tags["sr_tune.best_trial"] == winner.name  # the search's best stays the search's
-    # The registered model is the final run's, not the winning trial's.
+    # The registered model is the final run's when it scored better than the winning trial, else the trial's.
     version = client.get_model_version_by_alias("sr_tune-final", "best")
-    assert version.run_id == final_run.info.run_id and version.tags["trial_id"] == "final"
-    assert version.description.startswith("The final run (the best trial's values trained longer) of sweep final")
-    assert f"at step {checkpoint.step}" in version.description
+    won = final.best["val_psnr"] > winner.best["val_psnr"]
+    assert result.final_registered == won
+    registered = final_run if won else children[winner.trial_id]
+    assert version.run_id == registered.info.run_id and version.tags["trial_id"] == (
+        "final" if won else winner.trial_id
+    )
+    if won:
+        assert version.description.startswith("The final run (the best trial's values trained longer) of sweep final")
+        assert f"at step {checkpoint.step}" in version.description
 
 
 def test_trials_of_two_workers_go_through_the_train_bridge_and_survive_a_killed_worker(tmp_path: Path, local_ray):

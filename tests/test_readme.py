@@ -41,7 +41,6 @@ SHORTER: dict[str, list[str]] = {
     "sr-tune tune search_spaces/photo_x2.yaml": [
         *SHORT_SWEEP,
         "budget.time_limit_s=0",
-        "budget.final_steps=100",
         "training.eval_interval=50",
         "data.val_crop=48",
     ],

@@ -244,3 +244,38 @@ def test_a_share_of_a_gpu_is_for_one_worker_trials(tmp_path: Path):
         "resources.gpus_per_worker: 2.0 is not supported (allowed: 0, 1 (one GPU per DDP worker) or a share of one "
         "GPU, e.g. 0.25)"
     ]
+
+
+def test_the_final_run_is_registered_only_when_it_beats_the_best_trial(tmp_path: Path):
+    from sr_tune.summary import TrialSummary
+    from sr_tune.sweep.final import final_wins
+
+    def scored(name: str, value: float | None) -> TrialSummary:
+        best = {"val_psnr": value} if value is not None else {}
+        return TrialSummary(
+            trial_id=name,
+            name=name,
+            params={},
+            best=best,
+            patches_seen=0,
+            stopped_early=False,
+            error=None,
+            run_id=None,
+            best_checkpoint=None,
+            latest_checkpoint=None,
+        )
+
+    study = load_study(REPO / "search_spaces" / "quickstart.yaml")
+    winner = scored("t05", 33.47)
+    assert final_wins(
+        study,
+        scored(
+            "final",
+            33.5,
+        ),
+        winner,
+    )
+    assert not final_wins(study, scored("final", 33.14), winner)  # photo_x2's final run, measured: the trial stays
+    assert not final_wins(study, scored("final", None), winner) and not final_wins(study, None, winner)
+    minimised = load_study(REPO / "search_spaces" / "quickstart.yaml", ["objective.mode=min"])
+    assert final_wins(minimised, scored("final", 33.14), winner)

@@ -21,7 +21,7 @@ from sr_tune.storage import Storage
 from sr_tune.study import Study
 from sr_tune.summary import TrialRecord, TrialSummary, edge_warnings, ranked_checkpoints, summarize
 from sr_tune.sweep.cpu_shares import CpuShares
-from sr_tune.sweep.final import FINAL_ID, final_config, final_slots, train_final
+from sr_tune.sweep.final import FINAL_ID, final_config, final_slots, final_wins, train_final
 from sr_tune.sweep.layout import SweepPaths, SweepState, check_storage, sweep_paths
 from sr_tune.sweep.search import max_concurrent_trials, runs_in_trial, search_setup, trial_dirname, trial_namer
 from sr_tune.sweep.tracker import NullSweepTracker, SweepTracker
@@ -40,6 +40,11 @@ class SweepResult:
     unfinished: int = 0  # trials a stop signal (Ctrl-C, SIGTERM) left running: continue with ``resume``
     importance: Importance | None = None  # which searched keys mattered for the objective
     final: TrialSummary | None = None  # the best values trained again for ``budget.final_steps``
+
+    @property
+    def final_registered(self) -> bool:
+        """Whether the final run's model is the one registered: it beat the best trial."""
+        return bool(self.trials) and final_wins(self.study, self.final, self.trials[0])
 
 
 def _record(study: Study, result: Any) -> TrialRecord:
@@ -366,8 +371,10 @@ def _train_final(
     if view is not None:
         metric = study.objective.metric
         reached = {summary.name: summary.best.get(metric) for summary in (final, winner)}
+        kept = FINAL_ID if final_wins(study, final, winner) else winner.name
         view.message(
             f"{FINAL_ID}: best {metric} "
             + ", ".join(f"{name} {value:.4f}" for name, value in reached.items() if value is not None)
+            + f"; {kept}'s model is the sweep's"
         )
     return final

@@ -1,6 +1,7 @@
 """A sweep's final training (``budget.final_steps``): the best trial's values trained again from the start, for
 longer, as one Ray Train run over all the CPUs (or GPUs) the sweep's trials shared. Search trials are kept short so that
-many configurations can be compared; the model people use is then trained once, long, on the whole machine.
+many configurations can be compared; the winner is then trained once, long, on the whole machine, and its model
+is registered when it scores better than the winning trial (``final_wins``).
 
 The run is a nested MLflow run of the sweep tagged as trial ``final``: a resumed sweep finds it again (and Ray
 Train continues from its latest checkpoint), and a stopped sweep marks it KILLED like any trial's run."""
@@ -44,6 +45,16 @@ def final_config(study: Study, params: dict[str, Any], slots: int) -> TrainConfi
         data=replace(config.data, batch_size=batch // workers),
         tracking=replace(config.tracking, run_name=f"{study.name}-{FINAL_ID}"),
     )
+
+
+def final_wins(study: Study, final: TrialSummary | None, winner: TrialSummary) -> bool:
+    """Whether the final run scored better than the search's best trial by the study's objective: only then is
+    its model the one registered (a longer run at a learning rate chosen on short trials can end worse)."""
+    metric = study.objective.metric
+    if final is None or metric not in final.best or metric not in winner.best:
+        return False
+    ahead = final.best[metric] - winner.best[metric]
+    return ahead > 0 if study.objective.mode == "max" else ahead < 0
 
 
 def final_slots(study: Study) -> int:

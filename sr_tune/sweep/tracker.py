@@ -24,7 +24,7 @@ from sr_tune.summary import (
     sweep_metrics,
     trial_description,
 )
-from sr_tune.sweep.final import FINAL_ID
+from sr_tune.sweep.final import FINAL_ID, final_wins
 from sr_tune.tracking import (
     close_run,
     find_trial_run,
@@ -222,7 +222,7 @@ class SweepTracker(NullSweepTracker):
     ) -> str | None:
         """End the trials' runs still open (a trial of an interrupted run), then the parent's summary: the best
         trial's values under the trials' own keys, its markdown description, the results table and plots; and
-        the best model in the registry (the ``final`` run's when there is one), and which hyperparameters
+        the best model in the registry (the ``final`` run's when it beat the best trial), and which hyperparameters
         mattered (``importance``). Returns the model's version."""
         study, client = self.study, self.client
         runs = trial_runs(client, self.experiment, self.parent_run_id)
@@ -271,10 +271,11 @@ class SweepTracker(NullSweepTracker):
             tags={**tags, "mlflow.note.content": description},
         )
         final_run = runs.get(final.trial_id) if final and study.objective.metric in final.best else None
-        if final_run is not None:  # the winner's values trained longer: that is the sweep's model
+        if final_run is not None and best is not None:  # the winner's values trained longer
             client.log_metric(self.parent_run_id, f"final_{study.objective.metric}", final.best[study.objective.metric])
             client.set_tag(self.parent_run_id, "sr_tune.final_run_id", final_run.info.run_id)
-            best, best_run = final, final_run
+            if final_wins(study, final, best):  # else the winning trial's model stays the sweep's
+                best, best_run = final, final_run
         version = self._register(storage, best, best_run.info.run_id) if best_run and best.best_checkpoint else None
         # A sweep none of whose trials reported the objective failed, whatever Tune thinks of it.
         client.set_terminated(self.parent_run_id, status="FINISHED" if best else "FAILED")
