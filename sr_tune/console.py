@@ -189,14 +189,18 @@ class SweepView:
     def table(self) -> list[str]:
         metric = self.study.objective.metric
         keys = list(self.study.search)
+        trials = list(self.trials.values())
+        shown = [{k: format_value(state.params[k]) for k in keys if k in state.params} for state in trials]
+        # Each searched column as wide as its name and its longest value (num_blocks, charbonnier), at least 8.
+        widths = {k: max(8, len(short_name(k)), *(len(values.get(k, "")) for values in shown)) for k in keys}
         header = f"{'trial':<6}{'status':<9}{'step':>7}{'patches':>10}{metric:>11}{'vs bicubic':>12}  " + "  ".join(
-            f"{short_name(k):>8}" for k in keys
+            f"{short_name(k):>{widths[k]}}" for k in keys
         )
         lines = [header]
-        for state in self.trials.values():
+        for state, values in zip(trials, shown):
             value = f"{state.value:.4f}" if state.value is not None else "-"
             gain = f"{state.gain:+.2f} dB" if state.gain is not None else "-"
-            params = "  ".join(f"{format_value(state.params[k]):>8}" for k in keys if k in state.params)
+            params = "  ".join(f"{values[k]:>{widths[k]}}" for k in keys if k in values)
             lines.append(
                 f"{state.name:<6}{state.status:<9}{state.step:>7}{state.patches:>10,}{value:>11}{gain:>12}  {params}"
             )

@@ -130,3 +130,21 @@ print("after")
         "python stderr",
         "python stdout",
     ]
+
+
+def test_the_live_tables_columns_are_as_wide_as_their_longest_value(tmp_path: Path):
+    body = """
+name: wide
+search:
+  loss.pixel: {type: choice, values: [l1, charbonnier]}
+  data.augment_strength: {type: uniform, low: 0.0, high: 0.3}
+budget: {num_samples: 2, max_steps: 100}
+"""
+    view = SweepView(load_study(write_sweep_study(tmp_path, body)), io.StringIO(), live=True, now=Clock())
+    view.started("a", "t01", {"loss.pixel": "charbonnier", "data.augment_strength": 0.0213})
+    view.started("b", "t02", {"loss.pixel": "l1", "data.augment_strength": 0.25})
+    assert view.table()[:3] == [
+        "trial status      step   patches   val_psnr  vs bicubic        pixel       aug",
+        "t01   running        0         0          -           -  charbonnier    0.0213",
+        "t02   running        0         0          -           -           l1      0.25",
+    ]
