@@ -31,7 +31,7 @@ import sklearn.datasets
 import torch
 from PIL import Image
 
-from sr_tune.checkpoint import Checkpoint, load_checkpoint
+from sr_tune.checkpoint import load_checkpoint
 from sr_tune.data.sources import open_source
 from sr_tune.data.validation import protocol_scores, validation_pairs
 from sr_tune.inference import Upscaler
@@ -91,11 +91,6 @@ def score(upscaler: Upscaler, folder: Path) -> float:
     return mean_scores(folder, upscaler.color, upscaler)["psnr"]
 
 
-def upscaler_of(checkpoint: Checkpoint) -> Upscaler:
-    config = checkpoint.config
-    return Upscaler(checkpoint.build_model(), scale=config.model.scale, color=config.data.color)
-
-
 def waifu2x(wheel: Path) -> Upscaler:
     state, channels = read_vgg7_weights(wheel, "anime_style_scale_y")
     model = create_model("waifu2x_vgg7", scale=2, in_channels=channels)
@@ -136,15 +131,15 @@ def main() -> None:
             rows.append(
                 (
                     f"hand-set FSRCNN recipe, {steps} steps",
-                    score(upscaler_of(load_checkpoint(best)), folder),
+                    score(Upscaler.from_checkpoint(load_checkpoint(best)), folder),
                     f"{seconds:.0f} s",
                 )
             )
         for name, path in (item.split("=", 1) for item in args.checkpoint):
-            rows.append((name, score(upscaler_of(load_checkpoint(path)), folder), ""))
+            rows.append((name, score(Upscaler.from_checkpoint(load_checkpoint(path)), folder), ""))
         for name, uri in (item.split("=", 1) for item in args.model):
             with resolve_model(uri, args.tracking_uri) as path:
-                rows.append((name, score(upscaler_of(load_checkpoint(path)), folder), ""))
+                rows.append((name, score(Upscaler.from_checkpoint(load_checkpoint(path)), folder), ""))
 
     base, w2x = rows[0][1], next((v for n, v, _ in rows if n.startswith("waifu2x")), None)
     print(f"x2 PSNR-Y on {len(HELD_OUT)} held-out photographs ({', '.join(HELD_OUT)}), 8-bit, 2-pixel border cut")

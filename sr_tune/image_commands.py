@@ -52,7 +52,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(problems, "sr-tune eval")
     checkpoint = _load(args)
     config, scale = checkpoint.config, checkpoint.config.model.scale
-    upscaler = Upscaler(checkpoint.build_model(), scale=scale, color=config.data.color, tile=args.tile)
+    upscaler = Upscaler.from_checkpoint(checkpoint, tile=args.tile)
     eight_bit = not args.float
     protocol = "8-bit LR and outputs (--float: unrounded)" if eight_bit else "floating point (not rounded to 8 bits)"
     print(
@@ -118,8 +118,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         targets.setdefault(target, path)
     if problems:
         raise ConfigError(problems, "sr-tune upscale")
-    config = checkpoint.config
-    upscaler = Upscaler(checkpoint.build_model(), scale=scale, color=config.data.color, tile=args.tile)
+    upscaler = Upscaler.from_checkpoint(checkpoint, tile=args.tile)
     out.mkdir(parents=True, exist_ok=True)
     for target, path in targets.items():
         image = read_image(path, max_pixels=max_input)

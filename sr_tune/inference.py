@@ -11,12 +11,16 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from sr_tune.data.degrade import imresize
 from sr_tune.metrics import rgb_to_ycbcr, ycbcr_to_rgb
+
+if TYPE_CHECKING:
+    from sr_tune.checkpoint import Checkpoint
 
 
 def receptive_radius(model: nn.Module, channels: int, *, limit: int = 1025) -> int:
@@ -98,6 +102,12 @@ class Upscaler:
         self.model, self.scale, self.color, self.tile = model.eval(), scale, color, tile
         with torch.enable_grad():
             self.margin = receptive_radius(model, 1 if color == "y" else 3)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint, tile: int = 256) -> Upscaler:
+        """The checkpoint's model (its EMA weights when it has them) at its own scale and colour space."""
+        config = checkpoint.config
+        return cls(checkpoint.build_model(), scale=config.model.scale, color=config.data.color, tile=tile)
 
     def model_space(self, lr: torch.Tensor) -> torch.Tensor:
         """LR in model space (1, C, h, w) -> SR (1, C, h*s, w*s), clamped to [0, 1]."""

@@ -42,9 +42,7 @@ class ImageUpscaler(PythonModel):
     def load_context(self, context: Any) -> None:
         from sr_tune.inference import Upscaler
 
-        checkpoint = load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
-        config = checkpoint.config
-        self.upscaler = Upscaler(checkpoint.build_model(), scale=config.model.scale, color=config.data.color)
+        self.upscaler = Upscaler.from_checkpoint(load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT]))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         from sr_tune.data.sources import decode_image
