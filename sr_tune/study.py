@@ -179,8 +179,8 @@ class Budget:
     final_steps: int = setting(
         0,
         "after the search, the best trial's values trained again from the start for this many steps (counted "
-        "like max_steps) over all the CPUs the trials shared; that model is the one registered (0 = none: the "
-        "best trial's)",
+        "like max_steps) over all the CPUs the trials shared; its model is registered when it beats the best "
+        "trial's (0 = none)",
         ge=0,
     )
 

@@ -45,12 +45,16 @@ class TrialSummary:
     latest_checkpoint: str | None
 
 
+def best_first(study: Study, checkpoints: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    """(path, metrics) of the checkpoints that report the objective, best first by it."""
+    metric = study.objective.metric
+    scored = [(path, metrics) for path, metrics in checkpoints if metric in metrics]
+    return sorted(scored, key=lambda item: item[1][metric], reverse=study.objective.mode == "max")
+
+
 def ranked_checkpoints(study: Study, record: TrialRecord) -> list[str]:
     """The trial's checkpoints that Tune holds, best first by the objective."""
-    metric = study.objective.metric
-    scored = [(path, metrics[metric]) for path, metrics in record.checkpoints if metric in metrics]
-    scored.sort(key=lambda item: item[1], reverse=study.objective.mode == "max")
-    return [path for path, _ in scored]
+    return [path for path, _ in best_first(study, record.checkpoints)]
 
 
 def _best_row(frame: pd.DataFrame | None, metric: str, mode: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from ray.train import CheckpointConfig
 from sr_tune.config import TrainConfig
 from sr_tune.distributed import WorkerOptions, build_trainer
 from sr_tune.study import Study
-from sr_tune.summary import TrialSummary
+from sr_tune.summary import TrialSummary, best_first
 from sr_tune.sweep.layout import SweepPaths
 from sr_tune.sweep.search import max_concurrent_trials
 from sr_tune.tracking import TRIAL_TAG, find_trial_run, flatten, start_run
@@ -112,9 +112,7 @@ def train_final(
         ),
     )
     result = trainer.fit()
-    kept = [(c.path, m) for c, m in (result.best_checkpoints or []) if objective.metric in m]
-    sign = -1 if objective.mode == "max" else 1
-    kept.sort(key=lambda item: sign * item[1][objective.metric])
+    kept = best_first(study, [(c.path, m) for c, m in (result.best_checkpoints or [])])
     metrics = dict(result.metrics or {})
     return TrialSummary(
         trial_id=FINAL_ID,
