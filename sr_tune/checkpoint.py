@@ -129,16 +129,17 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
 def save_checkpoint(
     path: str | Path,
     *,
-    model: nn.Module,
+    model: nn.Module | dict[str, torch.Tensor],
     config: TrainConfig,
     step: int,
     metrics: dict[str, float] | None = None,
-    modules: dict[str, nn.Module] | None = None,
+    modules: dict[str, nn.Module | dict[str, torch.Tensor]] | None = None,
     optimizers: dict[str, torch.optim.Optimizer] | None = None,
     run: RunState | None = None,
     keep_other_files: bool = False,
 ) -> Path:
-    """Write ``model`` (plus optional extra ``modules`` and ``optimizers`` by name), the config, step,
+    """Write ``model`` (plus optional extra ``modules`` and ``optimizers`` by name; modules or their state
+    dicts), the config, step,
     metrics and the ``run``'s state atomically to folder ``path``. The torch RNG state is saved too.
 
     An existing ``path`` is replaced only when it is empty or an sr_tune checkpoint (its two files, nothing
@@ -153,9 +154,9 @@ def save_checkpoint(
             f"{', ...' if len(foreign) > 5 else ''}); nothing was written: choose a new or empty folder"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v for k, v in _state(model).items()}
     for name, module in (modules or {}).items():
-        tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+        tensors.update({f"{name}.{k}": v for k, v in _state(module).items()})
     optimizer_meta = {}
     for name, optimizer in (optimizers or {}).items():
         values, optimizer_meta[name] = optimizer_tensors(optimizer)
@@ -195,6 +196,10 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return path
+
+
+def _state(module: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return module if isinstance(module, dict) else module.state_dict()
 
 
 def foreign_entries(path: Path) -> list[str]:

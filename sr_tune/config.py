@@ -237,6 +237,98 @@ class TrackingConfig:
         validate(self)
 
 
+def _bounds_problem(values: tuple[float, ...], *, positive: bool) -> str | None:
+    if not values:
+        return None
+    if len(values) != 3:
+        return "expected [initial, low, high], or [] to leave it untuned"
+    initial, low, high = values
+    if not low < initial < high:
+        return "expected low < initial < high"
+    if positive and low <= 0:
+        return "is tuned on a log scale: low must be above 0"
+    if not positive and not 0 <= low < high <= 1:
+        return "is a strength: low and high must lie in [0, 1]"
+    return None
+
+
+def _log_bounds(values: tuple[float, ...]) -> str | None:
+    return _bounds_problem(values, positive=True)
+
+
+def _unit_bounds(values: tuple[float, ...]) -> str | None:
+    return _bounds_problem(values, positive=False)
+
+
+PIXEL_LOSSES = ("mse", "l1", "charbonnier")
+
+
+def _pixel_mix(mix: dict[str, Any]) -> str | None:
+    for name, values in mix.items():
+        if name not in PIXEL_LOSSES:
+            return f"{name!r} is not a pixel loss (allowed: {', '.join(PIXEL_LOSSES)})"
+        is_numbers = isinstance(values, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+        )
+        if not is_numbers or (problem := _log_bounds(tuple(values))) or not values:
+            return f"{name}: {problem or 'expected [initial, low, high]'}"
+    return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeltaStnConfig:
+    """Delta-STN: regularisation-type hyperparameters tuned online inside one run (``sr_tune.delta_stn``)."""
+
+    enabled: bool = setting(
+        False,
+        "tune l2, augment_strength and pixel_mix below inside this one run (Delta-STN); lr, batch size and the "
+        "architecture stay with sweeps",
+    )
+    l2: tuple[float, ...] = setting(
+        (),
+        "[initial, low, high] of the L2 weight on ||w||^2 in the training loss (log scale); [] = not tuned",
+        check=_log_bounds,
+    )
+    augment_strength: tuple[float, ...] = setting(
+        (),
+        "[initial, low, high] of each patch's augmentation strength, within [0, 1]; [] = not tuned",
+        check=_unit_bounds,
+    )
+    pixel_mix: dict[str, Any] = setting(
+        {},
+        "extra pixel terms beside loss.pixel, whose weight stays fixed: {mse|l1|charbonnier: [initial, low, high]} "
+        "(log scale)",
+        check=_pixel_mix,
+    )
+    interval: int = setting(10, "training steps per hyperparameter step", ge=1)
+    warmup_steps: int = setting(
+        200, "steps before the first hyperparameter step: the response weights learn first", ge=0
+    )
+    perturbation: float = setting(
+        0.5, "initial scale of each patch's perturbation of the hyperparameters (unconstrained space)", gt=0.0
+    )
+    tune_scales: bool = setting(True, "learn the perturbation scales too, with an entropy bonus that keeps them open")
+    entropy_weight: float = setting(1e-3, "weight of that entropy bonus", ge=0.0)
+    hyper_lr: float = setting(3e-3, "RMSprop learning rate of the hyperparameters and their scales", gt=0.0)
+    objective: Literal["l1", "psnr"] = setting(
+        "l1", "the hyperparameter step's fixed objective on validation patches: L1, or PSNR on the model's channels"
+    )
+    val_batch_size: int = setting(0, "validation patches per hyperparameter step (0: data.batch_size)", ge=0)
+
+    def __post_init__(self) -> None:
+        tunes = self.l2 or self.augment_strength or self.pixel_mix
+        validate(
+            self,
+            [] if tunes or not self.enabled else ["enabled: nothing to tune (set l2, augment_strength or pixel_mix)"],
+        )
+
+    @property
+    def tuned(self) -> tuple[str, ...]:
+        """The tuned hyperparameters' names: l2, augment_strength, then one ``mix_<loss>`` per extra pixel term."""
+        names = ("l2",) * bool(self.l2) + ("augment_strength",) * bool(self.augment_strength)
+        return names + tuple(f"mix_{name}" for name in self.pixel_mix)
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     model: ModelConfig = setting(ModelConfig, "the network")
@@ -246,9 +338,10 @@ class TrainConfig:
     training: TrainingConfig = setting(TrainingConfig, "steps, evaluation, seed, device")
     distributed: DistributedConfig = setting(DistributedConfig, "Ray Train workers and storage")
     tracking: TrackingConfig = setting(TrackingConfig, "MLflow")
+    delta_stn: DeltaStnConfig = setting(DeltaStnConfig, "Delta-STN: hyperparameters tuned inside the run")
 
     def __post_init__(self) -> None:
-        validate(self)
+        validate(self, _delta_stn_problems(self) if self.delta_stn.enabled else [])
 
     @property
     def in_channels(self) -> int:
@@ -271,6 +364,26 @@ class TrainConfig:
         if problems or config is None:
             raise ConfigError(problems, source)
         return config
+
+
+def _delta_stn_problems(config: TrainConfig) -> list[str]:
+    """What a Delta-STN run cannot combine with: each problem names both keys."""
+    stn, problems = config.delta_stn, []
+    if config.loss.adversarial != "none" or config.loss.perceptual != "none":
+        problems.append(
+            "delta_stn.enabled: tunes pixel-loss runs only; set loss.adversarial and loss.perceptual to none"
+        )
+    if stn.l2 and config.optimizer.weight_decay > 0:
+        problems.append("delta_stn.l2: tunes the L2 weight itself; set optimizer.weight_decay to 0")
+    if stn.augment_strength and config.data.augment_strength > 0:
+        problems.append("delta_stn.augment_strength: tunes the strength itself; set data.augment_strength to 0")
+    if config.loss.pixel in stn.pixel_mix:
+        problems.append(
+            f"delta_stn.pixel_mix: {config.loss.pixel!r} is loss.pixel, the fixed term the mix is relative to"
+        )
+    if config.model.name in ("srresnet", "srgan"):
+        problems.append(f"delta_stn.enabled: {config.model.name} has BatchNorm, which mixes per-patch hyperparameters")
+    return problems
 
 
 def _model_kwargs_problems(name: str, kwargs: Mapping[str, Any]) -> list[str]:

@@ -192,8 +192,7 @@ class Responding:
 
     def general_parameters(self) -> list[nn.Parameter]:
         """Every other parameter of the network (PReLU slopes and any layer that is not a convolution too)."""
-        response = {id(p) for p in self.response_parameters()}
-        return [p for p in self.model.parameters() if id(p) not in response]
+        return plain_parameters(self.model)
 
     def squared_weights(self) -> Tensor:
         """The L2 penalty's ||w||^2 over every convolution's weights (biases are not decayed): per example (B,)
@@ -202,12 +201,32 @@ class Responding:
 
     def plain_state_dict(self) -> dict[str, Tensor]:
         """The general weights under the plain network's own keys: the model to deploy."""
-        plain = {}
-        for key, value in self.model.state_dict().items():
-            if ".response_" in key or key.endswith(".gate.weight"):
-                continue
-            plain[key.replace(".conv.weight", ".weight").replace(".conv.bias", ".bias")] = value
-        return plain
+        return {_plain_key(key): value for key, value in self.model.state_dict().items() if not _is_response(key)}
+
+    def response_state_dict(self) -> dict[str, Tensor]:
+        """The response weights and gates: with ``plain_state_dict``, the whole network."""
+        return {key: value for key, value in self.model.state_dict().items() if _is_response(key)}
+
+    def load_state(self, plain: dict[str, Tensor], response: dict[str, Tensor]) -> None:
+        """Inverse of ``plain_state_dict`` and ``response_state_dict`` (strict: every key, nothing more)."""
+        general = {_plain_key(key): key for key in self.model.state_dict() if not _is_response(key)}
+        self.model.load_state_dict({**{general[key]: value for key, value in plain.items()}, **response})
+
+
+def _is_response(key: str) -> bool:
+    return ".response_" in key or key.startswith("response_") or key.endswith("gate.weight")
+
+
+def _plain_key(key: str) -> str:
+    """A ``StnConv2d``'s general weight or bias under the key the plain ``Conv2d`` had."""
+    key = key.replace(".conv.weight", ".weight").replace(".conv.bias", ".bias")
+    return key.removeprefix("conv.")  # a network of one convolution
+
+
+def plain_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the plain network, in its own order: all of a network that does not respond, the
+    general ones of one that does (what an EMA of the plain model averages)."""
+    return [param for name, param in model.named_parameters() if not _is_response(name)]
 
 
 def respond(model: nn.Module, num_hyper: int) -> Responding:
@@ -241,6 +260,19 @@ TrainLoss = Callable[[Tensor, Tensor, Tensor], Tensor]
 Batch = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
+@dataclass(frozen=True)
+class StepOutcome:
+    """One Delta-STN step: phase (a)'s training loss (0-d, on the device: reading it syncs) and whether a
+    hyperparameter step ran."""
+
+    loss: Tensor
+    tuned: bool
+
+
+def _no_averaging(parameters: list[nn.Parameter]) -> None:
+    """One process: its gradients are the mean already."""
+
+
 @dataclass
 class DeltaStn:
     """The three phases of a Delta-STN step over one ``Responding`` network.
@@ -260,6 +292,10 @@ class DeltaStn:
     warmup_steps: int = 0  # steps before the first hyperparameter step: the response weights learn first
     tune_scales: bool = False
     entropy_weight: float = 1e-3
+    grad_clip_norm: float = 0.0  # per weight group, phases (a) and (b); 0: off
+    # Averages the gradients of the given parameters over every process (under torch.distributed: all ranks then
+    # step the same, and agree on the hyperparameters at every step).
+    average_gradients: Callable[[list[nn.Parameter]], None] = _no_averaging
     steps_done: int = 0
 
     def _l2_index(self) -> int | None:
@@ -272,22 +308,27 @@ class DeltaStn:
             per_example = per_example + values[:, index].to(per_example.dtype) * self.net.squared_weights()
         return per_example.mean()
 
-    def step(
-        self, batch_at: Batch, val_batch: Callable[[], tuple[Tensor, Tensor]], batch_size: int
-    ) -> dict[str, float]:
+    def _update(self, optimizer: torch.optim.Optimizer, loss: Tensor, clip: bool) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        parameters = [param for group in optimizer.param_groups for param in group["params"]]
+        self.average_gradients(parameters)
+        if clip and self.grad_clip_norm > 0:
+            nn.utils.clip_grad_norm_(parameters, self.grad_clip_norm)
+        optimizer.step()
+
+    def step(self, batch_at: Batch, val_batch: Callable[[], tuple[Tensor, Tensor]], batch_size: int) -> StepOutcome:
         """Phases (a) and (b) on batches of ``batch_size`` examples, and (c) every ``hyper_interval`` steps past
-        the warm-up. Returns the validation loss and the values only when a hyperparameter step ran (no host
-        sync otherwise)."""
+        the warm-up. No host sync: read ``hyper.values()`` when the values are wanted."""
         hyper, net = self.hyper, self.net
         u0 = hyper.u.detach()
 
         # (a) The general weights at u0, the response branch off: the plain model's own training step.
         values0 = hyper.constrain(u0).expand(batch_size, -1)
         x, y = batch_at(values0)
-        self.general_optimizer.zero_grad(set_to_none=True)
         with net.at(None):
-            self._loss(net.model(x), y, values0).backward()
-        self.general_optimizer.step()
+            loss = self._loss(net.model(x), y, values0)
+        self._update(self.general_optimizer, loss, clip=True)
 
         # (b) The response weights at per-example perturbed u_i, through the linearised response.
         u_i = hyper.perturbed(batch_size)
@@ -300,17 +341,17 @@ class DeltaStn:
         with fwAD.dual_level():
             with net.at(fwAD.make_dual(torch.zeros_like(offset), offset)):
                 pred, tangent = fwAD.unpack_dual(net.model(x))
-        self.response_optimizer.zero_grad(set_to_none=True)
         with net.at(offset):  # the L2 term: each example's own weights, exactly (quadratic in the gates)
-            self._loss(pred + tangent, y, values_i).backward()
-        self.response_optimizer.step()
+            response_loss = self._loss(pred + tangent, y, values_i)
+        self._update(self.response_optimizer, response_loss, clip=True)
 
         self.steps_done += 1
-        if self.steps_done <= self.warmup_steps or self.steps_done % self.hyper_interval:
-            return {}
-        return self.hyper_step(val_batch)
+        tuned = self.steps_done > self.warmup_steps and self.steps_done % self.hyper_interval == 0
+        if tuned:
+            self.hyper_step(val_batch)
+        return StepOutcome(loss.detach(), tuned)
 
-    def hyper_step(self, val_batch: Callable[[], tuple[Tensor, Tensor]]) -> dict[str, float]:
+    def hyper_step(self, val_batch: Callable[[], tuple[Tensor, Tensor]]) -> None:
         """(c) One step of u (and sigma) on the validation objective: the network at u (+ sigma eps with
         ``tune_scales``) through the gates, centred on the current u0."""
         hyper, net = self.hyper, self.net
@@ -320,11 +361,8 @@ class DeltaStn:
             at = hyper.u + hyper.scale() * noise
         else:
             at = hyper.u.expand(x.shape[0], -1)
-        self.hyper_optimizer.zero_grad(set_to_none=True)
         with net.at((at - hyper.u.detach()).to(x.dtype)):  # numerically 0 (or sigma eps); d/du = I
             val = self.val_loss(net.model(x), y)
         objective = val - self.entropy_weight * hyper.entropy() if self.tune_scales else val
-        objective.backward()
-        self.hyper_optimizer.step()
+        self._update(self.hyper_optimizer, objective, clip=False)
         hyper.project_()
-        return {"val_loss": float(val.detach()), **{f"hp/{k}": v for k, v in hyper.values().items()}}

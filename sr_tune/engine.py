@@ -14,7 +14,7 @@ import functools
 import math
 import operator
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,18 +25,20 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sr_tune.checkpoint import Checkpoint, RunState, load_checkpoint, restore_optimizer, save_checkpoint
-from sr_tune.config import OptimizerConfig, TrainConfig
+from sr_tune.checkpoint import Checkpoint, RunState, load_checkpoint, save_checkpoint
+from sr_tune.config import TrainConfig
 from sr_tune.data.augment import Augmenter
 from sr_tune.data.degrade import imresize
 from sr_tune.data.sampler import ImageBank, PatchSampler
 from sr_tune.data.sources import large_enough, open_source
 from sr_tune.data.validation import ValidationPair, protocol_scores, validation_pairs
-from sr_tune.errors import InputError
+from sr_tune.delta_stn import plain_parameters
 from sr_tune.losses import SRLoss, VGGDistance, discriminator_loss
 from sr_tune.metrics import ycbcr_to_rgb
 from sr_tune.models import create_model
 from sr_tune.models.srresnet import SRGANDiscriminator
+from sr_tune.online_tuning import OnlineTuner
+from sr_tune.optim import build_optimizer, lr_factor, parameter_groups, restore_keeping_settings
 from sr_tune.results import EvalResult, Preview
 
 
@@ -61,62 +63,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"training.device={name!r} but CUDA is not available on this machine")
     return torch.device(name)
-
-
-def parameter_groups(model: nn.Module, lr: float, last_layer_scale: float) -> list[dict[str, Any]]:
-    """One group for the model's last layer (the last module owning parameters) at ``lr * last_layer_scale``,
-    one for the rest at ``lr``. ``initial_lr`` is what schedules scale."""
-    owners = [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
-    last = {id(p) for p in owners[-1].parameters(recurse=False)}
-    body = [p for p in model.parameters() if id(p) not in last]
-    head = [p for p in model.parameters() if id(p) in last]
-    return [
-        {"params": body, "lr": lr, "initial_lr": lr},
-        {"params": head, "lr": lr * last_layer_scale, "initial_lr": lr * last_layer_scale},
-    ]
-
-
-def build_optimizer(config: OptimizerConfig, groups: Iterable[dict[str, Any]]) -> torch.optim.Optimizer:
-    groups = [{**group, "params": list(group["params"])} for group in groups]
-    decay = config.weight_decay
-    # Adam, AdamW and SGD update each tensor in one fused kernel instead of some ten ops (benchmarks/train_step.py
-    # measures the step). Torch fuses float tensors on the CPU and CUDA.
-    params = [param for group in groups for param in group["params"]]
-    fused = all(param.is_floating_point() and param.device.type in ("cpu", "cuda") for param in params)
-    if config.name == "adam":
-        return torch.optim.Adam(groups, betas=config.betas, weight_decay=decay, fused=fused)
-    if config.name == "adamw":
-        return torch.optim.AdamW(groups, betas=config.betas, weight_decay=decay, fused=fused)
-    if config.name == "sgd":
-        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=config.momentum, weight_decay=decay, fused=fused)
-    if config.name == "rmsprop":
-        return torch.optim.RMSprop(groups, momentum=config.momentum, weight_decay=decay)
-    raise ValueError(f"optimizer.name: {config.name!r} is not an optimizer (allowed: adam, adamw, sgd, rmsprop)")
-
-
-def lr_factor(config: OptimizerConfig, step: int, total_steps: int) -> float:
-    """Multiplier of every group's initial lr at ``step`` (1-based): warm-up, then the schedule."""
-    warmup = min(1.0, step / config.warmup_steps) if config.warmup_steps else 1.0
-    if config.schedule == "step":
-        return warmup * config.gamma ** ((step - 1) // config.step_size)
-    if config.schedule == "cosine":
-        progress = min(1.0, max(0.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)))
-        return warmup * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-    if config.schedule == "constant":
-        return warmup
-    raise InputError(f"optimizer.schedule: {config.schedule!r} is not a schedule (allowed: constant, step, cosine)")
-
-
-def _restore_state_keep_settings(
-    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
-) -> None:
-    """Moments and step counts from the checkpoint; lr, L2, momentum and betas from this run's config. A plain
-    resume has the same settings either way; a run resumed under new ones (PBT's exploit and explore) must
-    train with the new ones."""
-    settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
-    restore_optimizer(optimizer, tensors, meta)
-    for group, fresh in zip(optimizer.param_groups, settings):
-        group.update(fresh)
 
 
 def load_initial_weights(model: nn.Module, path: str | Path, reinit: Sequence[str] = ()) -> list[str]:
@@ -250,10 +196,11 @@ def ema_decay_at(decay: float, step: int) -> float:
 
 @torch.no_grad()
 def ema_update(ema: nn.Module | None, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model for parameters; buffers copied."""
+    """ema <- decay * ema + (1 - decay) * model for parameters (the general ones of a Delta-STN model); buffers
+    copied."""
     if ema is None:
         return
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), plain_parameters(model), 1 - decay)
     for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
         ema_buffer.copy_(buffer)
 
@@ -305,11 +252,14 @@ def build_data(
     pairs by the benchmark protocol."""
     data, scale = config.data, config.model.scale
     train_images = open_source(data.train, "train", skip_bad=data.skip_bad, rank=rank, world_size=world_size)
-    augmenter = Augmenter(strength=data.augment_strength, flip_rot=data.flip_rot, color_jitter=data.color_jitter)
+    tuned = config.delta_stn.augment_strength if config.delta_stn.enabled else ()
+    # A tuned strength: warps up to its upper bound, each patch at its own strength below it.
+    strength = tuned[2] if tuned else data.augment_strength
+    augmenter = Augmenter(strength=strength, flip_rot=data.flip_rot, color_jitter=data.color_jitter)
     hr_size = data.lr_patch_size * scale
     crop_size = augmenter.crop_size(hr_size)
     why = f"the {crop_size}px crop a {hr_size}px HR patch needs" + (
-        f" (with room for warps at augment_strength {data.augment_strength})" if crop_size > hr_size else ""
+        f" (with room for warps at augment_strength {strength})" if crop_size > hr_size else ""
     )
     train_images = large_enough(train_images, crop_size, why=why, skip_bad=data.skip_bad, source=data.train)
     sampler = PatchSampler(
@@ -346,15 +296,14 @@ def _ddp(module: nn.Module, device: torch.device, world_size: int) -> nn.Module:
 def _restore(
     resume: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer, ema: nn.Module | None, gan: Gan | None
 ) -> tuple[list[EvalResult], int]:
-    """Load a ``last`` checkpoint's weights, optimizer moments and RNG; returns its history and next step."""
+    """Load a ``last`` checkpoint's weights and optimizer moments; returns its history and next step."""
     model.load_state_dict(resume.group("model"))
-    _restore_state_keep_settings(optimizer, resume.group("optimizer"), resume.optimizers["optimizer"])
+    restore_keeping_settings(optimizer, resume.group("optimizer"), resume.optimizers["optimizer"])
     if ema is not None:
         ema.load_state_dict(resume.group("ema"))
     if gan is not None:
         _unwrap(gan.discriminator).load_state_dict(resume.group("discriminator"))
-        _restore_state_keep_settings(gan.optimizer, resume.group("d_optimizer"), resume.optimizers["d_optimizer"])
-    torch.set_rng_state(resume.group("rng")["torch"])
+        restore_keeping_settings(gan.optimizer, resume.group("d_optimizer"), resume.optimizers["d_optimizer"])
     return list(resume.run.history), resume.step + 1
 
 
@@ -368,19 +317,25 @@ def _save_checkpoints(
     ema: nn.Module | None,
     optimizer: torch.optim.Optimizer,
     gan: Gan | None,
+    tuner: OnlineTuner | None,
     improved: bool,
     mlflow_run_id: str | None,
 ) -> tuple[Path, Path | None]:
     """``folder/last`` (everything a resume needs) and, when validation improved, ``folder/best`` (the
-    weights used for evaluation)."""
-    modules = {"ema": ema} if ema is not None else {}
+    weights used for evaluation). Both hold the plain model: a Delta-STN run keeps its own state beside it."""
+    modules = {"ema": ema.state_dict()} if ema is not None else {}
     optimizers = {"optimizer": optimizer}
     if gan is not None:
-        modules["discriminator"] = _unwrap(gan.discriminator)
+        modules["discriminator"] = _unwrap(gan.discriminator).state_dict()
         optimizers["d_optimizer"] = gan.optimizer
+    plain = model.state_dict()
+    if tuner is not None:
+        plain = tuner.net.plain_state_dict()
+        modules |= tuner.modules()
+        optimizers |= tuner.optimizers
     last = save_checkpoint(
         folder / "last",
-        model=model,
+        model=plain,
         config=config,
         step=result.step,
         metrics=result.metrics(),
@@ -392,7 +347,7 @@ def _save_checkpoints(
     if improved:
         best = save_checkpoint(
             folder / "best",
-            model=ema if ema is not None else model,
+            model=ema.state_dict() if ema is not None else plain,
             config=config,
             step=result.step,
             metrics=result.metrics(),
@@ -439,11 +394,18 @@ def train(
     loss_fn = SRLoss(config.loss).to(device)
     gan = build_gan(config, device, memory_format)
     history, first_step = _restore(resume, model, optimizer, ema, gan) if resume else ([], 1)
-    net = _ddp(model, device, world_size)  # gradients averaged across ranks under torch.distributed
-    net = torch.compile(net) if on_cuda and training.compile else net
+    tuner = None
+    if config.delta_stn.enabled:  # the model responds to its hyperparameters from here on (in place)
+        tuner = OnlineTuner.build(config, model, optimizer, sampler, rank=rank, world_size=world_size)
+        if resume is not None:
+            tuner.restore(resume, resume.group("model"))
+    if resume is not None:  # last: building the run (a Delta-STN model's response weights) draws numbers
+        torch.set_rng_state(resume.group("rng")["torch"])
+    net = _ddp(model, device, world_size) if tuner is None else model  # DDP averages gradients across ranks
+    net = torch.compile(net) if on_cuda and training.compile and tuner is None else net
     gan = dataclasses.replace(gan, discriminator=_ddp(gan.discriminator, device, world_size)) if gan else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda and training.bf16 else nullcontext()
-    optimizers = [optimizer, *([gan.optimizer] if gan else [])]
+    optimizers = [optimizer, *([gan.optimizer] if gan else []), *([tuner.stn.response_optimizer] if tuner else [])]
     eval_model = ema if ema is not None else model
     best_psnr = max((r.psnr for r in history), default=-math.inf)
     last_path = best_path = None
@@ -460,23 +422,27 @@ def train(
                 for group in opt.param_groups:
                     group["lr"] = group["initial_lr"] * factor
 
-        lr_batch, hr = sampler.batch(step)  # (B, C, p, p), (B, C, p*s, p*s) on the device
-        if channels_last:
-            lr_batch = lr_batch.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            sr = net(lr_batch).float()  # (B, C, p*s, p*s)
+        d_loss = None
+        if tuner is not None:  # Delta-STN: its three phases are the step (the general weights' is phase (a))
+            loss, terms = tuner.step(step), {}
+        else:
+            lr_batch, hr = sampler.batch(step)  # (B, C, p, p), (B, C, p*s, p*s) on the device
+            if channels_last:
+                lr_batch = lr_batch.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                sr = net(lr_batch).float()  # (B, C, p*s, p*s)
 
-        d_loss = d_real = d_fake = None
-        if gan is not None:
-            d_loss, d_real, d_fake = discriminator_step(gan, hr, sr, autocast)
+            d_real = d_fake = None
+            if gan is not None:
+                d_loss, d_real, d_fake = discriminator_step(gan, hr, sr, autocast)
 
-        terms = loss_fn(sr, hr, d_real, d_fake)
-        loss = functools.reduce(operator.add, terms.values())  # sum() would add a 0 first: one more op
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if opt_config.grad_clip_norm > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), opt_config.grad_clip_norm)
-        optimizer.step()
+            terms = loss_fn(sr, hr, d_real, d_fake)
+            loss = functools.reduce(operator.add, terms.values())  # sum() would add a 0 first: one more op
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if opt_config.grad_clip_norm > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), opt_config.grad_clip_norm)
+            optimizer.step()
         ema_update(ema, model, ema_decay_at(opt_config.ema_decay, step))
 
         extra_terms = {"discriminator": d_loss} if d_loss is not None else {}
@@ -498,6 +464,7 @@ def train(
             patches_per_second=patches_per_second,
             seconds=(previous.seconds if previous else 0.0) + time.perf_counter() - window.started,
             preview=preview,
+            hyper=tuner.values() if tuner is not None else {},
             **scores,
         )
         history.append(result)
@@ -511,6 +478,7 @@ def train(
                 ema=ema,
                 optimizer=optimizer,
                 gan=gan,
+                tuner=tuner,
                 improved=result.psnr > best_psnr,
                 mlflow_run_id=mlflow_run_id,
             )

@@ -39,6 +39,22 @@ def pixel_loss(name: str, charbonnier_eps: float = 1e-3) -> Callable[[torch.Tens
     raise ValueError(f"unknown pixel loss {name!r} (allowed: mse, l1, charbonnier)")
 
 
+def per_example_pixel_loss(
+    name: str, charbonnier_eps: float = 1e-3
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``pixel_loss`` of each example: (B, C, H, W) pairs -> (B,), whose mean is ``pixel_loss``."""
+    eps2 = charbonnier_eps**2
+    distances = {
+        "mse": lambda d: d.square(),
+        "l1": lambda d: d.abs(),
+        "charbonnier": lambda d: torch.sqrt(d.square() + eps2),
+    }
+    if name not in distances:
+        raise ValueError(f"unknown pixel loss {name!r} (allowed: {', '.join(distances)})")
+    distance = distances[name]
+    return lambda sr, hr: distance(sr - hr).flatten(1).mean(1)
+
+
 def vgg_weights_file() -> Path:
     """Where torchvision keeps the VGG19 ImageNet weights: $TORCH_HOME/hub/checkpoints/vgg19-dcbb9e9d.pth."""
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(vgg_weights().url).name

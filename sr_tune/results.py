@@ -30,7 +30,8 @@ class Preview:
 @dataclass(frozen=True, kw_only=True)
 class EvalResult:
     """One evaluation: training losses averaged since the last one, validation on Y with a border crop
-    of ``scale`` pixels (model beside bicubic), and VGG feature distances for GAN runs."""
+    of ``scale`` pixels (model beside bicubic), VGG feature distances for GAN runs, and the hyperparameters a
+    Delta-STN run has reached."""
 
     step: int
     loss: float
@@ -41,6 +42,7 @@ class EvalResult:
     bicubic_psnr: float
     bicubic_ssim: float
     vgg: dict[str, float] = field(default_factory=dict)
+    hyper: dict[str, float] = field(default_factory=dict)  # Delta-STN runs: the tuned values and their scales
     patches_per_second: float
     seconds: float
     preview: Preview | None = field(default=None, compare=False, repr=False)
@@ -53,6 +55,7 @@ class EvalResult:
         )
         values.update({f"loss_{name}": value for name, value in self.losses.items()})
         values.update({f"val_{name}": value for name, value in self.vgg.items()})
+        values.update({f"hp_{name}": value for name, value in self.hyper.items()})
         return values
 
     def to_dict(self) -> dict[str, Any]:

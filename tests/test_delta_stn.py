@@ -80,7 +80,7 @@ def tune_ridge(seed: int, cycles: int = 1500, warmup: int = 1000, initial: float
     )
     tuned = []
     for _ in range(warmup + 5 * cycles):
-        if stn.step(lambda values: (images, targets), lambda: (val_images, val_targets), batch_size=len(x)):
+        if stn.step(lambda values: (images, targets), lambda: (val_images, val_targets), batch_size=len(x)).tuned:
             for decay in decays:
                 decay.step()
             tuned.append(math.log(hyper.values()["l2"]))

@@ -17,20 +17,11 @@ from sr_tune.checkpoint import load_checkpoint
 from sr_tune.config import OptimizerConfig, load_config
 from sr_tune.data.degrade import imresize, to_8bit
 from sr_tune.data.sources import BadImageError, skimage_photo
-from sr_tune.engine import (
-    LossWindow,
-    build_data,
-    build_optimizer,
-    ema_decay_at,
-    ema_update,
-    evaluate,
-    lr_factor,
-    parameter_groups,
-    train,
-)
+from sr_tune.engine import LossWindow, build_data, ema_decay_at, ema_update, evaluate, train
 from sr_tune.fields import ConfigError
 from sr_tune.metrics import psnr, rgb_to_y
 from sr_tune.models import create_model
+from sr_tune.optim import build_optimizer, lr_factor, parameter_groups
 from sr_tune.results import EvalResult
 from sr_tune.visualize import grid_captions, preview_grid
 
