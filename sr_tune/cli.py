@@ -138,6 +138,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         else ""
     )
     print(f"done: {scores}checkpoints {Path(config.training.output_dir) / config.run_name}/{{last,best}}")
+    if learned := {
+        key: value for key, value in metrics.items() if key.startswith("hp_") and not key.endswith("_scale")
+    }:
+        print(
+            "Delta-STN ended at: "
+            + ", ".join(f"{key.removeprefix('hp_')} {value:.3g}" for key, value in learned.items())
+        )
     if workers:
         print(f"Ray checkpoint: {result.checkpoint}")
     if result.run_id and client is not None:

@@ -134,11 +134,28 @@ class DataConfig:
         validate(self)
 
 
+PIXEL_LOSSES = ("mse", "l1", "charbonnier")
+
+
+def _mix_weights(mix: dict[str, Any]) -> str | None:
+    for name, weight in mix.items():
+        if name not in PIXEL_LOSSES:
+            return f"{name!r} is not a pixel loss (allowed: {', '.join(PIXEL_LOSSES)})"
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            return f"{name}: {weight!r} is not a weight (a number >= 0)"
+    return None
+
+
 @dataclass(frozen=True, kw_only=True)
 class LossConfig:
     pixel: Literal["mse", "l1", "charbonnier"] = setting("mse", "pixel loss between SR and HR")
     pixel_weight: float = setting(1.0, "weight of the pixel loss (0 = off)", ge=0.0)
     charbonnier_eps: float = setting(1e-3, "epsilon of the Charbonnier loss sqrt(d^2 + eps^2)", gt=0.0)
+    mix: dict[str, Any] = setting(
+        {},
+        "extra pixel terms beside pixel, by weight: {mse|l1|charbonnier: weight} (e.g. {mse: 0.1})",
+        check=_mix_weights,
+    )
     perceptual: Literal["none", "vgg22", "vgg54"] = setting(
         "none", "VGG19 feature loss: relu2_2 (vgg22) or relu5_4 (vgg54), ImageNet weights"
     )
@@ -149,12 +166,15 @@ class LossConfig:
     adversarial_weight: float = setting(1e-3, "weight of the generator's adversarial loss", ge=0.0)
 
     def __post_init__(self) -> None:
+        problems = [f"mix: {self.pixel!r} is the pixel loss already"] if self.pixel in self.mix else []
         weights = (
             self.pixel_weight,
+            *self.mix.values(),
             self.perceptual_weight if self.perceptual != "none" else 0.0,
             self.adversarial_weight if self.adversarial != "none" else 0.0,
         )
-        validate(self, [] if any(w > 0 for w in weights) else ["pixel_weight: every loss term has weight 0"])
+        problems += [] if any(w > 0 for w in weights) else ["pixel_weight: every loss term has weight 0"]
+        validate(self, problems)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -260,9 +280,6 @@ def _unit_bounds(values: tuple[float, ...]) -> str | None:
     return _bounds_problem(values, positive=False)
 
 
-PIXEL_LOSSES = ("mse", "l1", "charbonnier")
-
-
 def _pixel_mix(mix: dict[str, Any]) -> str | None:
     for name, values in mix.items():
         if name not in PIXEL_LOSSES:
@@ -300,7 +317,7 @@ class DeltaStnConfig:
         "(log scale)",
         check=_pixel_mix,
     )
-    interval: int = setting(10, "training steps per hyperparameter step", ge=1)
+    interval: int = setting(5, "training steps per hyperparameter step", ge=1)
     warmup_steps: int = setting(
         200, "steps before the first hyperparameter step: the response weights learn first", ge=0
     )
@@ -309,7 +326,7 @@ class DeltaStnConfig:
     )
     tune_scales: bool = setting(True, "learn the perturbation scales too, with an entropy bonus that keeps them open")
     entropy_weight: float = setting(1e-3, "weight of that entropy bonus", ge=0.0)
-    hyper_lr: float = setting(3e-3, "RMSprop learning rate of the hyperparameters and their scales", gt=0.0)
+    hyper_lr: float = setting(1e-2, "RMSprop learning rate of the hyperparameters and their scales", gt=0.0)
     objective: Literal["l1", "psnr"] = setting(
         "l1", "the hyperparameter step's fixed objective on validation patches: L1, or PSNR on the model's channels"
     )
@@ -381,6 +398,11 @@ def _delta_stn_problems(config: TrainConfig) -> list[str]:
         problems.append(
             f"delta_stn.pixel_mix: {config.loss.pixel!r} is loss.pixel, the fixed term the mix is relative to"
         )
+    problems += [
+        f"delta_stn.pixel_mix: tunes {name!r} itself; remove loss.mix.{name}"
+        for name in stn.pixel_mix
+        if name in config.loss.mix
+    ]
     if config.model.name in ("srresnet", "srgan"):
         problems.append(f"delta_stn.enabled: {config.model.name} has BatchNorm, which mixes per-patch hyperparameters")
     return problems

@@ -146,6 +146,7 @@ def loss_terms(config: LossConfig) -> tuple[str, ...]:
     """The generator's loss terms that ``config`` switches on (a weight of 0 switches a term off)."""
     switched_on = {
         "pixel": config.pixel_weight > 0,
+        **{f"mix_{name}": weight > 0 for name, weight in config.mix.items()},
         "perceptual": config.perceptual != "none" and config.perceptual_weight > 0,
         "adversarial": config.adversarial != "none" and config.adversarial_weight > 0,
     }
@@ -157,13 +158,17 @@ def _weighted(weight: float, term: torch.Tensor) -> torch.Tensor:
 
 
 class SRLoss(nn.Module):
-    """Weighted loss terms for the generator: {'pixel', 'perceptual', 'adversarial'} (those switched on)."""
+    """Weighted loss terms for the generator: {'pixel', 'mix_<pixel loss>', 'perceptual', 'adversarial'} (those
+    switched on)."""
 
     def __init__(self, config: LossConfig) -> None:
         super().__init__()
         self.config = config
         self.terms = loss_terms(config)
         self.pixel = pixel_loss(config.pixel, config.charbonnier_eps)
+        self.mix = {
+            name: pixel_loss(name, config.charbonnier_eps) for name in config.mix if f"mix_{name}" in self.terms
+        }
         self.perceptual = PerceptualLoss(config.perceptual) if "perceptual" in self.terms else None
 
     def forward(
@@ -174,6 +179,8 @@ class SRLoss(nn.Module):
         terms = {}
         if "pixel" in self.terms:
             terms["pixel"] = _weighted(c.pixel_weight, self.pixel(sr, hr))
+        for name, term in self.mix.items():
+            terms[f"mix_{name}"] = _weighted(c.mix[name], term(sr, hr))
         if self.perceptual is not None:
             terms["perceptual"] = _weighted(c.perceptual_weight, self.perceptual(sr, hr))
         if "adversarial" in self.terms:

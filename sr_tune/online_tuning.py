@@ -123,16 +123,20 @@ class OnlineTuner:
         )
         hyper_parameters = [hyper.u, hyper.raw_scale] if stn.tune_scales else [hyper.u]
         pixel = per_example_pixel_loss(config.loss.pixel, config.loss.charbonnier_eps)
-        mix = [
-            (index, per_example_pixel_loss(spec.name.removeprefix("mix_"), config.loss.charbonnier_eps))
+        eps = config.loss.charbonnier_eps
+        fixed = [(weight, per_example_pixel_loss(name, eps)) for name, weight in config.loss.mix.items() if weight > 0]
+        tuned = [
+            (index, per_example_pixel_loss(spec.name.removeprefix("mix_"), eps))
             for index, spec in enumerate(specs)
             if spec.name.startswith("mix_")
         ]
         pixel_weight = config.loss.pixel_weight
 
-        def train_loss(sr: Tensor, hr: Tensor, values: Tensor) -> Tensor:  # (B,): the fixed term plus the mix
+        def train_loss(sr: Tensor, hr: Tensor, values: Tensor) -> Tensor:  # (B,): the fixed terms plus the tuned
             loss = pixel_weight * pixel(sr, hr)
-            for index, term in mix:
+            for weight, term in fixed:
+                loss = loss + weight * term(sr, hr)
+            for index, term in tuned:
                 loss = loss + values[:, index].to(loss.dtype) * term(sr, hr)
             return loss
 

@@ -71,9 +71,16 @@ def _pyplot() -> ModuleType:
 
 
 def curves_figure(history: Sequence[EvalResult]) -> Figure:
-    """Training loss (log scale) and validation PSNR-Y against bicubic, by step."""
+    """Training loss (log scale) and validation PSNR-Y against bicubic, by step; a Delta-STN run adds the
+    trajectory of each tuned hyperparameter."""
     steps = [r.step for r in history]
-    figure, (loss_axis, psnr_axis) = _pyplot().subplots(1, 2, figsize=(10, 4))
+    tuned = [name for name in history[-1].hyper if not name.endswith("_scale")]
+    figure, axes = _pyplot().subplots(1, 2 + len(tuned), figsize=(5 * (2 + len(tuned)), 4))
+    loss_axis, psnr_axis = axes[:2]
+    for axis, name in zip(axes[2:], tuned):
+        axis.plot(steps, [r.hyper[name] for r in history], marker="o")
+        log = name == "l2" or name.startswith("mix_")  # tuned on a log scale
+        axis.set(xlabel="step", ylabel=name, yscale="log" if log else "linear", title=f"Delta-STN: {name}")
     loss_axis.plot(steps, [r.loss for r in history], marker="o")
     loss_axis.set(xlabel="step", ylabel="training loss", yscale="log", title="loss")
     psnr_axis.plot(steps, [r.psnr for r in history], marker="o", label="model")

@@ -16,6 +16,7 @@ from sr_tune.losses import (
     discriminator_loss,
     generator_loss,
     load_vgg19_features,
+    per_example_pixel_loss,
     pixel_loss,
 )
 
@@ -78,3 +79,16 @@ def test_sr_loss_weights_each_term(vgg_cache: Path):
     torch.testing.assert_close(terms["pixel"], 2.0 * (sr - hr).abs().mean())
     torch.testing.assert_close(terms["adversarial"], torch.tensor(1e-3 * math.log(2)))
     assert set(SRLoss(LossConfig())(sr, hr)) == {"pixel"}
+
+
+def test_a_pixel_mix_adds_weighted_terms_and_each_examples_loss_averages_to_the_batch_loss():
+    sr, hr = torch.tensor([[[[0.5, 0.0]]], [[[1.0, 0.2]]]]), torch.zeros(2, 1, 1, 2)  # (2, 1, 1, 2)
+    terms = SRLoss(LossConfig(pixel="l1", mix={"mse": 0.5, "charbonnier": 0.0}))(sr, hr)
+    assert set(terms) == {"pixel", "mix_mse"}  # a weight of 0 switches a term off
+    assert float(terms["pixel"]) == pytest.approx((0.5 + 1.2) / 4)
+    assert float(terms["mix_mse"]) == pytest.approx(0.5 * (0.25 + 1.0 + 0.04) / 4)
+    for name in ("mse", "l1", "charbonnier"):
+        each = per_example_pixel_loss(name)(sr, hr)  # (2,)
+        assert each.shape == (2,)
+        assert float(each.mean()) == pytest.approx(float(pixel_loss(name)(sr, hr)))
+    assert float(per_example_pixel_loss("l1")(sr, hr)[1]) == pytest.approx(0.6)

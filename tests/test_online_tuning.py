@@ -20,6 +20,10 @@ from sr_tune.fields import ConfigError
 from sr_tune.inference import Upscaler
 from sr_tune.models import create_model
 from sr_tune.results import EvalResult
+from sr_tune.study import load_study
+from sr_tune.visualize import curves_figure
+
+from .conftest import REPO
 
 TUNED = [
     "training.device=cpu",
@@ -56,6 +60,9 @@ def test_a_delta_stn_run_tunes_its_hyperparameters_and_saves_plain_models(tmp_pa
         assert final[name] != pytest.approx(start, rel=1e-3), name
     assert 1e-8 <= final["l2"] <= 1e-1 and 0.0 < final["augment_strength"] < 1.0
     assert history[-1].metrics()["hp_mix_l1"] == final["mix_l1"]  # the curves MLflow and Tune receive
+    figure = curves_figure(history)  # the run's curves.png: loss, PSNR, then each trajectory
+    assert [axis.get_title() for axis in figure.axes[2:]] == [f"Delta-STN: {name}" for name in START]
+    assert list(figure.axes[4].lines[0].get_ydata()) == [r.hyper["mix_l1"] for r in history]
 
     plain_keys = set(create_model("fsrcnn", scale=2, in_channels=1).state_dict())
     for name in ("best", "last"):
@@ -136,3 +143,17 @@ def test_what_delta_stn_cannot_combine_with_is_refused_all_at_once():
         load_config(None, ["delta_stn.enabled=true", "delta_stn.l2=[1e-1, 1e-8, 1e-2]"])
     with pytest.raises(ConfigError, match="nothing to tune"):
         load_config(None, ["delta_stn.enabled=true"])
+
+
+def test_the_shipped_study_tunes_inside_each_trial_and_refuses_searching_what_delta_stn_tunes(tmp_path: Path):
+    study = load_study(REPO / "search_spaces" / "delta_stn.yaml")
+    config = study.trial_config({"optimizer.lr": 1e-3, "data.batch_size": 32})
+    assert config.delta_stn.enabled and config.delta_stn.tuned == ("l2", "augment_strength", "mix_mse")
+    text = (REPO / "search_spaces" / "delta_stn.yaml").read_text()
+    searching = text.replace("base: ../configs", f"base: {REPO / 'configs'}").replace(
+        "  data.batch_size: {type: choice, values: [16, 32]}",
+        "  data.augment_strength: {type: uniform, low: 0.0, high: 1.0}",
+    )
+    (tmp_path / "study.yaml").write_text(searching)
+    with pytest.raises(ConfigError, match="search.data.augment_strength = 1.0: delta_stn.augment_strength: tunes"):
+        load_study(tmp_path / "study.yaml")

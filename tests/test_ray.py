@@ -510,3 +510,44 @@ def test_local_ray_listened_on_loopback_only_and_kept_token_auth(local_ray: List
     with pytest.raises(urllib.error.HTTPError) as refused:  # the dashboard's API without the session's token
         urllib.request.urlopen("http://127.0.0.1:8265/api/version", timeout=10)
     assert refused.value.code == 401
+
+
+def test_delta_stn_trials_on_two_ddp_workers_log_their_schedules_and_register_a_plain_model(tmp_path: Path, local_ray):
+    """Delta-STN as the inner loop of a sweep, each trial a Ray Train run over 2 gloo workers: the ranks
+    average every phase's gradients, MLflow gets each hyperparameter's trajectory beside the loss, and the
+    registered model is the plain network."""
+    study = load_study(
+        write_study(
+            tmp_path,
+            """
+name: stn
+search:
+  optimizer.lr: {type: choice, values: [3.0e-3]}
+sampler: {name: grid, seed: 0}
+scheduler: {name: none}
+budget: {num_samples: 1, max_steps: 40}
+resources: {workers: 2, cpus_per_worker: 1}
+keep_checkpoints: 1
+""",
+            fixed="""  delta_stn.enabled: true
+  delta_stn.l2: [1.0e-4, 1.0e-8, 1.0e-1]
+  delta_stn.pixel_mix: {l1: [0.5, 0.01, 10.0]}
+  delta_stn.warmup_steps: 4
+  delta_stn.interval: 2
+  delta_stn.hyper_lr: 0.05
+""",
+        )
+    )
+    result = run_sweep(study, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (trial,) = result.trials
+    assert trial.error is None and trial.patches_seen == study.patches(40)
+    client, runs = mlflow_runs(tmp_path)
+    (child,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    curves = {name: client.get_metric_history(child.info.run_id, f"hp_{name}") for name in ("l2", "mix_l1")}
+    for history in curves.values():
+        assert [m.step for m in history] == [20, 40]
+    assert curves["mix_l1"][-1].value != pytest.approx(0.5, rel=1e-3)  # 18 hyperparameter steps moved it
+    assert child.data.metrics["hp_l2_scale"] > 0
+    best = load_checkpoint(trial.best_checkpoint)
+    assert set(best.group("model")) == set(best.build_model().state_dict())  # the plain keys; the rest beside them
+    assert result.model_version == "1"
