@@ -55,11 +55,9 @@ from sr_tune.sweep.layout import sweep_paths
 from sr_tune.sweep.trial import TrialContext
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXED = [
-    *RECIPE,
-    "optimizer.warmup_steps=100",
-    "training.device=cpu",
-]
+# The recipe with a shorter warm-up (one override per key: a study's ``fixed`` is a mapping).
+FIXED = [f"{k}={v}" for k, v in dict(i.split("=", 1) for i in [*RECIPE, "optimizer.warmup_steps=100"]).items()]
+FIXED.append("training.device=cpu")
 # The sweep's ranges; Delta-STN starts at their middle (log scale for the L2 and MSE weights).
 L2 = (1e-9, 1e-2)  # lambda of lambda ||w||^2; the sweep's weight_decay is 2 lambda
 STRENGTH = (0.0, 1.0)

@@ -269,6 +269,19 @@ class StepOutcome:
     tuned: bool
 
 
+@contextlib.contextmanager
+def _frozen(parameters: list[nn.Parameter]) -> Iterator[None]:
+    """``parameters`` without gradients inside (autograd skips their weight gradients), as before after."""
+    before = [param.requires_grad for param in parameters]
+    for param in parameters:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param, required in zip(parameters, before):
+            param.requires_grad_(required)
+
+
 def _no_averaging(parameters: list[nn.Parameter]) -> None:
     """One process: its gradients are the mean already."""
 
@@ -338,12 +351,14 @@ class DeltaStn:
 
         # f(x; w) at u0 and its directional derivative along u_i - u0, in one forward-mode pass (dual numbers:
         # the tangent stays differentiable with respect to the response weights).
-        with fwAD.dual_level():
-            with net.at(fwAD.make_dual(torch.zeros_like(offset), offset)):
-                pred, tangent = fwAD.unpack_dual(net.model(x))
-        with net.at(offset):  # the L2 term: each example's own weights, exactly (quadratic in the gates)
-            response_loss = self._loss(pred + tangent, y, values_i)
-        self._update(self.response_optimizer, response_loss, clip=True)
+        # The general weights are constants here: their gradients would cost a third of the backward pass.
+        with _frozen(net.general_parameters()):
+            with fwAD.dual_level():
+                with net.at(fwAD.make_dual(torch.zeros_like(offset), offset)):
+                    pred, tangent = fwAD.unpack_dual(net.model(x))
+            with net.at(offset):  # the L2 term: each example's own weights, exactly (quadratic in the gates)
+                response_loss = self._loss(pred + tangent, y, values_i)
+            self._update(self.response_optimizer, response_loss, clip=True)
 
         self.steps_done += 1
         tuned = self.steps_done > self.warmup_steps and self.steps_done % self.hyper_interval == 0
@@ -361,8 +376,10 @@ class DeltaStn:
             at = hyper.u + hyper.scale() * noise
         else:
             at = hyper.u.expand(x.shape[0], -1)
-        with net.at((at - hyper.u.detach()).to(x.dtype)):  # numerically 0 (or sigma eps); d/du = I
-            val = self.val_loss(net.model(x), y)
-        objective = val - self.entropy_weight * hyper.entropy() if self.tune_scales else val
-        self._update(self.hyper_optimizer, objective, clip=False)
+        # Only u (and sigma) learn here: no weight gradients, just the activations' on the way to the gates.
+        with _frozen(list(net.model.parameters())):
+            with net.at((at - hyper.u.detach()).to(x.dtype)):  # numerically 0 (or sigma eps); d/du = I
+                val = self.val_loss(net.model(x), y)
+            objective = val - self.entropy_weight * hyper.entropy() if self.tune_scales else val
+            self._update(self.hyper_optimizer, objective, clip=False)
         hyper.project_()

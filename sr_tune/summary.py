@@ -5,6 +5,7 @@ tested on records built by hand.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,32 +208,45 @@ def summary_figures(study: Study, records: list[TrialRecord], summaries: list[Tr
                     for trial, group in reports.groupby("trial_id")
                 }
                 figures[f"plots/pbt_schedule_{key}.png"] = schedule_figure(key, schedules)
+    for column in learned_columns(reports.columns if not reports.empty else ()):  # Delta-STN trajectories
+        schedules = {
+            trial: list(zip(group["patches_seen"], group[column])) for trial, group in reports.groupby("trial_id")
+        }
+        figures[f"plots/delta_stn_{column.removeprefix('hp_')}.png"] = schedule_figure(column, schedules)
     return figures
 
 
-def _row(study: Study, summary: TrialSummary) -> tuple[str, str, str, list[str], str]:
-    """(objective, gain, patches, searched values, how it ended) of one trial, as text."""
+def learned_columns(names: Iterable[str]) -> list[str]:
+    """The metrics of the values Delta-STN learned inside each run (``hp_<name>``; their scales left out)."""
+    return [name for name in names if name.startswith("hp_") and not name.endswith("_scale")]
+
+
+def _row(study: Study, summary: TrialSummary, learned: list[str]) -> tuple[str, str, str, list[str], str]:
+    """(objective, gain, patches, searched values then ``learned`` ones, how it ended) of one trial, as text."""
     metric = study.objective.metric
     value, gain = summary.best.get(metric), summary.best.get("psnr_gain")
     status = "stopped early" if summary.stopped_early else ("failed" if summary.error else "")
+    found = [format_value(summary.best[key]) if key in summary.best else "-" for key in learned]
     return (
         f"{value:.4f}" if value is not None else "-",
         f"{gain:+.2f} dB" if gain is not None else "-",
         f"{summary.patches_seen:,}",
-        [format_value(summary.params[key]) for key in study.search],
+        [format_value(summary.params[key]) for key in study.search] + found,
         status,
     )
 
 
 def sweep_table(study: Study, summaries: list[TrialSummary], top: int = 5, final: TrialSummary | None = None) -> str:
-    """The best trials: objective, PSNR gain over bicubic, data seen and the searched values; then the
-    ``final`` run (the best values trained longer) when there is one."""
+    """The best trials: objective, PSNR gain over bicubic, data seen, the searched values and those Delta-STN
+    learned inside each run (at its best report); then the ``final`` run (the best values trained longer) when
+    there is one."""
     metric = study.objective.metric
-    rows = [(str(rank), trial.name, *_row(study, trial)) for rank, trial in enumerate(summaries[:top], 1)]
+    learned = learned_columns(key for summary in summaries[:1] for key in summary.best)
+    rows = [(str(rank), trial.name, *_row(study, trial, learned)) for rank, trial in enumerate(summaries[:top], 1)]
     if final is not None:
-        value, gain, patches, values, status = _row(study, final)
+        value, gain, patches, values, status = _row(study, final, learned)
         rows.append(("", final.name, value, gain, patches, values, status or f"{summaries[0].name} trained longer"))
-    names = [short_name(key) for key in study.search]
+    names = [short_name(key) for key in study.search] + [key.removeprefix("hp_") for key in learned]
     # Each searched column at least two spaces wider than its name and its longest value (num_blocks, charbonnier).
     widths = [max(9, 2 + len(name), *(2 + len(row[5][i]) for row in rows)) for i, name in enumerate(names)]
     columns = "".join(f"{name:>{width}}" for name, width in zip(names, widths))
@@ -273,18 +287,19 @@ def parent_description(
     scored = [s for s in summaries if metric in s.best]
     if scored:
         best = scored[0]
-        value, gain, patches, _, _ = _row(study, best)
+        value, gain, patches, _, _ = _row(study, best, [])
         label = trial_label(best.name, best.params)
         lines += [f"**Best: {link(best, label)}**: {metric} {value} ({gain} vs bicubic) after {patches} patches.", ""]
     else:
         lines += ["**No trial reported the objective.**", ""]
-    keys = [short_name(key) for key in study.search]
+    learned = learned_columns(key for summary in summaries[:1] for key in summary.best)
+    keys = [short_name(key) for key in study.search] + [key.removeprefix("hp_") for key in learned]
     lines += [
         "| rank | trial | " + " | ".join([metric, "vs bicubic", "patches", *keys]) + " | |",
         "|" + "---|" * (6 + len(keys)),
     ]
     for rank, summary in enumerate(summaries[:top], 1):
-        value, gain, patches, values, status = _row(study, summary)
+        value, gain, patches, values, status = _row(study, summary, learned)
         cells = [str(rank), link(summary, summary.name), value, gain, patches, *values, status]
         lines.append("| " + " | ".join(cells) + " |")
     if len(summaries) > top:

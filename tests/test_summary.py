@@ -181,3 +181,18 @@ def test_a_searched_value_longer_than_the_column_widens_it_and_keeps_two_spaces_
     # The values end where their column's name ends: right-aligned under it.
     edge = header.index(" bs") + 3
     assert [row[edge - 14 : edge] for row in rows] == ["  123456789012", "             8"]
+
+
+def test_a_delta_stn_sweep_shows_the_values_each_trial_learned_and_their_trajectories(study):
+    records = [record("a", 1e-3, [29.1, 29.4]), record("b", 2e-3, [29.5, 29.3])]
+    for rec, l2 in zip(records, ([3e-6, 1e-6], [2e-5, 4e-5])):
+        rec.reports["hp_l2"], rec.reports["hp_l2_scale"] = l2, [0.5, 0.6]
+    summaries = summarize(study, records)
+    assert sweep_table(study, summaries).splitlines()[1:] == [  # at each trial's best report; no scales
+        "rank trial     val_psnr  vs bicubic   patches       lr      aug       bs       l2",
+        "1    tb         29.5000    +0.50 dB       320   2.0e-3      0.5        8   2.0e-5",
+        "2    ta         29.4000    +0.40 dB       320   1.0e-3      0.5        8   1.0e-6",
+    ]
+    figure = summary_figures(study, records, summaries)["plots/delta_stn_l2.png"]
+    assert "plots/delta_stn_l2_scale.png" not in summary_figures(study, records, summaries)
+    assert sorted(list(line.get_ydata()) for line in figure.axes[0].lines) == [[3e-6, 1e-6], [2e-5, 4e-5]]
