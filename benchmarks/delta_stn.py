@@ -16,6 +16,8 @@ cannot tune them).
    - ``delta_stn``: one run of ``--max-steps`` steps (one trial's length), tuning the same three from the
      middle of the sweep's ranges on validation patches.
    - ``delta_stn_long``: one run of the sweep's compute: budget / ratio steps.
+   - ``fixed``, ``fixed_long``: controls, plain runs of those two lengths at the values Delta-STN starts from
+     (what the tuning itself added, apart from training longer).
    Each model's PSNR-Y on the held-out photographs of ``photo_x2.py`` (whole images, 8-bit), its validation
    PSNR, and its compute in plain-step patches.
 
@@ -55,6 +57,7 @@ from sr_tune.sweep.layout import sweep_paths
 from sr_tune.sweep.trial import TrialContext
 
 ROOT = Path(__file__).resolve().parent.parent
+METHODS = ("sweep", "delta_stn", "delta_stn_long", "fixed", "fixed_long")
 # The recipe with a shorter warm-up (one override per key: a study's ``fixed`` is a mapping).
 FIXED = [f"{k}={v}" for k, v in dict(i.split("=", 1) for i in [*RECIPE, "optimizer.warmup_steps=100"]).items()]
 FIXED.append("training.device=cpu")
@@ -180,6 +183,18 @@ def run_delta_stn(seed: int, steps: int, ratio: float, folder: Path) -> dict[str
     }
 
 
+def run_fixed(seed: int, steps: int, folder: Path) -> dict[str, Any]:
+    """A plain run at the values Delta-STN starts from."""
+    start = [
+        f"optimizer.weight_decay={2 * math.sqrt(L2[0] * L2[1]):.3g}",
+        "data.augment_strength=0.5",
+        f"loss.mix={{mse: {math.sqrt(MSE[0] * MSE[1]):.3g}}}",
+    ]
+    config = recipe(steps, seed, start)
+    result = train(config, checkpoint_dir=folder)
+    return {"checkpoint": str(folder / "best"), "val_psnr": result.best.psnr, "compute": steps * config.data.batch_size}
+
+
 def plot(rows: list[dict[str, Any]], out: Path) -> None:
     import matplotlib
 
@@ -213,30 +228,42 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=2000)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--quick", action="store_true", help="one seed, 2 trials of 48 steps, a short overhead")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"some of {', '.join(METHODS)}")
+    parser.add_argument("--ratio", type=float, help="Delta-STN's cost in plain steps, as measured before (skips it)")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.trials, args.max_steps = 1, 2, 48
     rounds, block = (2, 5) if args.quick else (6, 40)
 
-    plain_s, stn_s = overhead(rounds, block)
-    ratio = stn_s / plain_s
-    print(f"per step: plain {plain_s * 1e3:.1f} ms, Delta-STN {stn_s * 1e3:.1f} ms: {ratio:.2f} plain steps")
+    methods = args.methods.split(",")
+    if unknown := [method for method in methods if method not in METHODS]:
+        parser.error(f"--methods: {', '.join(unknown)} (allowed: {', '.join(METHODS)})")
+    plain_s = stn_s = math.nan
+    if args.ratio is None:
+        plain_s, stn_s = overhead(rounds, block)
+        print(
+            f"per step: plain {plain_s * 1e3:.1f} ms, Delta-STN {stn_s * 1e3:.1f} ms: {stn_s / plain_s:.2f} plain steps"
+        )
+    ratio = args.ratio or stn_s / plain_s
+    long_steps = round(args.trials * args.max_steps / ratio)
 
-    init_ray()
+    if "sweep" in methods:
+        init_ray()
     rows = []
     with tempfile.TemporaryDirectory(prefix="delta-stn-") as scratch:
         photos = held_out_folder(Path(scratch) / "held_out", 96 if args.quick else None)
         for seed in range(args.seeds):
             folder = Path(scratch) / f"seed{seed}"
             folder.mkdir()
-            sweep = run_sweep(seed, args, folder)
-            budget_steps = args.trials * args.max_steps
             runs = {
-                "sweep": sweep,
-                "delta_stn": run_delta_stn(seed, args.max_steps, ratio, folder / "short"),
-                "delta_stn_long": run_delta_stn(seed, round(budget_steps / ratio), ratio, folder / "long"),
+                "sweep": lambda: run_sweep(seed, args, folder),
+                "delta_stn": lambda: run_delta_stn(seed, args.max_steps, ratio, folder / "short"),
+                "delta_stn_long": lambda: run_delta_stn(seed, long_steps, ratio, folder / "long"),
+                "fixed": lambda: run_fixed(seed, args.max_steps, folder / "fixed"),
+                "fixed_long": lambda: run_fixed(seed, long_steps, folder / "fixed_long"),
             }
-            for method, run in runs.items():
+            for method in methods:
+                run = runs[method]()
                 held_out = score(Upscaler.from_checkpoint(load_checkpoint(run.pop("checkpoint"))), photos)
                 rows.append({"method": method, "seed": seed, "held_out_psnr": held_out, **run})
                 print(
@@ -248,7 +275,7 @@ def main() -> None:
     print(f"\nheld-out bicubic {bicubic:.3f} dB; one Delta-STN step = {ratio:.2f} plain steps ({args.seeds} seeds)")
     print("| method | held-out PSNR-Y, mean (min-max) | gain over bicubic | val PSNR | compute (patches) |")
     print("| --- | --- | --- | --- | --- |")
-    for method in ("sweep", "delta_stn", "delta_stn_long"):
+    for method in methods:
         mine = [row for row in rows if row["method"] == method]
         held = [row["held_out_psnr"] for row in mine]
         print(
