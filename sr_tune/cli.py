@@ -24,6 +24,7 @@ from sr_tune.errors import InputError, SrTuneError
 from sr_tune.fields import ConfigError
 from sr_tune.image_commands import add_image_commands
 from sr_tune.models import SUPPORTED_SCALES
+from sr_tune.results import learned_columns
 from sr_tune.submit import COMMANDS, JobCommand
 
 if TYPE_CHECKING:
@@ -138,13 +139,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         else ""
     )
     print(f"done: {scores}checkpoints {Path(config.training.output_dir) / config.run_name}/{{last,best}}")
-    if learned := {
-        key: value for key, value in metrics.items() if key.startswith("hp_") and not key.endswith("_scale")
-    }:
-        print(
-            "Delta-STN ended at: "
-            + ", ".join(f"{key.removeprefix('hp_')} {value:.3g}" for key, value in learned.items())
-        )
+    if learned := learned_columns(metrics):
+        print("Delta-STN ended at: " + ", ".join(f"{key.removeprefix('hp_')} {metrics[key]:.3g}" for key in learned))
     if workers:
         print(f"Ray checkpoint: {result.checkpoint}")
     if result.run_id and client is not None:

@@ -190,10 +190,9 @@ class OnlineTuner:
         """What a checkpoint keeps beside the plain weights, by group."""
         return {"response": self.net.response_state_dict(), "hyper": self.stn.hyper.state_dict()}
 
-    def restore(self, checkpoint: Checkpoint, plain: dict[str, Tensor]) -> None:
-        """Continue ``checkpoint``'s trajectory: response weights, hyperparameters, scales, optimizers, step.
-        ``plain`` is the general weights as the model holds them now (restored by the engine already)."""
-        self.net.load_state(plain, checkpoint.group("response"))
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Continue ``checkpoint``'s trajectory: response weights, hyperparameters, scales, optimizers, step."""
+        self.net.load_state(checkpoint.group("model"), checkpoint.group("response"))
         self.stn.hyper.load_state_dict(checkpoint.group("hyper"))
         for name, optimizer in self.optimizers.items():
             restore_keeping_settings(optimizer, checkpoint.group(name), checkpoint.optimizers[name])

@@ -5,6 +5,7 @@ trial got (``TrialProgress``)."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,11 @@ EVAL_METRICS = ("loss", "lr", "val_psnr", "val_ssim", "bicubic_psnr", "bicubic_s
 # The same at every evaluation of a run (bicubic on a fixed validation set): logged once, not as flat curves.
 CONSTANT_METRICS = ("bicubic_psnr", "bicubic_ssim")
 VGG_DISTANCES = ("vgg22", "vgg54")
+
+
+def learned_columns(names: Iterable[str]) -> list[str]:
+    """The metrics of the values Delta-STN learned inside a run (``hp_<name>``; their scales left out)."""
+    return [name for name in names if name.startswith("hp_") and not name.endswith("_scale")]
 
 
 def metric_names(loss: LossConfig) -> tuple[str, ...]:

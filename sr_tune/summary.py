@@ -5,14 +5,13 @@ tested on records built by hand.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
 from sr_tune.console import format_value, short_name, trial_label
-from sr_tune.results import TrialProgress, metric_names
+from sr_tune.results import TrialProgress, learned_columns, metric_names
 from sr_tune.study import Study
 
 
@@ -214,11 +213,6 @@ def summary_figures(study: Study, records: list[TrialRecord], summaries: list[Tr
         }
         figures[f"plots/delta_stn_{column.removeprefix('hp_')}.png"] = schedule_figure(column, schedules)
     return figures
-
-
-def learned_columns(names: Iterable[str]) -> list[str]:
-    """The metrics of the values Delta-STN learned inside each run (``hp_<name>``; their scales left out)."""
-    return [name for name in names if name.startswith("hp_") and not name.endswith("_scale")]
 
 
 def _row(study: Study, summary: TrialSummary, learned: list[str]) -> tuple[str, str, str, list[str], str]:

@@ -136,6 +136,21 @@ def vgg_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.environ["TORCH_HOME"] = previous
 
 
+class Interrupted(Exception):
+    """What ``stopped_at`` raises: a run killed right after an evaluation."""
+
+
+def stopped_at(step: int) -> Any:
+    """An ``on_eval`` for ``engine.train`` that stops the run as a kill would, after evaluating ``step`` (its
+    ``last`` checkpoint written)."""
+
+    def on_eval(result: Any, checkpoint: Path | None) -> None:
+        if result.step == step:
+            raise Interrupted
+
+    return on_eval
+
+
 def write_sweep_study(tmp_path: Path, body: str, fixed: str = "") -> Path:
     """A tiny SRCNN study on the sample photographs, writing under ``tmp_path``; ``fixed``: more lines of its
     ``fixed:`` section."""

@@ -17,21 +17,16 @@ from sr_tune.checkpoint import load_checkpoint
 from sr_tune.config import OptimizerConfig, load_config
 from sr_tune.data.degrade import imresize, to_8bit
 from sr_tune.data.sources import BadImageError, skimage_photo
-from sr_tune.engine import LossWindow, build_data, ema_decay_at, ema_update, evaluate, train
+from sr_tune.engine import EmaUpdate, LossWindow, build_data, ema_decay_at, evaluate, train
 from sr_tune.fields import ConfigError
 from sr_tune.metrics import psnr, rgb_to_y
 from sr_tune.models import create_model
 from sr_tune.optim import build_optimizer, lr_factor, parameter_groups
-from sr_tune.results import EvalResult
 from sr_tune.visualize import grid_captions, preview_grid
 
-from .conftest import REPO
+from .conftest import REPO, Interrupted, stopped_at
 
 QUICK = ["training.device=cpu", "data.val_crop=48"]
-
-
-class Interrupted(Exception):
-    pass
 
 
 def test_srcnn_beats_bicubic_on_the_sample_photographs():
@@ -159,12 +154,8 @@ def test_resume_after_a_stop_continues_exactly(tmp_path: Path):
     config = load_config(REPO / "configs" / "smoke.yaml", overrides)
     uninterrupted = train(config).history
 
-    def stop_at_20(result: EvalResult, checkpoint: Path | None) -> None:
-        if result.step == 20:
-            raise Interrupted
-
     with pytest.raises(Interrupted):
-        train(config, on_eval=stop_at_20, checkpoint_dir=tmp_path)
+        train(config, on_eval=stopped_at(20), checkpoint_dir=tmp_path)
     checkpoint = load_checkpoint(tmp_path / "last")
     assert checkpoint.step == 20 and checkpoint.group("ema") and checkpoint.group("optimizer")
     resumed = train(config, resume=checkpoint, checkpoint_dir=tmp_path).history
@@ -313,8 +304,9 @@ def test_a_training_image_smaller_than_a_patch_is_named_or_skipped(tmp_path: Pat
 def test_the_weight_average_follows_the_model_early_and_reaches_its_decay_later():
     model, ema = nn.Linear(4, 4), nn.Linear(4, 4)
     nn.init.ones_(model.weight), nn.init.zeros_(ema.weight)
+    ema_update = EmaUpdate.of(ema, model)
     for step in range(1, 31):
-        ema_update(ema, model, ema_decay_at(0.999, step))
+        ema_update(ema_decay_at(0.999, step))
     # A fixed 0.999 would be 1 - 0.999**30 = 3% of the way to the model after 30 steps.
     assert ema.weight.min().item() > 0.99
     assert ema_decay_at(0.999, 1) == pytest.approx(2 / 11)

@@ -19,11 +19,10 @@ from sr_tune.engine import build_data, evaluate, train
 from sr_tune.fields import ConfigError
 from sr_tune.inference import Upscaler
 from sr_tune.models import create_model
-from sr_tune.results import EvalResult
 from sr_tune.study import load_study
 from sr_tune.visualize import curves_figure
 
-from .conftest import REPO
+from .conftest import REPO, Interrupted, stopped_at
 
 TUNED = [
     "training.device=cpu",
@@ -44,10 +43,6 @@ TUNED = [
     "delta_stn.hyper_lr=0.05",
 ]
 START = {"l2": 1e-4, "augment_strength": 0.3, "mix_l1": 0.5}
-
-
-class Interrupted(Exception):
-    pass
 
 
 def test_a_delta_stn_run_tunes_its_hyperparameters_and_saves_plain_models(tmp_path: Path):
@@ -81,12 +76,8 @@ def test_a_resumed_delta_stn_run_continues_the_same_hyperparameter_trajectory(tm
     config = load_config(None, TUNED)
     uninterrupted = train(config).history
 
-    def stop_at_20(result: EvalResult, checkpoint: Path | None) -> None:
-        if result.step == 20:
-            raise Interrupted
-
     with pytest.raises(Interrupted):
-        train(config, on_eval=stop_at_20, checkpoint_dir=tmp_path)
+        train(config, on_eval=stopped_at(20), checkpoint_dir=tmp_path)
     checkpoint = load_checkpoint(tmp_path / "last")
     assert checkpoint.group("response") and checkpoint.group("hyper") and checkpoint.optimizers["hyper_optimizer"]
     resumed = train(config, resume=checkpoint).history
