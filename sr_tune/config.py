@@ -287,8 +287,10 @@ def _pixel_mix(mix: dict[str, Any]) -> str | None:
         is_numbers = isinstance(values, (list, tuple)) and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
         )
-        if not is_numbers or (problem := _log_bounds(tuple(values))) or not values:
-            return f"{name}: {problem or 'expected [initial, low, high]'}"
+        if not is_numbers or not values:
+            return f"{name}: {values!r} is not [initial, low, high]"
+        if problem := _log_bounds(tuple(values)):
+            return f"{name}: {problem}"
     return None
 
 

@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import functools
 import operator
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -164,14 +165,7 @@ def coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
     if tp is float:
         if isinstance(value, bool):
             return bad()
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                return bad()
-        return bad()
+        return float(value) if isinstance(value, (int, float)) else bad()
     if tp is str:
         return value if isinstance(value, str) else bad()
     if tp is Any:
@@ -231,7 +225,9 @@ def build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """Safe YAML that refuses a key given twice in one mapping (plain YAML silently keeps the last)."""
+    """Safe YAML that refuses a key given twice in one mapping (plain YAML silently keeps the last) and reads
+    ``1e-3`` and ``-.5`` as numbers, as YAML 1.2 does (PyYAML's YAML 1.1 wants ``1.0e-3`` and ``-0.5`` and would
+    give the texts "1e-3" and "-.5")."""
 
 
 def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
@@ -247,6 +243,11 @@ def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\.[0-9_]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?$"),
+    list("-+.0123456789"),
+)
 
 
 def parse_yaml(text: str, source: str) -> Any:
@@ -300,6 +301,6 @@ def parse_override(override: str) -> tuple[str, Any] | None:
     if not sep or not key:
         return None
     try:
-        return key, yaml.safe_load(raw) if raw else ""
+        return key, yaml.load(raw, Loader=_StrictLoader) if raw else ""
     except yaml.YAMLError:
         return key, raw

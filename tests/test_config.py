@@ -38,6 +38,30 @@ def test_overrides_are_typed_and_nested():
     assert config.training.steps == 1000  # untouched values come from the file
 
 
+def test_exponent_numbers_without_a_dot_are_numbers_in_files_and_overrides_alike(tmp_path: Path):
+    # YAML 1.1 (PyYAML) reads 1e-3 and -.5 as text; inside a mapping-typed key nothing converted them back.
+    path = tmp_path / "exponents.yaml"
+    path.write_text("optimizer:\n  lr: 2e-3\nloss:\n  pixel: l1\n  mix: {mse: 5E-2}\n")
+    overrides = [
+        "delta_stn.enabled=true",
+        "delta_stn.pixel_mix={charbonnier: [1e-1, 1e-3, 1e1]}",
+        "delta_stn.l2=[1e-6,1e-9,1e-2]",
+    ]
+    config = load_config(path, overrides)
+    assert config.optimizer.lr == 2e-3 and config.loss.mix == {"mse": 0.05}
+    assert config.delta_stn.pixel_mix == {"charbonnier": [0.1, 0.001, 10.0]}
+    assert config.delta_stn.l2 == (1e-6, 1e-9, 1e-2)
+    assert load_config(None, ["data.augment_strength=.5"]).data.augment_strength == 0.5
+
+
+def test_a_pixel_mix_that_is_not_three_numbers_is_a_config_error_naming_it():
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["delta_stn.enabled=true", "delta_stn.pixel_mix={mse: [0.1, low, 10], l1: 0.5}"])
+    (problem,) = caught.value.problems
+    assert problem.startswith("delta_stn.pixel_mix: ")
+    assert "mse: [0.1, 'low', 10] is not [initial, low, high]" in problem
+
+
 def test_every_problem_is_reported_at_once(tmp_path: Path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(
