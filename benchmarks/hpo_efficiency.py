@@ -192,7 +192,8 @@ def compute_to_reach(curve: list[float], grid: list[int], target: float) -> floa
 
 def rung_correlations(runs: dict[str, list[list[Report]]], args: argparse.Namespace) -> list[tuple[int, float, int]]:
     """(rung step, Spearman rho, trials) of a trial's best PSNR up to each ASHA rung vs its final best, over
-    the trials of the methods without a scheduler (all of them ran to the end)."""
+    the trials of the methods without a scheduler that ran to the end (all 8 evaluations; the budget cuts the
+    last ones short). Rungs count evaluations, as ASHA does: a trial's own steps depend on its batch size."""
     from scipy.stats import spearmanr
 
     interval = args.max_steps // 8
@@ -202,12 +203,12 @@ def rung_correlations(runs: dict[str, list[list[Report]]], args: argparse.Namesp
             by_trial: dict[str, list[Report]] = {}
             for report in reports:
                 by_trial.setdefault(report.trial, []).append(report)
-            trials.extend(by_trial.values())
+            trials.extend(trial for trial in by_trial.values() if len(trial) == 8)
     finals = [max(r.psnr for r in trial) for trial in trials]
     rows = []
     rung = args.grace * interval
     while rung < args.max_steps:
-        early = [max(r.psnr for r in trial if r.step <= rung) for trial in trials]
+        early = [max(r.psnr for r in trial[: rung // interval]) for trial in trials]
         rows.append((rung, float(spearmanr(early, finals).statistic), len(trials)))
         rung = int(rung * args.reduction_factor)
     return rows

@@ -326,9 +326,12 @@ class DeltaStnConfig:
     perturbation: float = setting(
         0.5, "initial scale of each patch's perturbation of the hyperparameters (unconstrained space)", gt=0.0
     )
+    max_perturbation: float = setting(1.0, "the largest perturbation scale tune_scales may reach", gt=0.0)
     tune_scales: bool = setting(True, "learn the perturbation scales too, with an entropy bonus that keeps them open")
     entropy_weight: float = setting(1e-3, "weight of that entropy bonus", ge=0.0)
-    hyper_lr: float = setting(1e-2, "RMSprop learning rate of the hyperparameters and their scales", gt=0.0)
+    hyper_lr: float = setting(
+        0.05, "Adam learning rate of the hyperparameters (log values, logits) and their scales", gt=0.0
+    )
     objective: Literal["l1", "psnr"] = setting(
         "l1", "the hyperparameter step's fixed objective on validation patches: L1, or PSNR on the model's channels"
     )
@@ -336,10 +339,14 @@ class DeltaStnConfig:
 
     def __post_init__(self) -> None:
         tunes = self.l2 or self.augment_strength or self.pixel_mix
-        validate(
-            self,
-            [] if tunes or not self.enabled else ["enabled: nothing to tune (set l2, augment_strength or pixel_mix)"],
+        problems = (
+            [] if tunes or not self.enabled else ["enabled: nothing to tune (set l2, augment_strength or pixel_mix)"]
         )
+        if self.perturbation > self.max_perturbation:
+            problems.append(
+                f"perturbation: {self.perturbation:g} is above max_perturbation ({self.max_perturbation:g})"
+            )
+        validate(self, problems)
 
     @property
     def tuned(self) -> tuple[str, ...]:

@@ -66,16 +66,21 @@ class HyperSpec:
         return math.log(share / (1 - share))
 
 
+def _inverse_softplus(value: float) -> float:
+    return math.log(math.expm1(value))
+
+
 class Hyperparameters(nn.Module):
     """The tuned values, unconstrained (``u``: (H,)), and the scale sigma (H,) of their per-example perturbations
-    in that space (``raw_scale``: sigma = softplus(raw_scale))."""
+    in that space (``raw_scale``: sigma = softplus(raw_scale)), kept at or below ``max_scale``."""
 
-    def __init__(self, specs: tuple[HyperSpec, ...], scale: float = 0.3) -> None:
+    def __init__(self, specs: tuple[HyperSpec, ...], scale: float = 0.3, max_scale: float = math.inf) -> None:
         super().__init__()
-        self.specs = specs
+        if not 0 < scale <= max_scale:
+            raise ValueError(f"the perturbation scale {scale:g} must lie in (0, {max_scale:g}]")
+        self.specs, self.max_scale = specs, max_scale
         self.u = nn.Parameter(torch.tensor([spec.unconstrained(spec.initial) for spec in specs], dtype=torch.float64))
-        inverse_softplus = math.log(math.expm1(scale))
-        self.raw_scale = nn.Parameter(torch.full((len(specs),), inverse_softplus, dtype=torch.float64))
+        self.raw_scale = nn.Parameter(torch.full((len(specs),), _inverse_softplus(scale), dtype=torch.float64))
         log_kind = [spec.kind == "log" for spec in specs]
         self.register_buffer("is_log", torch.tensor(log_kind))
         self.register_buffer("low", torch.tensor([spec.low for spec in specs], dtype=torch.float64))
@@ -110,9 +115,13 @@ class Hyperparameters(nn.Module):
 
     @torch.no_grad()
     def project_(self) -> None:
-        """Log-scale values back inside their bounds after a step (the sigmoid keeps unit ones inside)."""
+        """Log-scale values back inside their bounds after a step (the sigmoid keeps unit ones inside), and the
+        scales down to ``max_scale``: where the validation loss shows no curvature along a perturbation, nothing
+        but the bound holds the entropy bonus back (measured: sigma 0.5 -> 5.4 in 570 steps without it)."""
         bounded = self.u.clamp(torch.log(self.low.clamp_min(1e-300)), torch.log(self.high))
         self.u.copy_(torch.where(self.is_log, bounded, self.u))
+        if math.isfinite(self.max_scale):
+            self.raw_scale.clamp_(max=_inverse_softplus(self.max_scale))
 
 
 class _Offset:

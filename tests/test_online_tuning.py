@@ -72,6 +72,16 @@ def test_a_delta_stn_run_tunes_its_hyperparameters_and_saves_plain_models(tmp_pa
     assert Upscaler.from_checkpoint(best).rgb(photo).shape == (3, 80, 104)
 
 
+def test_a_harmful_l2_is_tuned_down_and_the_perturbation_scales_stop_at_their_bound():
+    # lambda 3e-2 on ||w||^2 (FSRCNN: ~10) outweighs the L1 loss (~0.1): the hypergradient points down every step.
+    overrides = [*TUNED, "delta_stn.l2=[3e-2, 1e-8, 1e-1]", "delta_stn.max_perturbation=0.8"]
+    history = train(load_config(None, [*overrides, "training.steps=120", "training.eval_interval=60"])).history
+    final = history[-1].hyper
+    assert final["l2"] < 3e-2 / 3  # 50 hyperparameter steps (measured: 8.0e-3)
+    scales = [final[f"{name}_scale"] for name in START]
+    assert max(scales) == pytest.approx(0.8) and min(scales) > 0.5  # the entropy bonus pushes every scale up
+
+
 def test_a_resumed_delta_stn_run_continues_the_same_hyperparameter_trajectory(tmp_path: Path):
     config = load_config(None, TUNED)
     uninterrupted = train(config).history
