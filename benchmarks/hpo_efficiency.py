@@ -30,6 +30,7 @@ raw reports as JSON lines.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -91,10 +92,13 @@ class BudgetStopper(tune.Stopper):
 
     def __init__(self, budget: int, interval_patches: int, log: Path) -> None:
         self.budget, self.interval_patches, self.log, self.spent = budget, interval_patches, log, 0
+        self.counted: set[tuple[str, int]] = set()
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-        if "val_psnr" not in result:
+        # Tune hands a finished trial's last result over once more (done=True): count each evaluation once.
+        if "val_psnr" not in result or (trial_id, int(result["step"])) in self.counted:
             return False
+        self.counted.add((trial_id, int(result["step"])))
         self.spent += self.interval_patches
         psnr = float(result["val_psnr"])
         report = {"trial": trial_id, "step": int(result["step"]), "psnr": psnr if math.isfinite(psnr) else -math.inf}
@@ -251,13 +255,26 @@ def run_methods(methods: list[str], args: argparse.Namespace) -> dict[str, list[
 
 
 def read_reports(path: Path, methods: list[str]) -> dict[str, list[list[Report]]]:
+    """The reports of an earlier run, each evaluation once: logs written before ``BudgetStopper`` skipped
+    Tune's repeated last result hold those twice, each counted as one more interval of compute, so the
+    compute is recounted (one interval per evaluation, in order of arrival)."""
     runs: dict[str, dict[int, list[Report]]] = {}
     for line in path.read_text().splitlines():
         report = json.loads(line)
         method, seed = report.pop("method"), report.pop("seed")
         if method in methods:
             runs.setdefault(method, {}).setdefault(seed, []).append(Report(**report))
-    return {method: [seeds[seed] for seed in sorted(seeds)] for method, seeds in runs.items()}
+    recounted: dict[str, list[list[Report]]] = {}
+    for method, seeds in runs.items():
+        for seed in sorted(seeds):
+            unique: dict[tuple[str, int], Report] = {}
+            for report in seeds[seed]:
+                unique.setdefault((report.trial, report.step), report)  # the first arrival of each
+            interval = seeds[seed][0].compute
+            recounted.setdefault(method, []).append(
+                [dataclasses.replace(r, compute=(i + 1) * interval) for i, r in enumerate(unique.values())]
+            )
+    return recounted
 
 
 def main() -> None:

@@ -67,3 +67,35 @@ def test_hpo_efficiency_takes_a_shipped_studys_space_and_recipe_with_its_own_bud
     assert (study.budget.num_samples, study.budget.max_steps, study.budget.max_concurrent) == (96, 800, 2)
     assert study.budget.time_limit_s == 0 and study.budget.final_steps == 0  # the benchmark's budget only
     assert study.eval_interval_steps() == 100
+
+
+def test_each_evaluation_counts_once_though_tune_hands_a_finished_trials_last_result_over_twice(tmp_path: Path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import hpo_efficiency
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    stopper = hpo_efficiency.BudgetStopper(budget=96, interval_patches=32, log=tmp_path / "reports.jsonl")
+    results = [("a", 2, 20.0), ("b", 2, 21.0), ("a", 4, 22.0), ("a", 4, 22.0), ("b", 4, 23.0), ("b", 4, 23.0)]
+    for trial, step, psnr in results:  # the repeats are Tune's done=True copies
+        stopper(trial, {"step": step, "val_psnr": psnr, "done": False})
+    assert stopper.spent == 128 and stopper.stop_all()
+    logged = [json.loads(line) for line in (tmp_path / "reports.jsonl").read_text().splitlines()]
+    assert [(r["trial"], r["step"], r["compute"]) for r in logged] == [
+        ("a", 2, 32),
+        ("b", 2, 64),
+        ("a", 4, 96),
+        ("b", 4, 128),
+    ]
+
+    # A log written before the fix: its repeats counted as compute. Reading it recounts.
+    old = tmp_path / "old.jsonl"
+    lines = [("a", 2, 32), ("b", 2, 64), ("a", 4, 96), ("a", 4, 128), ("b", 4, 160), ("b", 4, 192)]
+    old.write_text(
+        "".join(
+            json.dumps({"method": "random", "seed": 0, "trial": t, "step": s, "psnr": 1.0, "compute": c}) + "\n"
+            for t, s, c in lines
+        )
+    )
+    (reports,) = hpo_efficiency.read_reports(old, ["random"])["random"]
+    assert [(r.trial, r.step, r.compute) for r in reports] == [("a", 2, 32), ("b", 2, 64), ("a", 4, 96), ("b", 4, 128)]
