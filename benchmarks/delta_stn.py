@@ -24,7 +24,11 @@ cannot tune them).
 Printed: the overhead and a table (mean and range over seeds). ``--out DIR``: ``delta_stn.jsonl`` (every run's
 evaluations and learned values) and ``delta_stn.png`` (the learned schedules and validation PSNR per seed).
 
-    python benchmarks/delta_stn.py [--seeds 3] [--trials 6] [--max-steps 2000] [--out DIR] [--quick]
+    python benchmarks/delta_stn.py [--seeds 3] [--first-seed 0] [--trials 6] [--max-steps 2000] [--l2-start X]
+        [--methods ...] [--ratio R] [--out DIR] [--quick]
+
+``--l2-start``: where Delta-STN and the controls start L2 (default: the middle of the range, log scale); a
+harmful start (1e-3) shows whether the tuning finds its way.
 """
 
 from __future__ import annotations
@@ -65,9 +69,10 @@ FIXED.append("training.device=cpu")
 L2 = (1e-9, 1e-2)  # lambda of lambda ||w||^2; the sweep's weight_decay is 2 lambda
 STRENGTH = (0.0, 1.0)
 MSE = (1e-3, 10.0)
+L2_START = math.sqrt(L2[0] * L2[1])
 DELTA_STN = [
     "delta_stn.enabled=true",
-    f"delta_stn.l2=[{math.sqrt(L2[0] * L2[1]):.3g}, {L2[0]}, {L2[1]}]",
+    f"delta_stn.l2=[{L2_START:.3g}, {L2[0]}, {L2[1]}]",
     f"delta_stn.augment_strength=[0.5, {STRENGTH[0]}, {STRENGTH[1]}]",
     f"delta_stn.pixel_mix={{mse: [{math.sqrt(MSE[0] * MSE[1]):.3g}, {MSE[0]}, {MSE[1]}]}}",
 ]
@@ -172,8 +177,8 @@ def run_sweep(seed: int, args: argparse.Namespace, folder: Path) -> dict[str, An
     return {"checkpoint": path, "val_psnr": metrics["val_psnr"], "compute": stopper.spent, "best": values}
 
 
-def run_delta_stn(seed: int, steps: int, ratio: float, folder: Path) -> dict[str, Any]:
-    config = recipe(steps, seed, DELTA_STN)
+def run_delta_stn(seed: int, steps: int, ratio: float, folder: Path, l2_start: float) -> dict[str, Any]:
+    config = recipe(steps, seed, [*DELTA_STN, f"delta_stn.l2=[{l2_start:.3g}, {L2[0]}, {L2[1]}]"])
     result = train(config, checkpoint_dir=folder)
     return {
         "checkpoint": str(folder / "best"),
@@ -183,10 +188,10 @@ def run_delta_stn(seed: int, steps: int, ratio: float, folder: Path) -> dict[str
     }
 
 
-def run_fixed(seed: int, steps: int, folder: Path) -> dict[str, Any]:
+def run_fixed(seed: int, steps: int, folder: Path, l2_start: float) -> dict[str, Any]:
     """A plain run at the values Delta-STN starts from."""
     start = [
-        f"optimizer.weight_decay={2 * math.sqrt(L2[0] * L2[1]):.3g}",
+        f"optimizer.weight_decay={2 * l2_start:.3g}",
         "data.augment_strength=0.5",
         f"loss.mix={{mse: {math.sqrt(MSE[0] * MSE[1]):.3g}}}",
     ]
@@ -224,6 +229,10 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
+    parser.add_argument(
+        "--l2-start", type=float, default=L2_START, help="Delta-STN's and the controls' L2 start (default: mid-range)"
+    )
     parser.add_argument("--trials", type=int, default=6, help="the sweep's budget in trials of --max-steps")
     parser.add_argument("--max-steps", type=int, default=2000)
     parser.add_argument("--out", type=Path)
@@ -249,23 +258,30 @@ def main() -> None:
 
     if "sweep" in methods:
         init_ray()
+    log = args.out / "delta_stn.jsonl" if args.out else None
+    if log:  # a row per run as it ends: a run stopped part-way keeps what it measured
+        args.out.mkdir(parents=True, exist_ok=True)
+        log.write_text(json.dumps({"plain_step_s": plain_s, "delta_stn_step_s": stn_s, "ratio": ratio}) + "\n")
     rows = []
     with tempfile.TemporaryDirectory(prefix="delta-stn-") as scratch:
         photos = held_out_folder(Path(scratch) / "held_out", 96 if args.quick else None)
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             folder = Path(scratch) / f"seed{seed}"
             folder.mkdir()
             runs = {
                 "sweep": lambda: run_sweep(seed, args, folder),
-                "delta_stn": lambda: run_delta_stn(seed, args.max_steps, ratio, folder / "short"),
-                "delta_stn_long": lambda: run_delta_stn(seed, long_steps, ratio, folder / "long"),
-                "fixed": lambda: run_fixed(seed, args.max_steps, folder / "fixed"),
-                "fixed_long": lambda: run_fixed(seed, long_steps, folder / "fixed_long"),
+                "delta_stn": lambda: run_delta_stn(seed, args.max_steps, ratio, folder / "short", args.l2_start),
+                "delta_stn_long": lambda: run_delta_stn(seed, long_steps, ratio, folder / "long", args.l2_start),
+                "fixed": lambda: run_fixed(seed, args.max_steps, folder / "fixed", args.l2_start),
+                "fixed_long": lambda: run_fixed(seed, long_steps, folder / "fixed_long", args.l2_start),
             }
             for method in methods:
                 run = runs[method]()
                 held_out = score(Upscaler.from_checkpoint(load_checkpoint(run.pop("checkpoint"))), photos)
                 rows.append({"method": method, "seed": seed, "held_out_psnr": held_out, **run})
+                if log:
+                    with log.open("a") as out:
+                        out.write(json.dumps(rows[-1]) + "\n")
                 print(
                     f"seed {seed} {method}: held-out {held_out:.3f} dB, val {run['val_psnr']:.3f} dB, "
                     f"compute {run['compute']} patches"
@@ -291,11 +307,6 @@ def main() -> None:
             learned = ", ".join(f"{k} {last[k]:.3g}" for k in ("l2", "augment_strength", "mix_mse"))
             print(f"{row['method']} seed {row['seed']} ended at: {learned}")
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        with (args.out / "delta_stn.jsonl").open("w") as out:
-            out.write(json.dumps({"plain_step_s": plain_s, "delta_stn_step_s": stn_s, "ratio": ratio}) + "\n")
-            for row in rows:
-                out.write(json.dumps(row) + "\n")
         plot(rows, args.out / "delta_stn.png")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,26 @@ def test_photo_x2_scores_bicubic_waifu2x_and_the_recipe_on_the_held_out_photogra
     # The published weights beat bicubic even on the photographs' flat 96-pixel corners (+0.31 dB here).
     assert waifu2x > bicubic + 0.1
     assert rows["hand-set FSRCNN recipe, 40 steps"][-1].endswith("s")
+
+
+def test_delta_stn_compares_with_fixed_values_from_the_same_start_and_logs_each_run_as_it_ends(tmp_path: Path):
+    args = [
+        "--quick",
+        "--methods",
+        "delta_stn,fixed",
+        "--first-seed",
+        "3",
+        "--l2-start",
+        "1e-3",
+        "--out",
+        str(tmp_path),
+    ]
+    lines = run_script("delta_stn.py", *args)
+    assert lines[0].startswith("per step: plain") and "Delta-STN" in lines[0]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in lines if line[:2] == "| "}
+    assert set(rows) >= {"delta_stn", "fixed"}
+    log = [json.loads(line) for line in (tmp_path / "delta_stn.jsonl").read_text().splitlines()]
+    assert log[0]["ratio"] > 1 and [(r["method"], r["seed"]) for r in log[1:]] == [("delta_stn", 3), ("fixed", 3)]
+    history = log[1]["history"]
+    assert history[0]["l2"] == pytest.approx(1e-3) and {"augment_strength", "mix_mse", "val_psnr"} <= set(history[0])
+    assert (tmp_path / "delta_stn.png").stat().st_size > 10_000
