@@ -16,6 +16,7 @@ cannot tune them).
    - ``delta_stn``: one run of ``--max-steps`` steps (one trial's length), tuning the same three from the
      middle of the sweep's ranges on validation patches.
    - ``delta_stn_long``: one run of the sweep's compute: budget / ratio steps.
+   - ``delta_stn_frozen``: ``delta_stn`` with its values held at the start: what the tuning alone added.
    - ``fixed``, ``fixed_long``: controls, plain runs of those two lengths at the values Delta-STN starts from
      (what the tuning itself added, apart from training longer).
    Each model's PSNR-Y on the held-out photographs of ``photo_x2.py`` (whole images, 8-bit), its validation
@@ -61,7 +62,7 @@ from sr_tune.sweep.layout import sweep_paths
 from sr_tune.sweep.trial import TrialContext
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("sweep", "delta_stn", "delta_stn_long", "fixed", "fixed_long")
+METHODS = ("sweep", "delta_stn", "delta_stn_long", "delta_stn_frozen", "fixed", "fixed_long")
 # The recipe with a shorter warm-up (one override per key: a study's ``fixed`` is a mapping).
 FIXED = [f"{k}={v}" for k, v in dict(i.split("=", 1) for i in [*RECIPE, "optimizer.warmup_steps=100"]).items()]
 FIXED.append("training.device=cpu")
@@ -177,8 +178,13 @@ def run_sweep(seed: int, args: argparse.Namespace, folder: Path) -> dict[str, An
     return {"checkpoint": path, "val_psnr": metrics["val_psnr"], "compute": stopper.spent, "best": values}
 
 
-def run_delta_stn(seed: int, steps: int, ratio: float, folder: Path, l2_start: float) -> dict[str, Any]:
-    config = recipe(steps, seed, [*DELTA_STN, f"delta_stn.l2=[{l2_start:.3g}, {L2[0]}, {L2[1]}]"])
+def run_delta_stn(
+    seed: int, steps: int, ratio: float, folder: Path, l2_start: float, frozen: bool = False
+) -> dict[str, Any]:
+    """One Delta-STN run; ``frozen``: its values never leave the start (hyperparameter lr 1e-12), the control
+    that differs from it in the tuning alone (same L2 form, warps, response weights and cost)."""
+    extra = [f"delta_stn.l2=[{l2_start:.3g}, {L2[0]}, {L2[1]}]", *(["delta_stn.hyper_lr=1e-12"] if frozen else [])]
+    config = recipe(steps, seed, [*DELTA_STN, *extra])
     result = train(config, checkpoint_dir=folder)
     return {
         "checkpoint": str(folder / "best"),
@@ -272,6 +278,9 @@ def main() -> None:
                 "sweep": lambda: run_sweep(seed, args, folder),
                 "delta_stn": lambda: run_delta_stn(seed, args.max_steps, ratio, folder / "short", args.l2_start),
                 "delta_stn_long": lambda: run_delta_stn(seed, long_steps, ratio, folder / "long", args.l2_start),
+                "delta_stn_frozen": lambda: run_delta_stn(
+                    seed, args.max_steps, ratio, folder / "frozen", args.l2_start, frozen=True
+                ),
                 "fixed": lambda: run_fixed(seed, args.max_steps, folder / "fixed", args.l2_start),
                 "fixed_long": lambda: run_fixed(seed, long_steps, folder / "fixed_long", args.l2_start),
             }
