@@ -71,12 +71,17 @@ L2 = (1e-9, 1e-2)  # lambda of lambda ||w||^2; the sweep's weight_decay is 2 lam
 STRENGTH = (0.0, 1.0)
 MSE = (1e-3, 10.0)
 L2_START = math.sqrt(L2[0] * L2[1])
-DELTA_STN = [
-    "delta_stn.enabled=true",
-    f"delta_stn.l2=[{L2_START:.3g}, {L2[0]}, {L2[1]}]",
-    f"delta_stn.augment_strength=[0.5, {STRENGTH[0]}, {STRENGTH[1]}]",
-    f"delta_stn.pixel_mix={{mse: [{math.sqrt(MSE[0] * MSE[1]):.3g}, {MSE[0]}, {MSE[1]}]}}",
-]
+
+
+def delta_stn_overrides(l2_start: float = L2_START) -> list[str]:
+    return [
+        "delta_stn.enabled=true",
+        f"delta_stn.l2=[{l2_start:.3g}, {L2[0]}, {L2[1]}]",
+        f"delta_stn.augment_strength=[0.5, {STRENGTH[0]}, {STRENGTH[1]}]",
+        f"delta_stn.pixel_mix={{mse: [{math.sqrt(MSE[0] * MSE[1]):.3g}, {MSE[0]}, {MSE[1]}]}}",
+    ]
+
+
 STUDY = """name: {name}
 base: {base}
 fixed:
@@ -104,7 +109,7 @@ def overhead(rounds: int, block: int) -> tuple[float, float]:
     """Median seconds per step of a plain step and of a Delta-STN step (its warm-up done), interleaved."""
     device = torch.device("cpu")
     plain_config = recipe(10_000, 0, ["data.augment_strength=0.5", "loss.mix={mse: 0.1}"])
-    stn_config = recipe(10_000, 0, [*DELTA_STN, "delta_stn.warmup_steps=0"])
+    stn_config = recipe(10_000, 0, [*delta_stn_overrides(), "delta_stn.warmup_steps=0"])
     sampler, _ = build_data(plain_config, device, 0, 1)
     model = create_model("fsrcnn", scale=2, in_channels=1).train()
     opt = plain_config.optimizer
@@ -183,8 +188,7 @@ def run_delta_stn(
 ) -> dict[str, Any]:
     """One Delta-STN run; ``frozen``: its values never leave the start (hyperparameter lr 1e-12), the control
     that differs from it in the tuning alone (same L2 form, warps, response weights and cost)."""
-    extra = [f"delta_stn.l2=[{l2_start:.3g}, {L2[0]}, {L2[1]}]", *(["delta_stn.hyper_lr=1e-12"] if frozen else [])]
-    config = recipe(steps, seed, [*DELTA_STN, *extra])
+    config = recipe(steps, seed, [*delta_stn_overrides(l2_start), *(["delta_stn.hyper_lr=1e-12"] if frozen else [])])
     result = train(config, checkpoint_dir=folder)
     return {
         "checkpoint": str(folder / "best"),
