@@ -10,7 +10,13 @@ configures them, trials training in their Tune process), one local Ray for all:
 - random, tpe, qmc: ``--trials`` trials of ``--max-steps`` steps each, the whole budget;
 - asha+random, asha+tpe: ASHA with the studies' defaults (grace period one evaluation interval, reduction
   factor 2, or ``--grace`` / ``--reduction-factor``), drawing trials until they have used the same budget;
-- pbt: a population of ``--trials`` trials of ``--max-steps`` steps, exploiting every evaluation interval.
+- pbt: a population of ``--trials`` trials of ``--max-steps`` steps, exploiting every evaluation interval;
+- recipe: no search, the hand-set recipe: one run of the whole budget at the base config's values (its paper
+  defaults) with the task's fixed settings;
+- asha+tpe+delta_stn: asha+tpe over what Delta-STN cannot tune (lr, clip norm; with ``--study``, all but L2,
+  augmentation strength and ``loss.mix`` weights), each trial tuning the rest online from the middle of its
+  range. A Delta-STN step is counted as the plain steps it costs (measured first on the task's model, interleaved
+  blocks; or ``--delta-stn-cost``), its warm-up steps (one evaluation interval) at that cost too.
 
 Compute is counted in patches trained (one evaluation interval's patches per reported evaluation), not in
 seconds, so a busy machine changes nothing but the wall time. Each method runs with seeds 0..``--seeds``-1.
@@ -21,8 +27,10 @@ random's seeds), its share of the budget and of random's own compute to get ther
 ``--out DIR`` gets the plot (best-so-far validation PSNR vs compute, mean and min-max over seeds) and the
 raw reports as JSON lines.
 
-    python benchmarks/hpo_efficiency.py [--quick] [--seeds 3] [--trials 12] [--max-steps 400] [--study FILE]
-        [--out DIR]
+    python benchmarks/hpo_efficiency.py [--quick] [--methods ...] [--seeds 3] [--trials 12] [--max-steps 400]
+        [--study FILE] [--delta-stn-cost R] [--reports FILE] [--out DIR]
+
+``--reports FILE``: an earlier run's reports (its ``--out``): the methods it holds are read, the others run.
 
 ``--quick``: one seed, 4 trials of 96 steps (about 4 minutes on 2 CPUs).
 """
@@ -35,14 +43,16 @@ import json
 import math
 import statistics
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ray import tune
 
+from sr_tune.config import TrainConfig
 from sr_tune.distributed import init_ray
-from sr_tune.study import Study, load_study
+from sr_tune.study import Distribution, Study, load_study
 from sr_tune.sweep.driver import new_tuner
 from sr_tune.sweep.layout import sweep_paths
 from sr_tune.sweep.trial import TrialContext
@@ -55,6 +65,8 @@ METHODS = {  # name: (sampler, scheduler)
     "asha+random": ("random", "asha"),
     "asha+tpe": ("tpe", "asha"),
     "pbt": ("random", "pbt"),
+    "asha+tpe+delta_stn": ("tpe", "asha"),  # and Delta-STN inside each trial for what it can tune
+    "recipe": ("random", "none"),  # no search: one run of the whole budget at the base config's values
 }
 STUDY = """name: {name}
 base: {base}
@@ -110,6 +122,51 @@ class BudgetStopper(tune.Stopper):
         return self.spent >= self.budget
 
 
+def step_cost(plain: TrainConfig, stn: TrainConfig, rounds: int, block: int) -> tuple[float, float]:
+    """Median seconds per step of a plain training step on ``plain`` and of a Delta-STN step (phase (c) every
+    ``delta_stn.interval`` steps included, its warm-up skipped) on ``stn``: same model, interleaved blocks."""
+    import torch
+
+    from sr_tune.engine import build_data
+    from sr_tune.losses import SRLoss
+    from sr_tune.models import create_model
+    from sr_tune.online_tuning import OnlineTuner
+    from sr_tune.optim import build_optimizer, parameter_groups
+
+    device, opt = torch.device("cpu"), plain.optimizer
+
+    def parts(config: TrainConfig) -> tuple[Any, torch.nn.Module, torch.optim.Optimizer]:
+        sampler, _ = build_data(config, device, 0, 1)
+        model = create_model(
+            config.model.name, scale=config.model.scale, in_channels=config.in_channels, **config.model.kwargs
+        ).train()
+        return sampler, model, build_optimizer(opt, parameter_groups(model, opt.lr, opt.last_layer_lr_scale))
+
+    sampler, model, optimizer = parts(plain)
+    loss_fn = SRLoss(plain.loss)
+
+    def plain_step(step: int) -> None:
+        lr, hr = sampler.batch(step)
+        loss = sum(loss_fn(model(lr), hr).values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    stn = dataclasses.replace(stn, delta_stn=dataclasses.replace(stn.delta_stn, warmup_steps=0))
+    stn_sampler, stn_model, stn_optimizer = parts(stn)
+    tuner = OnlineTuner.build(stn, stn_model, stn_optimizer, stn_sampler, rank=0, world_size=1)
+    times: dict[str, list[float]] = {"plain": [], "delta_stn": []}
+    step = 1
+    for _ in range(rounds):
+        for name, run in (("plain", plain_step), ("delta_stn", tuner.step)):
+            started = time.perf_counter()
+            for offset in range(block):
+                run(step + offset)
+            times[name].append((time.perf_counter() - started) / block)
+        step += block
+    return statistics.median(times["plain"]), statistics.median(times["delta_stn"])
+
+
 def method_study(method: str, seed: int, args: argparse.Namespace, folder: Path) -> Study:
     """The task's study set up for ``method``: the built-in FSRCNN one, or ``--study``'s search space and fixed
     recipe with the method's sampler and scheduler and the benchmark's budget."""
@@ -159,14 +216,55 @@ def method_study(method: str, seed: int, args: argparse.Namespace, folder: Path)
     return load_study(path)
 
 
+def delta_stn_study(study: Study) -> Study:
+    """``study`` with what Delta-STN tunes taken out of the search and tuned inside each trial from the middle of
+    its range: L2 (``optimizer.weight_decay`` w adds w * weights to the gradient, so lambda = w / 2), the
+    augmentation strength and ``loss.mix`` weights. Its warm-up is one evaluation interval."""
+    search, fixed = dict(study.search), {**study.fixed, "delta_stn.enabled": True}
+    fixed["delta_stn.warmup_steps"] = study.eval_interval_steps()
+    if (wd := search.get("optimizer.weight_decay")) and wd.type == "loguniform":
+        del search["optimizer.weight_decay"]
+        low, high = wd.low / 2, wd.high / 2
+        fixed.update({"optimizer.weight_decay": 0.0, "delta_stn.l2": [math.sqrt(low * high), low, high]})
+    if (strength := search.get("data.augment_strength")) and strength.type == "uniform":
+        del search["data.augment_strength"]
+        middle = (strength.low + strength.high) / 2
+        fixed.update(
+            {"data.augment_strength": 0.0, "delta_stn.augment_strength": [middle, strength.low, strength.high]}
+        )
+    mix = {
+        key.removeprefix("loss.mix."): search.pop(key)
+        for key, d in list(search.items())
+        if key.startswith("loss.mix.") and d.type == "loguniform"
+    }
+    if mix:
+        fixed["delta_stn.pixel_mix"] = {name: [math.sqrt(d.low * d.high), d.low, d.high] for name, d in mix.items()}
+    return dataclasses.replace(study, search=search, fixed=fixed)
+
+
+def recipe_study(study: Study, seed: int, budget_steps: int) -> Study:
+    """The hand-set recipe: the base config with the study's fixed values (the searched keys at the base
+    config's, its paper defaults), trained once for the whole budget; only the seed is "searched"."""
+    return dataclasses.replace(
+        study,
+        search={"training.seed": Distribution(type="choice", values=(seed,))},
+        budget=dataclasses.replace(study.budget, num_samples=1, max_steps=budget_steps),
+    )
+
+
 def run_method(method: str, seed: int, args: argparse.Namespace, folder: Path) -> list[Report]:
     study = method_study(method, seed, args, folder)
+    cost = 1.0  # plain steps per step
+    if method.endswith("+delta_stn"):
+        study, cost = delta_stn_study(study), args.delta_stn_cost
+    if method == "recipe":
+        study = recipe_study(study, seed, args.trials * args.max_steps)
     (folder / "sweeps").mkdir(exist_ok=True)  # the Optuna studies' SQLite file lies there
     paths = sweep_paths(study, None, storage=str(folder / "sweeps"))
     log = folder / f"{study.name}.jsonl"
     stopper = BudgetStopper(
         budget=args.trials * study.patches(args.max_steps),
-        interval_patches=study.patches(study.eval_interval_steps()),
+        interval_patches=round(study.patches(study.eval_interval_steps()) * cost),
         log=log,
     )
     context = TrialContext(study=study, paths=paths, tracking_uri=None, parent_run_id=None)
@@ -202,8 +300,8 @@ def rung_correlations(runs: dict[str, list[list[Report]]], args: argparse.Namesp
 
     interval = args.max_steps // 8
     trials: list[list[Report]] = []
-    for method, (_, scheduler) in METHODS.items():
-        for reports in runs.get(method, []) if scheduler == "none" else []:
+    for method in ("random", "tpe", "qmc"):
+        for reports in runs.get(method, []):
             by_trial: dict[str, list[Report]] = {}
             for report in reports:
                 by_trial.setdefault(report.trial, []).append(report)
@@ -286,8 +384,13 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=400, help="a trial's steps (8 evaluations)")
     parser.add_argument("--grace", type=int, default=1, help="ASHA grace period in evaluation intervals")
     parser.add_argument("--reduction-factor", type=int, default=2)
+    parser.add_argument(
+        "--delta-stn-cost", type=float, help="one Delta-STN step in plain steps, as measured before (skips measuring)"
+    )
     parser.add_argument("--out", type=Path, help="folder for the plot and the raw reports")
-    parser.add_argument("--reports", type=Path, help="analyse the reports an earlier run wrote (--out) instead")
+    parser.add_argument(
+        "--reports", type=Path, help="the reports an earlier run wrote (--out): its methods are read, not run again"
+    )
     parser.add_argument(
         "--study", type=Path, help="a study file whose search space and recipe to use (default: the FSRCNN task)"
     )
@@ -301,7 +404,17 @@ def main() -> None:
     if unknown or "random" not in methods:
         parser.error(f"--methods: {unknown or 'random is the reference and must be one of them'}")
 
-    runs = read_reports(args.reports, methods) if args.reports else run_methods(methods, args)
+    runs = read_reports(args.reports, methods) if args.reports else {}
+    to_run = [m for m in methods if m not in runs]  # with --reports: the methods its file lacks
+    if any(m.endswith("+delta_stn") for m in to_run) and args.delta_stn_cost is None:
+        plain = method_study("asha+tpe", 0, args, Path(tempfile.mkdtemp(prefix="hpo-study-")))
+        plain_s, stn_s = step_cost(
+            plain.base_config, delta_stn_study(plain).base_config, *((2, 5) if args.quick else (6, 40))
+        )
+        args.delta_stn_cost = stn_s / plain_s
+        print(f"per step: plain {plain_s * 1e3:.1f} ms, Delta-STN {stn_s * 1e3:.1f} ms: {args.delta_stn_cost:.2f}")
+    if to_run:
+        runs.update(run_methods(to_run, args))
     batch = method_study("random", 0, args, Path(tempfile.mkdtemp(prefix="hpo-study-"))).base_batch_size
     budget = args.trials * args.max_steps * batch
     grid = list(range(budget // (8 * args.trials), budget + 1, budget // (8 * args.trials)))  # one report apart

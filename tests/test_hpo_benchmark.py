@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,9 @@ from .conftest import REPO
 def test_hpo_efficiency_compares_each_method_with_random_search_at_equal_budget(tmp_path: Path):
     args = [
         "--methods",
-        "random,asha+tpe",
+        "random,asha+tpe+delta_stn",  # ASHA + TPE, with Delta-STN inside its trials
+        "--delta-stn-cost",
+        "5",
         "--seeds",
         "1",
         "--trials",
@@ -38,13 +41,15 @@ def test_hpo_efficiency_compares_each_method_with_random_search_at_equal_budget(
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in done.stdout.splitlines() if line[:2] == "| "}
     assert rows["random"][-1].strip() == "1.00"  # random's own compute to reach its final best
-    assert "asha+tpe" in rows
+    assert "asha+tpe+delta_stn" in rows
 
     reports = [json.loads(line) for line in (tmp_path / "hpo_efficiency.jsonl").read_text().splitlines()]
     budget = 2 * 16 * 16  # trials x steps x batch
-    for method in ("random", "asha+tpe"):
-        computes = [r["compute"] for r in reports if r["method"] == method]
-        assert computes == sorted(computes) and budget <= computes[-1] <= budget + 4 * 2 * 16  # stopped at the budget
+    computes = [r["compute"] for r in reports if r["method"] == "random"]
+    assert computes == sorted(computes) and budget <= computes[-1] <= budget + 4 * 2 * 16  # stopped at the budget
+    # Each Delta-STN evaluation interval (2 steps of 16 patches) counts as 5 plain ones (--delta-stn-cost).
+    stn = [r["compute"] for r in reports if r["method"] == "asha+tpe+delta_stn"]
+    assert stn == [5 * 2 * 16 * (i + 1) for i in range(len(stn))] and budget <= stn[-1] <= budget + 2 * 5 * 2 * 16
     random_trials = {r["trial"] for r in reports if r["method"] == "random"}
     assert len(random_trials) == 2 and sum(r["method"] == "random" for r in reports) == 16  # 8 evaluations each
     assert (tmp_path / "hpo_efficiency.png").stat().st_size > 10_000
@@ -99,3 +104,48 @@ def test_each_evaluation_counts_once_though_tune_hands_a_finished_trials_last_re
     )
     (reports,) = hpo_efficiency.read_reports(old, ["random"])["random"]
     assert [(r.trial, r.step, r.compute) for r in reports] == [("a", 2, 32), ("b", 2, 64), ("a", 4, 96), ("b", 4, 128)]
+
+
+def test_the_delta_stn_method_tunes_l2_and_the_augmentation_strength_inside_its_trials(tmp_path: Path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import hpo_efficiency
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    args = argparse.Namespace(
+        study=REPO / "search_spaces" / "photo_x2.yaml", max_steps=800, trials=12, grace=1, reduction_factor=3
+    )
+    plain = hpo_efficiency.method_study("asha+tpe", 0, args, tmp_path)
+    study = hpo_efficiency.delta_stn_study(plain)
+    # TPE keeps what Delta-STN cannot tune; L2 (weight_decay w is lambda = w / 2) and the strength go inside.
+    assert set(study.search) == set(plain.search) - {"optimizer.weight_decay", "data.augment_strength"}
+    stn = study.base_config.delta_stn
+    assert stn.enabled and stn.l2 == pytest.approx((math.sqrt(5e-10 * 5e-5), 5e-10, 5e-5))
+    assert stn.augment_strength == pytest.approx((0.3, 0.0, 0.6)) and stn.warmup_steps == 100
+    assert study.base_config.optimizer.weight_decay == 0 and study.base_config.data.augment_strength == 0
+
+    # The built-in task: lr and clip norm stay searched, L2 goes inside; loss.mix weights would go too.
+    builtin = hpo_efficiency.delta_stn_study(
+        hpo_efficiency.method_study("asha+tpe", 0, argparse.Namespace(**{**vars(args), "study": None}), tmp_path)
+    )
+    assert set(builtin.search) == {"optimizer.lr", "optimizer.grad_clip_norm"}
+    assert builtin.base_config.delta_stn.tuned == ("l2",)
+
+
+def test_the_hand_set_recipe_is_one_run_of_the_whole_budget_at_the_base_configs_values(tmp_path: Path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import hpo_efficiency
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    args = argparse.Namespace(
+        study=REPO / "search_spaces" / "photo_x2.yaml", max_steps=400, trials=8, grace=1, reduction_factor=3
+    )
+    study = hpo_efficiency.method_study("recipe", 1, args, tmp_path)
+    recipe = hpo_efficiency.recipe_study(study, 1, 8 * 400)
+    assert (recipe.budget.num_samples, recipe.budget.max_steps) == (1, 3200) and recipe.eval_interval_steps() == 50
+    config = recipe.trial_config({"training.seed": 1})
+    # EDSR's paper values where the study searches, the study's fixed recipe around them.
+    assert (config.optimizer.lr, config.data.batch_size, config.model.kwargs.get("num_blocks", 16)) == (1e-4, 16, 16)
+    assert (config.optimizer.schedule, config.optimizer.ema_decay, config.training.seed) == ("cosine", 0.999, 1)
+    assert config.training.steps == 3200
