@@ -11,6 +11,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,7 @@ def test_every_command_of_the_readme_runs_in_order_in_a_fresh_folder(tmp_path: P
                 arguments = [cluster.address if part == README_ADDRESS else part for part in arguments]
                 environment["RAY_AUTH_TOKEN"] = cluster.token
             cut = arguments.index("--") if "--" in arguments else len(arguments)  # submit's job comes last
+            started = time.monotonic()
             done = subprocess.run(
                 [*_program(arguments[:cut]), *SHORTER[written], *arguments[cut:]],
                 cwd=work,
@@ -125,6 +127,7 @@ def test_every_command_of_the_readme_runs_in_order_in_a_fresh_folder(tmp_path: P
                 timeout=600,
             )
             output = done.stdout + done.stderr
+            print(f"{time.monotonic() - started:6.1f} s  {written}")  # where the suite's time goes (-s shows it)
             assert done.returncode == 0 and "Traceback" not in output, f"{written}\n{output[-4000:]}"
             if command[1:3] == ["train", "configs/smoke.yaml"] and "--resume" in command:
                 assert "finished" in output, output[-2000:]
