@@ -234,8 +234,8 @@ def delta_stn_study(study: Study) -> Study:
         )
     mix = {
         key.removeprefix("loss.mix."): search.pop(key)
-        for key, d in list(search.items())
-        if key.startswith("loss.mix.") and d.type == "loguniform"
+        for key, weight in list(search.items())
+        if key.startswith("loss.mix.") and weight.type == "loguniform"
     }
     if mix:
         fixed["delta_stn.pixel_mix"] = {name: [math.sqrt(d.low * d.high), d.low, d.high] for name, d in mix.items()}
@@ -412,7 +412,9 @@ def main() -> None:
             plain.base_config, delta_stn_study(plain).base_config, *((2, 5) if args.quick else (6, 40))
         )
         args.delta_stn_cost = stn_s / plain_s
-        print(f"per step: plain {plain_s * 1e3:.1f} ms, Delta-STN {stn_s * 1e3:.1f} ms: {args.delta_stn_cost:.2f}")
+        print(
+            f"per step: plain {plain_s * 1e3:.1f} ms, Delta-STN {stn_s * 1e3:.1f} ms ({args.delta_stn_cost:.2f} plain)"
+        )
     if to_run:
         runs.update(run_methods(to_run, args))
     batch = method_study("random", 0, args, Path(tempfile.mkdtemp(prefix="hpo-study-"))).base_batch_size
