@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -100,7 +101,7 @@ def waifu2x(wheel: Path) -> Upscaler:
     return Upscaler(model.eval(), scale=2, color="y")
 
 
-def train_recipe(steps: int, work: Path, extra: list[str] = ()) -> tuple[Path, float]:
+def train_recipe(steps: int, work: Path, extra: Sequence[str] = ()) -> tuple[Path, float]:
     """Train the hand-set recipe (with ``extra`` overrides) with `sr-tune train`; its best checkpoint and the
     seconds it took."""
     overrides = [*RECIPE, f"training.steps={steps}", f"training.eval_interval={max(steps // 10, 1)}", *extra]
