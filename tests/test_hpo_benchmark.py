@@ -16,6 +16,24 @@ from sr_tune.study import load_study
 from .conftest import REPO
 
 
+@pytest.fixture(scope="module")
+def hpo_efficiency():
+    """The benchmark script as a module (benchmarks/ is not a package)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import hpo_efficiency
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return hpo_efficiency
+
+
+def photo_x2_args(*, max_steps: int, trials: int) -> argparse.Namespace:
+    """The command line of ``--study search_spaces/photo_x2.yaml --grace 1 --reduction-factor 3``."""
+    return argparse.Namespace(
+        study=REPO / "search_spaces" / "photo_x2.yaml", max_steps=max_steps, trials=trials, grace=1, reduction_factor=3
+    )
+
+
 @pytest.mark.ray
 def test_hpo_efficiency_compares_each_method_with_random_search_at_equal_budget(tmp_path: Path):
     args = [
@@ -55,15 +73,8 @@ def test_hpo_efficiency_compares_each_method_with_random_search_at_equal_budget(
     assert (tmp_path / "hpo_efficiency.png").stat().st_size > 10_000
 
 
-def test_hpo_efficiency_takes_a_shipped_studys_space_and_recipe_with_its_own_budget(tmp_path: Path):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import hpo_efficiency
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    args = argparse.Namespace(
-        study=REPO / "search_spaces" / "photo_x2.yaml", max_steps=800, trials=12, grace=1, reduction_factor=3
-    )
+def test_hpo_efficiency_takes_a_shipped_studys_space_and_recipe_with_its_own_budget(tmp_path: Path, hpo_efficiency):
+    args = photo_x2_args(max_steps=800, trials=12)
     study = hpo_efficiency.method_study("asha+tpe", 2, args, tmp_path)
     shipped = load_study(REPO / "search_spaces" / "photo_x2.yaml")
     assert study.search == shipped.search and study.fixed["optimizer.ema_decay"] == 0.999  # the study's own
@@ -74,12 +85,9 @@ def test_hpo_efficiency_takes_a_shipped_studys_space_and_recipe_with_its_own_bud
     assert study.eval_interval_steps() == 100
 
 
-def test_each_evaluation_counts_once_though_tune_hands_a_finished_trials_last_result_over_twice(tmp_path: Path):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import hpo_efficiency
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+def test_each_evaluation_counts_once_though_tune_hands_a_finished_trials_last_result_over_twice(
+    tmp_path: Path, hpo_efficiency
+):
     stopper = hpo_efficiency.BudgetStopper(budget=96, interval_patches=32, log=tmp_path / "reports.jsonl")
     results = [("a", 2, 20.0), ("b", 2, 21.0), ("a", 4, 22.0), ("a", 4, 22.0), ("b", 4, 23.0), ("b", 4, 23.0)]
     for trial, step, psnr in results:  # the repeats are Tune's done=True copies
@@ -106,15 +114,8 @@ def test_each_evaluation_counts_once_though_tune_hands_a_finished_trials_last_re
     assert [(r.trial, r.step, r.compute) for r in reports] == [("a", 2, 32), ("b", 2, 64), ("a", 4, 96), ("b", 4, 128)]
 
 
-def test_the_delta_stn_method_tunes_l2_and_the_augmentation_strength_inside_its_trials(tmp_path: Path):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import hpo_efficiency
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    args = argparse.Namespace(
-        study=REPO / "search_spaces" / "photo_x2.yaml", max_steps=800, trials=12, grace=1, reduction_factor=3
-    )
+def test_the_delta_stn_method_tunes_l2_and_the_augmentation_strength_inside_its_trials(tmp_path: Path, hpo_efficiency):
+    args = photo_x2_args(max_steps=800, trials=12)
     plain = hpo_efficiency.method_study("asha+tpe", 0, args, tmp_path)
     study = hpo_efficiency.delta_stn_study(plain)
     # TPE keeps what Delta-STN cannot tune; L2 (weight_decay w is lambda = w / 2) and the strength go inside.
@@ -132,15 +133,8 @@ def test_the_delta_stn_method_tunes_l2_and_the_augmentation_strength_inside_its_
     assert builtin.base_config.delta_stn.tuned == ("l2",)
 
 
-def test_the_hand_set_recipe_is_one_run_of_the_whole_budget_at_the_base_configs_values(tmp_path: Path):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import hpo_efficiency
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    args = argparse.Namespace(
-        study=REPO / "search_spaces" / "photo_x2.yaml", max_steps=400, trials=8, grace=1, reduction_factor=3
-    )
+def test_the_hand_set_recipe_is_one_run_of_the_whole_budget_at_the_base_configs_values(tmp_path: Path, hpo_efficiency):
+    args = photo_x2_args(max_steps=400, trials=8)
     study = hpo_efficiency.method_study("recipe", 1, args, tmp_path)
     recipe = hpo_efficiency.recipe_study(study, 1, 8 * 400)
     assert (recipe.budget.num_samples, recipe.budget.max_steps) == (1, 3200) and recipe.eval_interval_steps() == 50
